@@ -1,0 +1,1 @@
+"""The KV cache, budgets and compression policies."""

@@ -1,0 +1,67 @@
+"""The decode cache: a compressed prompt **prefix** plus an **append** buffer for new tokens.
+
+Both are static-shape arrays stacked over layers. Prefix slots hold keys after RoPE with their
+original prompt position and modality id (-1 / 0 where empty); the append buffer has one write
+index shared by all rows (row b's m-th new token sits at position ``lengths[b] + m``).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmmkv.typing import Array
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: Array            # [L, B, K, C, H] compressed prompt keys (after RoPE)
+  v: Array            # [L, B, K, C, H]
+  positions: Array    # [L, B, K, C] int32 original prompt position of each slot, -1 where empty
+  modality: Array     # [L, B, K, C] int32 modality id per slot (0 where empty)
+  append_k: Array     # [L, B, K, M, H] generated tokens' keys
+  append_v: Array     # [L, B, K, M, H]
+  lengths: Array      # [B] int32 prompt length per row (RoPE of new tokens continues from here)
+  index: Array        # [] int32 number of tokens written to the append buffer
+
+  @property
+  def valid(self) -> Array:  # [L, B, K, C]
+    return self.positions >= 0
+
+  @property
+  def capacity(self) -> int:  # C
+    return self.k.shape[3]
+
+  def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto
+    return jnp.arange(self.append_k.shape[3]) < upto
+
+  def kv_bytes_allocated(self) -> int:
+    return sum(int(x.nbytes) for x in (self.k, self.v, self.append_k, self.append_v))
+
+  def kv_bytes_used(self) -> int:
+    """Bytes of K/V in valid prefix slots and written append slots, from the arrays."""
+    l, b, kh, _, h = self.k.shape
+    per_slot = 2 * h * self.k.dtype.itemsize
+    kept = int(np.asarray(self.valid).sum())
+    return per_slot * (kept + l * b * kh * int(self.index))
+
+
+def from_prefix(k_LBKCH: Array, v_LBKCH: Array, positions_LBKC: Array, modality_LBKC: Array,
+                lengths_B: Array, append_capacity: int) -> KVCache:
+  """Builds a decode cache from a (compressed) prefix and an empty append buffer of M slots."""
+  l, b, kh, _, h = k_LBKCH.shape
+  empty = jnp.zeros((l, b, kh, append_capacity, h), k_LBKCH.dtype)
+  return KVCache(k=k_LBKCH, v=v_LBKCH, positions=positions_LBKC.astype(jnp.int32),
+                 modality=modality_LBKC.astype(jnp.int32), append_k=empty, append_v=empty,
+                 lengths=lengths_B.astype(jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def write_append(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCache:
+  """Writes one token's K/V for ``layer`` at the current append index (index is not advanced)."""
+  at = (layer, 0, 0, cache.index, 0)
+  k = jax.lax.dynamic_update_slice(cache.append_k, k_BKH[None, :, :, None].astype(cache.append_k.dtype), at)
+  v = jax.lax.dynamic_update_slice(cache.append_v, v_BKH[None, :, :, None].astype(cache.append_v.dtype), at)
+  return cache.replace(append_k=k, append_v=v)
+

@@ -1,0 +1,164 @@
+"""generate(): host bucketing -> jitted prefill -> jitted compression -> jitted decode loop.
+
+The decode loop is one `lax.while_loop` over a fixed output buffer with the cache donated; it stops
+when every row has produced EOS or ``max_new_tokens`` are out. Compiled code is reused for every
+call with the same (batch size, prompt bucket, policy, capacity, max_new_tokens, sampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmmkv import inputs
+from jmmkv.cache import kv_cache
+from jmmkv.cache.budget import Budget
+from jmmkv.cache.policies.base import PromptKV
+from jmmkv.cache.policies.full import Full
+from jmmkv.models.configs import DecoderConfig
+from jmmkv.models.llama import Decoder
+from jmmkv.sampling import Sampling
+from jmmkv.typing import Array
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  tokens: list[list[int]]     # new ids per row, EOS included, nothing after it
+  texts: list[str] | None     # decoded tokens when the model has a tokenizer
+  stats: dict[str, Any]
+  cache: kv_cache.KVCache | None = None
+
+
+@flax.struct.dataclass
+class _LoopState:
+  step: Array         # [] int32 tokens produced so far
+  tokens_BM: Array    # [B, M] int32 output buffer, -1 after EOS / unused
+  done_B: Array       # [B] bool
+  last_B: Array       # [B] int32 last sampled token
+  cache: kv_cache.KVCache
+  rng: Array
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def prefill(params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderConfig, dtype: str):
+  """Prompt forward. Returns the last valid token's logits ``[B, V]`` and the prompt K/V."""
+  dec = Decoder(cfg, jnp.dtype(dtype))
+  positions_BT = jnp.arange(ids_BT.shape[1])[None, :] * valid_BT
+  h_BTD, k, v = dec.apply(params, dec.apply(params, ids_BT, method=Decoder.embed), positions_BT,
+                          valid_BT, method=Decoder.prefill)
+  h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
+  logits_BV = dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
+  return logits_BV, PromptKV(k, v, valid_BT, modality_BT, lengths_B)
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "budget", "capacity", "append_capacity"))
+def compress(prompt: PromptKV, *, policy, budget: Budget | None, capacity: int,
+             append_capacity: int) -> kv_cache.KVCache:
+  """Runs the policy on the prompt K/V and returns the decode cache (prefix + empty append)."""
+  prefix = policy.compress(prompt, budget, capacity)
+  return kv_cache.from_prefix(*prefix, prompt.lengths_B, append_capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "sampling", "max_new_tokens"),
+                   donate_argnames=("cache",))
+def decode(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *, cfg: DecoderConfig,
+           dtype: str, sampling: Sampling, max_new_tokens: int):
+  """Samples up to ``max_new_tokens`` per row. Returns tokens ``[B, M]`` (-1 after EOS), the cache."""
+  dec = Decoder(cfg, jnp.dtype(dtype))
+  b = first_logits_BV.shape[0]
+
+  def emit(state: _LoopState, logits_BV) -> _LoopState:
+    tok_B = sampling(logits_BV, jax.random.fold_in(state.rng, state.step))
+    out_B = jnp.where(state.done_B, -1, tok_B)
+    done_B = state.done_B | jnp.isin(tok_B, eos_E)
+    tokens_BM = jax.lax.dynamic_update_slice(state.tokens_BM, out_B[:, None], (0, state.step))
+    return state.replace(step=state.step + 1, tokens_BM=tokens_BM, done_B=done_B, last_B=tok_B)
+
+  def cond(state: _LoopState):
+    return (state.step < max_new_tokens) & ~jnp.all(state.done_B)
+
+  def body(state: _LoopState):
+    x_B1D = dec.apply(params, state.last_B[:, None], method=Decoder.embed)
+    logits_BV, cache = dec.apply(params, x_B1D, state.cache, method=Decoder.decode)
+    return emit(state.replace(cache=cache), logits_BV)
+
+  state = _LoopState(step=jnp.zeros((), jnp.int32), tokens_BM=jnp.full((b, max_new_tokens), -1, jnp.int32),
+                     done_B=jnp.zeros((b,), bool), last_B=jnp.zeros((b,), jnp.int32), cache=cache, rng=rng)
+  state = jax.lax.while_loop(cond, body, emit(state, first_logits_BV))
+  return state.tokens_BM, state.cache
+
+
+def _timed(fn, *args, **kwargs):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args, **kwargs))
+  return out, time.perf_counter() - t0
+
+
+def generate(model, batch: inputs.Batch, policy=None, budget: Budget | None = None, *,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, rng: Array | None = None,
+             eos_token_id: int | Sequence[int] | None = None, return_cache: bool = False) -> GenerateOutput:
+  """Generates up to ``max_new_tokens`` per prompt of ``batch`` (see `jmmkv.Model.prepare`).
+
+  ``policy`` compresses the prompt cache after prefill (default: `Full`) to ``budget``.
+  ``eos_token_id`` defaults to the model's EOS ids; pass ``[]`` to never stop early. Sampling with
+  ``temperature > 0`` needs an explicit ``rng`` (a `jax.random.key`). Prompts are right-padded to
+  a power-of-two bucket; padding is masked everywhere, so each row equals its output alone.
+  """
+  if not isinstance(batch, inputs.Batch):
+    raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
+  if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+  sampling = Sampling(temperature, top_k, top_p)
+  if not sampling.greedy and rng is None:
+    raise ValueError("sampling with temperature > 0 needs an explicit rng=jax.random.key(seed)")
+  rng = jax.random.key(0) if rng is None else rng
+  policy = Full() if policy is None else policy
+  eos = model.config.eos_token_ids if eos_token_id is None else eos_token_id
+  eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
+
+  padded = inputs.pad(batch, pad_id=0)
+  t = padded.ids_BT.shape[1]
+  capacity = policy.capacity(budget, t)
+  append_capacity = max(1, max_new_tokens - 1)
+  cfg, dtype, params = model.config, model.dtype_name, model.params
+
+  (logits_BV, prompt), prefill_s = _timed(
+      prefill, params, padded.ids_BT, padded.modality_BT, padded.valid_BT, padded.lengths_B,
+      cfg=cfg, dtype=dtype)
+  cache, compress_s = _timed(compress, prompt, policy=policy, budget=budget, capacity=capacity,
+                             append_capacity=append_capacity)
+  del prompt
+  (tokens_BM, cache), decode_s = _timed(decode, params, logits_BV, cache, rng, eos_E, cfg=cfg,
+                                        dtype=dtype, sampling=sampling, max_new_tokens=max_new_tokens)
+  tokens = [[int(x) for x in row if x >= 0] for row in np.asarray(tokens_BM)]
+  texts = model.decode_text(tokens) if model.tokenizer is not None else None
+  stats = _stats(cache, padded, tokens, prefill_s, compress_s, decode_s)
+  return GenerateOutput(tokens, texts, stats, cache if return_cache else None)
+
+
+def _stats(cache: kv_cache.KVCache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s):
+  kept_LBK = np.asarray(cache.valid).sum(-1)
+  prompt_tokens = int(padded.lengths_B.sum())
+  new_tokens = sum(len(r) for r in tokens)
+  decode_steps = max(0, int(cache.index))
+  return {
+      "prompt_tokens": prompt_tokens,
+      "new_tokens": new_tokens,
+      "kept_tokens_per_layer_head": kept_LBK,                       # [L, B, K]
+      "kept_fraction": float(kept_LBK.sum() / (prompt_tokens * kept_LBK.shape[0] * kept_LBK.shape[2])),
+      "kv_bytes_allocated": cache.kv_bytes_allocated(),
+      "kv_bytes_used": cache.kv_bytes_used(),
+      "prefill_s": prefill_s,
+      "compress_s": compress_s,
+      "decode_s": decode_s,
+      "decode_tokens_per_s": new_tokens / decode_s if decode_s > 0 else float("nan"),
+      "decode_steps": decode_steps,
+  }

@@ -1,0 +1,1 @@
+"""Model configs, Flax modules and checkpoint conversion."""

@@ -1,0 +1,54 @@
+"""GQA attention for prefill (dense causal) and decode (prefix + append buffers, merged).
+
+KV heads are never repeated: queries are viewed as [.., K, G, ..] and each group reads its KV head.
+Scores and softmax run in float32 whatever the activation dtype.
+"""
+
+from __future__ import annotations
+
+import einops
+import jax
+import jax.numpy as jnp
+
+from jmmkv.typing import Array
+
+# A finite "minus infinity": fully masked rows stay NaN-free and vanish when blocks are merged.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def prefill_attention(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, key_valid_BT: Array) -> Array:
+  """Causal attention over the prompt; padding keys masked. Returns ``[B, T, N, H]``."""
+  num_kv, t = k_BKTH.shape[1], k_BKTH.shape[2]
+  q_BKGTH = einops.rearrange(q_BTNH, "B T (K G) H -> B K G T H", K=num_kv)
+  scale = q_BTNH.shape[-1] ** -0.5
+  s_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKTH, preferred_element_type=jnp.float32)
+  causal_TS = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+  mask_BTS = causal_TS[None] & key_valid_BT[:, None, :]
+  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS * scale, MASK_VALUE)
+  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BKTH.dtype)
+  o_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", p_BKGTS, v_BKTH)
+  return einops.rearrange(o_BKGTH, "B K G T H -> B T (K G) H")
+
+
+
+def _partial(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, valid_BKS: Array):
+  """Unnormalised attention over one block: (output sum, row max, exp-sum)."""
+  scale = q_BKGH.shape[-1] ** -0.5
+  s_BKGS = jnp.einsum("BKGH,BKSH->BKGS", q_BKGH, k_BKSH, preferred_element_type=jnp.float32) * scale
+  s_BKGS = jnp.where(valid_BKS[:, :, None, :], s_BKGS, MASK_VALUE)
+  m_BKG = jnp.max(s_BKGS, axis=-1)
+  p_BKGS = jnp.exp(s_BKGS - m_BKG[..., None])
+  o_BKGH = jnp.einsum("BKGS,BKSH->BKGH", p_BKGS, v_BKSH.astype(jnp.float32))
+  return o_BKGH, m_BKG, jnp.sum(p_BKGS, axis=-1)
+
+
+def decode_attention(q_BNH: Array, prefix_k_BKCH: Array, prefix_v_BKCH: Array, prefix_valid_BKC: Array,
+                     append_k_BKMH: Array, append_v_BKMH: Array, append_valid_BKM: Array) -> Array:
+  """One query token over the compressed prefix and the append buffer. Returns ``[B, N, H]``."""
+  q_BKGH = einops.rearrange(q_BNH, "B (K G) H -> B K G H", K=prefix_k_BKCH.shape[1])
+  o1, m1, l1 = _partial(q_BKGH, prefix_k_BKCH, prefix_v_BKCH, prefix_valid_BKC)
+  o2, m2, l2 = _partial(q_BKGH, append_k_BKMH, append_v_BKMH, append_valid_BKM)
+  m = jnp.maximum(m1, m2)
+  a1, a2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
+  o_BKGH = (o1 * a1[..., None] + o2 * a2[..., None]) / (l1 * a1 + l2 * a2)[..., None]
+  return einops.rearrange(o_BKGH, "B K G H -> B (K G) H").astype(q_BNH.dtype)

@@ -1,0 +1,128 @@
+"""HF safetensors -> jmmkv params, through an explicit key table with a shape assert on every tensor.
+
+Supports single-file and sharded (``model.safetensors.index.json``) checkpoints. Every failure names
+the file, the key and the shapes involved.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jmmkv.models.configs import DecoderConfig, decoder_config_from_hf
+
+DECODER_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = DECODER_ARCHITECTURES
+# Buffers that some checkpoints carry and that are recomputed from the config.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+Entry = tuple[tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
+
+
+def read_config(model_dir: str | Path) -> tuple[dict, str]:
+  """Reads ``config.json``; returns it with its (supported) architecture name."""
+  path = Path(model_dir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"no config.json in {model_dir} (expected an HF model directory)")
+  cfg = json.loads(path.read_text())
+  archs = cfg.get("architectures") or []
+  arch = archs[0] if archs else None
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise ValueError(f"unsupported architecture {arch!r} in {path}; supported: "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+  return cfg, arch
+
+
+def decoder_key_table(cfg: DecoderConfig, prefix: str = "model.") -> dict[str, Entry]:
+  """HF key -> (param path, HF shape, transform to our layout)."""
+  d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  same = lambda x: x
+  t = lambda x: x.T
+  table: dict[str, Entry] = {
+      f"{prefix}embed_tokens.weight": (("embedding",), (v, d), same),
+      f"{prefix}norm.weight": (("norm", "scale"), (d,), same),
+  }
+  if not cfg.tie_word_embeddings:
+    table["lm_head.weight"] = (("lm_head", "w"), (v, d), t)
+  for i in range(cfg.num_layers):
+    hf, ours = f"{prefix}layers.{i}.", f"layers_{i}"
+    table.update({
+        hf + "input_layernorm.weight": ((ours, "input_norm", "scale"), (d,), same),
+        hf + "post_attention_layernorm.weight": ((ours, "post_norm", "scale"), (d,), same),
+        hf + "mlp.gate_proj.weight": ((ours, "gate_proj", "w"), (f, d), t),
+        hf + "mlp.up_proj.weight": ((ours, "up_proj", "w"), (f, d), t),
+        hf + "mlp.down_proj.weight": ((ours, "down_proj", "w"), (d, f), t),
+        hf + "self_attn.o_proj.weight": ((ours, "o_proj", "w"), (d, n * h), lambda x: x.T.reshape(n, h, d)),
+    })
+    for name, heads in (("q_proj", n), ("k_proj", kh), ("v_proj", kh)):
+      table[hf + f"self_attn.{name}.weight"] = (
+          (ours, name, "w"), (heads * h, d), lambda x, heads=heads: x.T.reshape(d, heads, h))
+      if cfg.qkv_bias:
+        table[hf + f"self_attn.{name}.bias"] = (
+            (ours, name, "b"), (heads * h,), lambda x, heads=heads: x.reshape(heads, h))
+    if cfg.o_bias:
+      table[hf + "self_attn.o_proj.bias"] = ((ours, "o_proj", "b"), (d,), same)
+  return table
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+  """The checkpoint's safetensors files (from the shard index when there is one)."""
+  model_dir = Path(model_dir)
+  index = model_dir / "model.safetensors.index.json"
+  if index.is_file():
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    for name in names:
+      if not (model_dir / name).is_file():
+        raise FileNotFoundError(f"shard {name} listed in {index} does not exist")
+    return [model_dir / name for name in names]
+  files = sorted(model_dir.glob("*.safetensors"))
+  if not files:
+    raise FileNotFoundError(f"no *.safetensors file in {model_dir}")
+  return files
+
+
+def load_params(model_dir: str | Path, table: dict[str, Entry], dtype=jnp.float32,
+                ignore: Callable[[str], bool] = lambda key: False) -> dict:
+  """Reads every tensor of the checkpoint through ``table``; returns ``{"params": nested dict}``."""
+  params: dict = {}
+  seen: dict[str, Path] = {}
+  for path in safetensors_files(model_dir):
+    with safe_open(path, framework="flax") as fh:
+      for key in fh.keys():
+        if key not in table:
+          if _IGNORED.match(key) or ignore(key):
+            continue
+          raise ValueError(f"unexpected tensor {key!r} in {path.name} ({path}): no such parameter")
+        if key in seen:
+          raise ValueError(f"tensor {key!r} appears in both {seen[key].name} and {path.name}")
+        seen[key] = path
+        where, shape, transform = table[key]
+        x = np.asarray(fh.get_tensor(key))
+        if tuple(x.shape) != shape:
+          raise ValueError(f"tensor {key!r} in {path.name} has shape {tuple(x.shape)}, "
+                           f"expected {shape}")
+        node = params
+        for name in where[:-1]:
+          node = node.setdefault(name, {})
+        node[where[-1]] = jnp.asarray(transform(x), dtype=dtype)
+  missing = [k for k in table if k not in seen]
+  if missing:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise ValueError(f"missing tensors in {model_dir}: {shown}")
+  return {"params": params}
+
+
+def load_decoder(model_dir: str | Path, dtype=jnp.float32) -> tuple[DecoderConfig, dict]:
+  """Config and params of an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` directory."""
+  hf_cfg, arch = read_config(model_dir)
+  cfg = decoder_config_from_hf(hf_cfg, arch)
+  # A tied checkpoint may still carry lm_head.weight; like transformers, the embedding wins.
+  tied_head = (lambda k: k == "lm_head.weight") if cfg.tie_word_embeddings else (lambda k: False)
+  return cfg, load_params(model_dir, decoder_key_table(cfg), dtype, ignore=tied_head)

@@ -1,0 +1,40 @@
+"""The few shared building blocks: an einsum-owning projection and RMSNorm."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jmmkv.typing import Array, DType
+
+
+class Einsum(nn.Module):
+  """Owns weight ``w`` (and optional bias ``b``); the equation is written at the call site."""
+
+  shape: Sequence[int]
+  bias_shape: Sequence[int] | None = None
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, eqn: str, x: Array) -> Array:
+    w = self.param("w", nn.initializers.normal(0.02), tuple(self.shape), self.dtype)
+    y = jnp.einsum(eqn, x, w)
+    if self.bias_shape is not None:
+      y = y + self.param("b", nn.initializers.normal(0.02), tuple(self.bias_shape), self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """HF Llama RMSNorm: normalise in float32, cast back, then scale."""
+
+  eps: float = 1e-6
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
+    return scale * x32.astype(x.dtype)

@@ -1,0 +1,125 @@
+"""Llama-family decoder (Llama, Vicuna, Qwen2) in Flax linen, used pure-functionally.
+
+Params are an explicit pytree; the prompt K/V come out of `Decoder.prefill` and the decode cache
+goes in and out of `Decoder.decode`. Dimension key: see `jmmkv.typing`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jmmkv.cache import kv_cache
+from jmmkv.models import attention, rope
+from jmmkv.models.configs import DecoderConfig
+from jmmkv.models.layers import Einsum, RMSNorm
+from jmmkv.typing import Array, DType
+
+
+class Block(nn.Module):
+  """Pre-norm attention + SwiGLU MLP."""
+
+  cfg: DecoderConfig
+  dtype: DType = jnp.float32
+
+  def setup(self):
+    c, dt = self.cfg, self.dtype
+    d, n, kh, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    self.input_norm = RMSNorm(c.rms_norm_eps, dt)
+    self.q_proj = Einsum((d, n, h), (n, h) if c.qkv_bias else None, dt)
+    self.k_proj = Einsum((d, kh, h), (kh, h) if c.qkv_bias else None, dt)
+    self.v_proj = Einsum((d, kh, h), (kh, h) if c.qkv_bias else None, dt)
+    self.o_proj = Einsum((n, h, d), (d,) if c.o_bias else None, dt)
+    self.post_norm = RMSNorm(c.rms_norm_eps, dt)
+    self.gate_proj = Einsum((d, c.intermediate_size), None, dt)
+    self.up_proj = Einsum((d, c.intermediate_size), None, dt)
+    self.down_proj = Einsum((c.intermediate_size, d), None, dt)
+
+  def _qkv(self, x_BTD, cos_BTH, sin_BTH):
+    h_BTD = self.input_norm(x_BTD)
+    q_BTNH = rope.apply_rope(self.q_proj("BTD,DNH->BTNH", h_BTD), cos_BTH, sin_BTH)
+    k_BTKH = rope.apply_rope(self.k_proj("BTD,DKH->BTKH", h_BTD), cos_BTH, sin_BTH)
+    v_BTKH = self.v_proj("BTD,DKH->BTKH", h_BTD)
+    return q_BTNH, k_BTKH, v_BTKH
+
+  def _finish(self, x_BTD, o_BTNH):
+    x_BTD = x_BTD + self.o_proj("BTNH,NHD->BTD", o_BTNH)
+    h_BTD = self.post_norm(x_BTD)
+    gate_BTF = nn.silu(self.gate_proj("BTD,DF->BTF", h_BTD))
+    up_BTF = self.up_proj("BTD,DF->BTF", h_BTD)
+    return x_BTD + self.down_proj("BTF,FD->BTD", gate_BTF * up_BTF)
+
+  def prefill(self, x_BTD, cos_BTH, sin_BTH, key_valid_BT):
+    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, cos_BTH, sin_BTH)
+    k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+    o_BTNH = attention.prefill_attention(q_BTNH, k_BKTH, v_BKTH, key_valid_BT)
+    return self._finish(x_BTD, o_BTNH), k_BKTH, v_BKTH
+
+  def decode(self, x_B1D, cos_B1H, sin_B1H, cache: kv_cache.KVCache, layer: int):
+    q_B1NH, k_B1KH, v_B1KH = self._qkv(x_B1D, cos_B1H, sin_B1H)
+    cache = kv_cache.write_append(cache, layer, k_B1KH[:, 0], v_B1KH[:, 0])
+    b, kh = cache.k.shape[1], cache.k.shape[2]
+    append_valid_BKM = jnp.broadcast_to(cache.append_valid(cache.index + 1), (b, kh, cache.append_k.shape[3]))
+    o_BNH = attention.decode_attention(
+        q_B1NH[:, 0], cache.k[layer], cache.v[layer], cache.valid[layer],
+        cache.append_k[layer], cache.append_v[layer], append_valid_BKM)
+    return self._finish(x_B1D, o_BNH[:, None]), cache
+
+
+class Decoder(nn.Module):
+  """Embedding, ``num_layers`` blocks (a Python list: each layer is its own cache entry), norm, head."""
+
+  cfg: DecoderConfig
+  dtype: DType = jnp.float32
+
+  def setup(self):
+    c = self.cfg
+    self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
+                                self.dtype)
+    self.layers = [Block(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
+    self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = Einsum((c.hidden_size, c.vocab_size), None, self.dtype)
+
+  def __call__(self, ids_BT, positions_BT, key_valid_BT):
+    """Full forward (used by `init`): logits ``[B, T, V]`` in float32."""
+    h_BTD, _, _ = self.prefill(self.embed(ids_BT), positions_BT, key_valid_BT)
+    return self.unembed(h_BTD)
+
+  def embed(self, ids_BT: Array) -> Array:
+    return jnp.take(self.embedding, ids_BT, axis=0)
+
+  def unembed(self, h_BTD: Array) -> Array:
+    if self.cfg.tie_word_embeddings:
+      return jnp.einsum("BTD,VD->BTV", h_BTD, self.embedding, preferred_element_type=jnp.float32)
+    return self.lm_head("BTD,DV->BTV", h_BTD).astype(jnp.float32)
+
+  def _cos_sin(self, positions_BT):
+    return rope.cos_sin(positions_BT, rope.inv_frequencies(self.cfg.rope, self.cfg.head_dim))
+
+  def prefill(self, x_BTD: Array, positions_BT: Array, key_valid_BT: Array):
+    """Prompt forward. Returns final-normed hidden ``[B, T, D]`` and K/V ``[L, B, K, T, H]``."""
+    cos_BTH, sin_BTH = self._cos_sin(positions_BT)
+    ks, vs = [], []
+    for block in self.layers:
+      x_BTD, k_BKTH, v_BKTH = block.prefill(x_BTD, cos_BTH, sin_BTH, key_valid_BT)
+      ks.append(k_BKTH)
+      vs.append(v_BKTH)
+    return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs)
+
+  def decode(self, x_B1D: Array, cache: kv_cache.KVCache):
+    """One new token per row at position ``lengths + index``. Returns logits ``[B, V]`` and the cache."""
+    positions_B1 = (cache.lengths + cache.index)[:, None]
+    cos_B1H, sin_B1H = self._cos_sin(positions_B1)
+    for layer, block in enumerate(self.layers):
+      x_B1D, cache = block.decode(x_B1D, cos_B1H, sin_B1H, cache, layer)
+    logits_B1V = self.unembed(self.norm(x_B1D))
+    return logits_B1V[:, 0], cache.replace(index=cache.index + 1)
+
+
+def init_params(cfg: DecoderConfig, rng: Array, dtype: DType = jnp.float32):
+  """Random params (for presets and tests), in the layout `jmmkv.models.convert` produces."""
+  ids = jnp.zeros((1, 4), jnp.int32)
+  params = Decoder(cfg, dtype).init(rng, ids, jnp.arange(4)[None], jnp.ones((1, 4), bool))
+  return jax.tree.map(lambda x: x.astype(dtype), params)

@@ -1,0 +1,50 @@
+"""Rotary position embedding (rotate-half convention, as HF Llama/Qwen2).
+
+Frequencies are computed on the host in float64 then cast to float32; cos/sin are built in float32
+from integer positions, so RoPE of a token depends only on its original prompt position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jmmkv.models.configs import RopeConfig
+from jmmkv.typing import Array
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+  """Inverse frequencies ``[H // 2]`` for the ``default``, ``linear`` and ``llama3`` rope types."""
+  # Computed in float32 like HF (int64 arange -> float), so frequencies match bit for bit.
+  exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
+  if rope.rope_type == "linear":
+    inv_freq = inv_freq / np.float32(rope.factor)
+  elif rope.rope_type == "llama3":
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def cos_sin(positions_BT: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+  """cos, sin ``[B, T, H]`` in float32 for integer positions ``[B, T]``."""
+  freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+  emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+  return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+
+
+def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
+  """Rotates ``x`` ``[B, T, N, H]`` (any head count) by the given angles; keeps x's dtype."""
+  half = x_BTNH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+  cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+  return x_BTNH * cos + rotated * sin
