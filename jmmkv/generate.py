@@ -33,7 +33,8 @@ class GenerateOutput:
   tokens: list[list[int]]     # new ids per row, EOS included, nothing after it
   texts: list[str] | None     # decoded tokens when the model has a tokenizer
   stats: dict[str, Any]
-  cache: kv_cache.KVCache | None = None
+  cache: kv_cache.KVCache | None = None   # with return_cache=True
+  scores: np.ndarray | None = None        # [B, M, V] float32 logits of each step (output_scores=True)
 
 
 @flax.struct.dataclass
@@ -44,6 +45,7 @@ class _LoopState:
   last_B: Array       # [B] int32 last sampled token
   cache: kv_cache.KVCache
   rng: Array
+  scores_BMV: Array | None   # float32 logits per step, only with output_scores
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
@@ -58,7 +60,8 @@ def prefill(params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderCon
   return logits_BV, PromptKV(k, v, valid_BT, modality_BT, lengths_B)
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "budget", "capacity", "append_capacity"))
+@functools.partial(jax.jit, static_argnames=("policy", "budget", "capacity", "append_capacity"),
+                   donate_argnames=("prompt",))
 def compress(prompt: PromptKV, *, policy, budget: Budget | None, capacity: int,
              append_capacity: int) -> kv_cache.KVCache:
   """Runs the policy on the prompt K/V and returns the decode cache (prefix + empty append)."""
@@ -66,11 +69,15 @@ def compress(prompt: PromptKV, *, policy, budget: Budget | None, capacity: int,
   return kv_cache.from_prefix(*prefix, prompt.lengths_B, append_capacity)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "sampling", "max_new_tokens"),
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "sampling", "max_new_tokens", "output_scores"),
                    donate_argnames=("cache",))
 def decode(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *, cfg: DecoderConfig,
-           dtype: str, sampling: Sampling, max_new_tokens: int):
-  """Samples up to ``max_new_tokens`` per row. Returns tokens ``[B, M]`` (-1 after EOS), the cache."""
+           dtype: str, sampling: Sampling, max_new_tokens: int, output_scores: bool = False):
+  """Samples up to ``max_new_tokens`` per row from the prefill logits onwards.
+
+  Returns tokens ``[B, M]`` (-1 after EOS and for steps not run), the cache, and the logits of each
+  step ``[B, M, V]`` (or None).
+  """
   dec = Decoder(cfg, jnp.dtype(dtype))
   b = first_logits_BV.shape[0]
 
@@ -79,7 +86,11 @@ def decode(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *, cfg:
     out_B = jnp.where(state.done_B, -1, tok_B)
     done_B = state.done_B | jnp.isin(tok_B, eos_E)
     tokens_BM = jax.lax.dynamic_update_slice(state.tokens_BM, out_B[:, None], (0, state.step))
-    return state.replace(step=state.step + 1, tokens_BM=tokens_BM, done_B=done_B, last_B=tok_B)
+    scores = state.scores_BMV
+    if output_scores:
+      scores = jax.lax.dynamic_update_slice(scores, logits_BV.astype(jnp.float32)[:, None], (0, state.step, 0))
+    return state.replace(step=state.step + 1, tokens_BM=tokens_BM, done_B=done_B, last_B=tok_B,
+                         scores_BMV=scores)
 
   def cond(state: _LoopState):
     return (state.step < max_new_tokens) & ~jnp.all(state.done_B)
@@ -90,9 +101,10 @@ def decode(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *, cfg:
     return emit(state.replace(cache=cache), logits_BV)
 
   state = _LoopState(step=jnp.zeros((), jnp.int32), tokens_BM=jnp.full((b, max_new_tokens), -1, jnp.int32),
-                     done_B=jnp.zeros((b,), bool), last_B=jnp.zeros((b,), jnp.int32), cache=cache, rng=rng)
+                     done_B=jnp.zeros((b,), bool), last_B=jnp.zeros((b,), jnp.int32), cache=cache, rng=rng,
+                     scores_BMV=jnp.zeros((b, max_new_tokens, cfg.vocab_size), jnp.float32) if output_scores else None)
   state = jax.lax.while_loop(cond, body, emit(state, first_logits_BV))
-  return state.tokens_BM, state.cache
+  return state.tokens_BM, state.cache, state.scores_BMV
 
 
 def _timed(fn, *args, **kwargs):
@@ -104,13 +116,15 @@ def _timed(fn, *args, **kwargs):
 def generate(model, batch: inputs.Batch, policy=None, budget: Budget | None = None, *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng: Array | None = None,
-             eos_token_id: int | Sequence[int] | None = None, return_cache: bool = False) -> GenerateOutput:
+             eos_token_id: int | Sequence[int] | None = None, return_cache: bool = False,
+             output_scores: bool = False) -> GenerateOutput:
   """Generates up to ``max_new_tokens`` per prompt of ``batch`` (see `jmmkv.Model.prepare`).
 
   ``policy`` compresses the prompt cache after prefill (default: `Full`) to ``budget``.
   ``eos_token_id`` defaults to the model's EOS ids; pass ``[]`` to never stop early. Sampling with
   ``temperature > 0`` needs an explicit ``rng`` (a `jax.random.key`). Prompts are right-padded to
   a power-of-two bucket; padding is masked everywhere, so each row equals its output alone.
+  ``output_scores`` returns each step's logits; ``return_cache`` the final `KVCache`.
   """
   if not isinstance(batch, inputs.Batch):
     raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
@@ -136,12 +150,14 @@ def generate(model, batch: inputs.Batch, policy=None, budget: Budget | None = No
   cache, compress_s = _timed(compress, prompt, policy=policy, budget=budget, capacity=capacity,
                              append_capacity=append_capacity)
   del prompt
-  (tokens_BM, cache), decode_s = _timed(decode, params, logits_BV, cache, rng, eos_E, cfg=cfg,
-                                        dtype=dtype, sampling=sampling, max_new_tokens=max_new_tokens)
+  (tokens_BM, cache, scores), decode_s = _timed(
+      decode, params, logits_BV, cache, rng, eos_E, cfg=cfg, dtype=dtype, sampling=sampling,
+      max_new_tokens=max_new_tokens, output_scores=output_scores)
   tokens = [[int(x) for x in row if x >= 0] for row in np.asarray(tokens_BM)]
   texts = model.decode_text(tokens) if model.tokenizer is not None else None
   stats = _stats(cache, padded, tokens, prefill_s, compress_s, decode_s)
-  return GenerateOutput(tokens, texts, stats, cache if return_cache else None)
+  return GenerateOutput(tokens, texts, stats, cache if return_cache else None,
+                        None if scores is None else np.asarray(scores))
 
 
 def _stats(cache: kv_cache.KVCache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s):

@@ -63,16 +63,21 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
     norm weight; its 0.02 init also makes attention almost uniform, which would hide RoPE
     mistakes. Here: linear weights N(0, 1/fan_in) (attention scores of order 1), biases
     N(0, 0.2^2), norm weights 1 + N(0, 0.1^2), embeddings N(0, 0.3^2).
+    With tied embeddings a token's own embedding dominates its logits and greedy decoding
+    just repeats the last token; there the embeddings are N(0, 0.1^2) and the final norm
+    weight is scaled by 3 (logits of the same order, varied greedy continuations).
     """
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():  # tied weights appear once
         noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
         if "norm" in name:
-            p.copy_(1.0 + 0.1 * noise)
+            scale = 3.0 if (tied and name == "model.norm.weight") else 1.0
+            p.copy_(scale * (1.0 + 0.1 * noise))
         elif name.endswith(".bias"):
             p.copy_(0.2 * noise)
         elif "embed_tokens" in name:
-            p.copy_(0.3 * noise)
+            p.copy_((0.1 if tied else 0.3) * noise)
         else:  # [out, in] linear weights, lm_head included
             p.copy_(noise / np.sqrt(p.shape[1]))
 
