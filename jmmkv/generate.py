@@ -61,10 +61,11 @@ def prefill(params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderCon
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "budget", "capacity", "append_capacity"),
-                   donate_argnames=("prompt",))
-def compress(prompt: PromptKV, *, policy, budget: Budget | None, capacity: int,
+                   donate_argnames=("k", "v"))
+def compress(k, v, valid_BT, modality_BT, lengths_B, *, policy, budget: Budget | None, capacity: int,
              append_capacity: int) -> kv_cache.KVCache:
-  """Runs the policy on the prompt K/V and returns the decode cache (prefix + empty append)."""
+  """Runs the policy on the prompt K/V (donated) and returns the decode cache (prefix + empty append)."""
+  prompt = PromptKV(k, v, valid_BT, modality_BT, lengths_B)
   prefix = policy.compress(prompt, budget, capacity)
   return kv_cache.from_prefix(*prefix, prompt.lengths_B, append_capacity)
 
@@ -147,7 +148,7 @@ def generate(model, batch: inputs.Batch, policy=None, budget: Budget | None = No
   (logits_BV, prompt), prefill_s = _timed(
       prefill, params, padded.ids_BT, padded.modality_BT, padded.valid_BT, padded.lengths_B,
       cfg=cfg, dtype=dtype)
-  cache, compress_s = _timed(compress, prompt, policy=policy, budget=budget, capacity=capacity,
+  cache, compress_s = _timed(compress, *prompt, policy=policy, budget=budget, capacity=capacity,
                              append_capacity=append_capacity)
   del prompt
   (tokens_BM, cache, scores), decode_s = _timed(
