@@ -3,10 +3,10 @@
 from jmmkv.cache import policies
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.kv_cache import KVCache
-from jmmkv.generate import GenerateOutput, generate
+from jmmkv.generate import GenerateOutput, compress, generate
 from jmmkv.inputs import Batch
 from jmmkv.models.model import Model, load, random_model
 
 __version__ = "0.1.0"
-__all__ = ["Batch", "Budget", "GenerateOutput", "KVCache", "Model", "generate", "load", "policies",
+__all__ = ["Batch", "Budget", "GenerateOutput", "KVCache", "Model", "compress", "generate", "load", "policies",
            "random_model"]

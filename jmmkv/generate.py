@@ -49,7 +49,7 @@ class _LoopState:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def prefill(params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderConfig, dtype: str):
+def prefill_step(params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderConfig, dtype: str):
   """Prompt forward. Returns the last valid token's logits ``[B, V]`` and the prompt K/V."""
   dec = Decoder(cfg, jnp.dtype(dtype))
   positions_BT = jnp.arange(ids_BT.shape[1])[None, :] * valid_BT
@@ -62,7 +62,7 @@ def prefill(params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderCon
 
 @functools.partial(jax.jit, static_argnames=("policy", "budget", "capacity", "append_capacity"),
                    donate_argnames=("k", "v"))
-def compress(k, v, valid_BT, modality_BT, lengths_B, *, policy, budget: Budget | None, capacity: int,
+def compress_step(k, v, valid_BT, modality_BT, lengths_B, *, policy, budget: Budget | None, capacity: int,
              append_capacity: int) -> kv_cache.KVCache:
   """Runs the policy on the prompt K/V (donated) and returns the decode cache (prefix + empty append)."""
   prompt = PromptKV(k, v, valid_BT, modality_BT, lengths_B)
@@ -72,7 +72,7 @@ def compress(k, v, valid_BT, modality_BT, lengths_B, *, policy, budget: Budget |
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "sampling", "max_new_tokens", "output_scores"),
                    donate_argnames=("cache",))
-def decode(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *, cfg: DecoderConfig,
+def decode_loop(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *, cfg: DecoderConfig,
            dtype: str, sampling: Sampling, max_new_tokens: int, output_scores: bool = False):
   """Samples up to ``max_new_tokens`` per row from the prefill logits onwards.
 
@@ -127,38 +127,49 @@ def generate(model, batch: inputs.Batch, policy=None, budget: Budget | None = No
   a power-of-two bucket; padding is masked everywhere, so each row equals its output alone.
   ``output_scores`` returns each step's logits; ``return_cache`` the final `KVCache`.
   """
-  if not isinstance(batch, inputs.Batch):
-    raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
   sampling = Sampling(temperature, top_k, top_p)
   if not sampling.greedy and rng is None:
     raise ValueError("sampling with temperature > 0 needs an explicit rng=jax.random.key(seed)")
   rng = jax.random.key(0) if rng is None else rng
-  policy = Full() if policy is None else policy
   eos = model.config.eos_token_ids if eos_token_id is None else eos_token_id
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
 
-  padded = inputs.pad(batch, pad_id=0)
-  t = padded.ids_BT.shape[1]
-  capacity = policy.capacity(budget, t)
-  append_capacity = max(1, max_new_tokens - 1)
+  padded, logits_BV, cache, prefill_s, compress_s = _prefill_and_compress(
+      model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1))
   cfg, dtype, params = model.config, model.dtype_name, model.params
-
-  (logits_BV, prompt), prefill_s = _timed(
-      prefill, params, padded.ids_BT, padded.modality_BT, padded.valid_BT, padded.lengths_B,
-      cfg=cfg, dtype=dtype)
-  cache, compress_s = _timed(compress, *prompt, policy=policy, budget=budget, capacity=capacity,
-                             append_capacity=append_capacity)
-  del prompt
   (tokens_BM, cache, scores), decode_s = _timed(
-      decode, params, logits_BV, cache, rng, eos_E, cfg=cfg, dtype=dtype, sampling=sampling,
+      decode_loop, params, logits_BV, cache, rng, eos_E, cfg=cfg, dtype=dtype, sampling=sampling,
       max_new_tokens=max_new_tokens, output_scores=output_scores)
   tokens = [[int(x) for x in row if x >= 0] for row in np.asarray(tokens_BM)]
   texts = model.decode_text(tokens) if model.tokenizer is not None else None
   stats = _stats(cache, padded, tokens, prefill_s, compress_s, decode_s)
   return GenerateOutput(tokens, texts, stats, cache if return_cache else None,
                         None if scores is None else np.asarray(scores))
+
+
+def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_capacity: int):
+  if not isinstance(batch, inputs.Batch):
+    raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
+  policy = Full() if policy is None else policy
+  padded = inputs.pad(batch, pad_id=0)
+  capacity = policy.capacity(budget, padded.ids_BT.shape[1])
+  (logits_BV, prompt), prefill_s = _timed(
+      prefill_step, model.params, padded.ids_BT, padded.modality_BT, padded.valid_BT, padded.lengths_B,
+      cfg=model.config, dtype=model.dtype_name)
+  cache, compress_s = _timed(compress_step, *prompt, policy=policy, budget=budget, capacity=capacity,
+                             append_capacity=append_capacity)
+  return padded, logits_BV, cache, prefill_s, compress_s
+
+
+def compress(model, batch: inputs.Batch, policy=None, budget: Budget | None = None) -> kv_cache.KVCache:
+  """Prefill + compression only: the compressed cache of ``batch`` (empty append buffer).
+
+  ``cache.positions`` / ``cache.modality`` ``[L, B, K, C]`` say what was kept (-1 / 0 where empty);
+  ``cache.k`` / ``cache.v`` ``[L, B, K, C, H]`` hold it.
+  """
+  return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[2]
 
 
 def _stats(cache: kv_cache.KVCache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s):
