@@ -158,3 +158,17 @@ def test_bad_batch_inputs(model):
     model.prepare(prompts=["hello"])
   with pytest.raises(ValueError, match=r"\[B, T\]"):
     model.logits(np.array([1, 2, 3]))
+
+
+def test_bfloat16_decode_matches_bfloat16_forward():
+  model = jmmkv.random_model(CFG, seed=12, dtype="bfloat16")
+  assert {x.dtype.name for x in jax.tree.leaves(model.params)} == {"bfloat16"}
+  prompts = _prompts(12, [15, 6])
+  out = jmmkv.generate(model, model.prepare(input_ids=prompts), max_new_tokens=6, eos_token_id=[],
+                       output_scores=True, return_cache=True)
+  assert out.cache.k.dtype.name == "bfloat16"
+  for b, p in enumerate(prompts):
+    full_TV = model.logits(np.concatenate([p, out.tokens[b]])[None])[0]
+    want = full_TV[len(p) - 1: len(p) - 1 + 6]
+    scale = np.abs(want).max()
+    assert np.abs(out.scores[b] - want).max() <= 0.02 * scale

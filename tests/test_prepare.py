@@ -72,3 +72,21 @@ def test_cached_kv_equals_transformers_past_key_values(model_dir):
       v_ref = past.layers[layer].values[0].numpy()
       np.testing.assert_allclose(np.asarray(cache.k[layer, b, :, : len(p)]), k_ref, atol=1e-5, rtol=0)
       np.testing.assert_allclose(np.asarray(cache.v[layer, b, :, : len(p)]), v_ref, atol=1e-5, rtol=0)
+
+
+def test_generation_config_eos_ids_are_used(tmp_path):
+  import json
+  hf = build_model("qwen2_bias", seed=2)
+  hf.save_pretrained(tmp_path)
+  gen = json.loads((tmp_path / "generation_config.json").read_text())
+  gen["eos_token_id"] = [2, 777]
+  (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+  model = jmmkv.load(tmp_path)
+  assert model.config.eos_token_ids == (2, 777)
+  assert "params" not in repr(model) and len(repr(model)) < 2000
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8", "fp64"])
+def test_unsupported_dtype(model_dir, dtype):
+  with pytest.raises(ValueError, match="unsupported dtype"):
+    jmmkv.load(model_dir, dtype=dtype)

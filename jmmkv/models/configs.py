@@ -70,7 +70,7 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
   return RopeConfig(**{**kw, "theta": float(params.get("rope_theta", 10000.0)), "rope_type": rope_type})
 
 
-def _as_tuple(x) -> tuple[int, ...]:
+def as_int_tuple(x) -> tuple[int, ...]:
   if x is None:
     return ()
   return tuple(int(i) for i in x) if isinstance(x, (list, tuple)) else (int(x),)
@@ -102,7 +102,7 @@ def decoder_config_from_hf(cfg: dict[str, Any], architecture: str) -> DecoderCon
       o_bias=attention_bias and not is_qwen2,
       max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
       bos_token_id=cfg.get("bos_token_id"),
-      eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
+      eos_token_ids=as_int_tuple(cfg.get("eos_token_id")),
       pad_token_id=cfg.get("pad_token_id"),
       architecture=architecture,
   )

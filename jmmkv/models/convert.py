@@ -6,6 +6,7 @@ the file, the key and the shapes involved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jmmkv.models.configs import DecoderConfig, decoder_config_from_hf
+from jmmkv.models.configs import DecoderConfig, as_int_tuple, decoder_config_from_hf
 
 DECODER_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ARCHITECTURES = DECODER_ARCHITECTURES
@@ -119,10 +120,22 @@ def load_params(model_dir: str | Path, table: dict[str, Entry], dtype=jnp.float3
   return {"params": params}
 
 
+def generation_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
+  """EOS ids of ``generation_config.json`` (what transformers' generate stops on), if any."""
+  path = Path(model_dir) / "generation_config.json"
+  if not path.is_file():
+    return ()
+  eos = json.loads(path.read_text()).get("eos_token_id")
+  return as_int_tuple(eos)
+
+
 def load_decoder(model_dir: str | Path, dtype=jnp.float32) -> tuple[DecoderConfig, dict]:
   """Config and params of an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` directory."""
   hf_cfg, arch = read_config(model_dir)
   cfg = decoder_config_from_hf(hf_cfg, arch)
+  eos = generation_eos_ids(model_dir)
+  if eos:
+    cfg = dataclasses.replace(cfg, eos_token_ids=eos)
   # A tied checkpoint may still carry lm_head.weight; like transformers, the embedding wins.
   tied_head = (lambda k: k == "lm_head.weight") if cfg.tie_word_embeddings else (lambda k: False)
   return cfg, load_params(model_dir, decoder_key_table(cfg), dtype, ignore=tied_head)

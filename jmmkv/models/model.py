@@ -35,9 +35,9 @@ def _logits(params, ids_BT, positions_BT, valid_BT, *, cfg: DecoderConfig, dtype
 @dataclasses.dataclass
 class Model:
   config: DecoderConfig
-  params: Any                 # {"params": nested dict of arrays}
+  params: Any = dataclasses.field(repr=False)   # {"params": nested dict of arrays}
   dtype_name: str = "float32"
-  tokenizer: Any = None       # a transformers tokenizer when the checkpoint has one
+  tokenizer: Any = dataclasses.field(default=None, repr=False)  # transformers tokenizer, if any
   path: str | None = None
 
   def logits(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
