@@ -8,5 +8,15 @@ from jmmkv.inputs import Batch
 from jmmkv.models.model import Model, load, random_model
 
 __version__ = "0.1.0"
-__all__ = ["Batch", "Budget", "GenerateOutput", "KVCache", "Model", "compress", "generate", "load", "policies",
-           "random_model"]
+__all__ = [
+  "Batch",
+  "Budget",
+  "GenerateOutput",
+  "KVCache",
+  "Model",
+  "compress",
+  "generate",
+  "load",
+  "policies",
+  "random_model",
+]

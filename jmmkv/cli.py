@@ -6,10 +6,20 @@ import argparse
 import sys
 
 PRESETS = {
-    # name: (DecoderConfig overrides, description)
-    "tiny": (dict(), "4 layers, D=256, 8 heads / 2 KV heads, head dim 32, vocab 1024"),
-    "small": (dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
-                   num_kv_heads=4, head_dim=64), "8 layers, D=512, 8 heads / 4 KV heads, head dim 64, vocab 4096"),
+  # name: (DecoderConfig overrides, description)
+  "tiny": (dict(), "4 layers, D=256, 8 heads / 2 KV heads, head dim 32, vocab 1024"),
+  "small": (
+    dict(
+      vocab_size=4096,
+      hidden_size=512,
+      intermediate_size=1376,
+      num_layers=8,
+      num_heads=8,
+      num_kv_heads=4,
+      head_dim=64,
+    ),
+    "8 layers, D=512, 8 heads / 4 KV heads, head dim 64, vocab 4096",
+  ),
 }
 
 
@@ -26,27 +36,41 @@ def _demo(args) -> int:
   batch = model.prepare(input_ids=[rng.integers(3, model.config.vocab_size, n) for n in lengths])
   policy = jmmkv.policies.get(args.policy)
   print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {args.dtype}")
-  print(f"batch {args.batch}, prompt lengths {lengths}, {args.max_new_tokens} new tokens, policy {args.policy}")
+  print(
+    f"batch {args.batch}, prompt lengths {lengths}, {args.max_new_tokens} new tokens, policy {args.policy}"
+  )
   kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=[])
   first = jmmkv.generate(model, batch, policy, **kw)  # compiles prefill, compression and decode
-  out = jmmkv.generate(model, batch, policy, **kw)    # same bucket: reuses the compiled code
+  out = jmmkv.generate(model, batch, policy, **kw)  # same bucket: reuses the compiled code
   s, s0 = out.stats, first.stats
   compile_s = sum(s0[k] - s[k] for k in ("prefill_s", "compress_s", "decode_s"))
-  print(f"first call (includes compilation): {compile_s + s['prefill_s'] + s['compress_s'] + s['decode_s']:.2f} s")
-  print(f"prefill   {s['prefill_s'] * 1e3:8.1f} ms   ({s['prompt_tokens'] / s['prefill_s']:.0f} prompt tokens/s)")
+  print(
+    f"first call (includes compilation): {compile_s + s['prefill_s'] + s['compress_s'] + s['decode_s']:.2f} s"
+  )
+  print(
+    f"prefill   {s['prefill_s'] * 1e3:8.1f} ms   ({s['prompt_tokens'] / s['prefill_s']:.0f} prompt tokens/s)"
+  )
   print(f"compress  {s['compress_s'] * 1e3:8.1f} ms")
-  print(f"decode    {s['decode_s'] * 1e3:8.1f} ms   ({s['decode_tokens_per_s']:.1f} new tokens/s, "
-        f"{s['decode_s'] / max(1, s['decode_steps']) * 1e3:.2f} ms/step)")
-  print(f"KV cache  {s['kv_bytes_allocated'] / 2**20:8.2f} MiB allocated, "
-        f"{s['kv_bytes_used'] / 2**20:.2f} MiB used, kept fraction {s['kept_fraction']:.2f}")
+  print(
+    f"decode    {s['decode_s'] * 1e3:8.1f} ms   ({s['decode_tokens_per_s']:.1f} new tokens/s, "
+    f"{s['decode_s'] / max(1, s['decode_steps']) * 1e3:.2f} ms/step)"
+  )
+  print(
+    f"KV cache  {s['kv_bytes_allocated'] / 2**20:8.2f} MiB allocated, "
+    f"{s['kv_bytes_used'] / 2**20:.2f} MiB used, kept fraction {s['kept_fraction']:.2f}"
+  )
   print(f"row 0 first new tokens: {out.tokens[0][:12]}")
   return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="jmmkv", description="Multimodal LLMs in JAX with a compressible KV cache.")
+  parser = argparse.ArgumentParser(
+    prog="jmmkv", description="Multimodal LLMs in JAX with a compressible KV cache."
+  )
   sub = parser.add_subparsers(dest="command", required=True)
-  demo = sub.add_parser("demo", help="generate with a random-weight preset and print tokens/s and KV bytes")
+  demo = sub.add_parser(
+    "demo", help="generate with a random-weight preset and print tokens/s and KV bytes"
+  )
   demo.add_argument("--preset", choices=sorted(PRESETS), default="small")
   demo.add_argument("--batch", type=int, default=2)
   demo.add_argument("--prompt-len", type=int, default=500)

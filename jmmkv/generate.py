@@ -30,50 +30,84 @@ from jmmkv.typing import Array
 
 @dataclasses.dataclass
 class GenerateOutput:
-  tokens: list[list[int]]     # new ids per row, EOS included, nothing after it
-  texts: list[str] | None     # decoded tokens when the model has a tokenizer
+  tokens: list[list[int]]  # new ids per row, EOS included, nothing after it
+  texts: list[str] | None  # decoded tokens when the model has a tokenizer
   stats: dict[str, Any]
-  cache: kv_cache.KVCache | None = None   # with return_cache=True
-  scores: np.ndarray | None = None        # [B, M, V] float32 logits of each step (output_scores=True)
+  cache: kv_cache.KVCache | None = None  # with return_cache=True
+  scores: np.ndarray | None = None  # [B, M, V] float32 logits of each step (output_scores=True)
 
 
 @flax.struct.dataclass
 class _LoopState:
-  step: Array         # [] int32 tokens produced so far
-  tokens_BM: Array    # [B, M] int32 output buffer, -1 after EOS / unused
-  done_B: Array       # [B] bool
-  last_B: Array       # [B] int32 last sampled token
+  step: Array  # [] int32 tokens produced so far
+  tokens_BM: Array  # [B, M] int32 output buffer, -1 after EOS / unused
+  done_B: Array  # [B] bool
+  last_B: Array  # [B] int32 last sampled token
   cache: kv_cache.KVCache
   rng: Array
-  scores_BMV: Array | None   # float32 logits per step, only with output_scores
+  scores_BMV: Array | None  # float32 logits per step, only with output_scores
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def prefill_step(params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderConfig, dtype: str):
+def prefill_step(
+  params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderConfig, dtype: str
+):
   """Prompt forward. Returns the last valid token's logits ``[B, V]`` and the prompt K/V."""
   dec = Decoder(cfg, jnp.dtype(dtype))
   positions_BT = jnp.arange(ids_BT.shape[1])[None, :] * valid_BT
-  h_BTD, k, v = dec.apply(params, dec.apply(params, ids_BT, method=Decoder.embed), positions_BT,
-                          valid_BT, method=Decoder.prefill)
+  h_BTD, k, v = dec.apply(
+    params,
+    dec.apply(params, ids_BT, method=Decoder.embed),
+    positions_BT,
+    valid_BT,
+    method=Decoder.prefill,
+  )
   h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
   logits_BV = dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
   return logits_BV, PromptKV(k, v, valid_BT, modality_BT, lengths_B)
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "budget", "capacity", "append_capacity"),
-                   donate_argnames=("k", "v"))
-def compress_step(k, v, valid_BT, modality_BT, lengths_B, *, policy, budget: Budget | None, capacity: int,
-             append_capacity: int) -> kv_cache.KVCache:
+@functools.partial(
+  jax.jit,
+  static_argnames=("policy", "budget", "capacity", "append_capacity"),
+  donate_argnames=("k", "v"),
+)
+def compress_step(
+  k,
+  v,
+  valid_BT,
+  modality_BT,
+  lengths_B,
+  *,
+  policy,
+  budget: Budget | None,
+  capacity: int,
+  append_capacity: int,
+) -> kv_cache.KVCache:
   """Runs the policy on the prompt K/V (donated) and returns the decode cache (prefix + empty append)."""
   prompt = PromptKV(k, v, valid_BT, modality_BT, lengths_B)
   prefix = policy.compress(prompt, budget, capacity)
   return kv_cache.from_prefix(*prefix, prompt.lengths_B, append_capacity)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "sampling", "max_new_tokens", "output_scores"),
-                   donate_argnames=("cache",))
-def decode_loop(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *, cfg: DecoderConfig,
-           dtype: str, sampling: Sampling, max_new_tokens: int, output_scores: bool = False):
+@functools.partial(
+  jax.jit,
+  static_argnames=("cfg", "dtype", "sampling", "max_new_tokens", "output_scores"),
+  donate_argnames=("cache",),
+)
+def decode_loop(
+  params,
+  first_logits_BV,
+  cache: kv_cache.KVCache,
+  rng,
+  eos_E,
+  *,
+  cfg: DecoderConfig,
+  dtype: str,
+  sampling: Sampling,
+  max_new_tokens: int,
+  output_scores: bool = False,
+):
   """Samples up to ``max_new_tokens`` per row from the prefill logits onwards.
 
   Returns tokens ``[B, M]`` (-1 after EOS and for steps not run), the cache, and the logits of each
@@ -89,9 +123,12 @@ def decode_loop(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *,
     tokens_BM = jax.lax.dynamic_update_slice(state.tokens_BM, out_B[:, None], (0, state.step))
     scores = state.scores_BMV
     if output_scores:
-      scores = jax.lax.dynamic_update_slice(scores, logits_BV.astype(jnp.float32)[:, None], (0, state.step, 0))
-    return state.replace(step=state.step + 1, tokens_BM=tokens_BM, done_B=done_B, last_B=tok_B,
-                         scores_BMV=scores)
+      scores = jax.lax.dynamic_update_slice(
+        scores, logits_BV.astype(jnp.float32)[:, None], (0, state.step, 0)
+      )
+    return state.replace(
+      step=state.step + 1, tokens_BM=tokens_BM, done_B=done_B, last_B=tok_B, scores_BMV=scores
+    )
 
   def cond(state: _LoopState):
     return (state.step < max_new_tokens) & ~jnp.all(state.done_B)
@@ -101,9 +138,17 @@ def decode_loop(params, first_logits_BV, cache: kv_cache.KVCache, rng, eos_E, *,
     logits_BV, cache = dec.apply(params, x_B1D, state.cache, method=Decoder.decode)
     return emit(state.replace(cache=cache), logits_BV)
 
-  state = _LoopState(step=jnp.zeros((), jnp.int32), tokens_BM=jnp.full((b, max_new_tokens), -1, jnp.int32),
-                     done_B=jnp.zeros((b,), bool), last_B=jnp.zeros((b,), jnp.int32), cache=cache, rng=rng,
-                     scores_BMV=jnp.zeros((b, max_new_tokens, cfg.vocab_size), jnp.float32) if output_scores else None)
+  state = _LoopState(
+    step=jnp.zeros((), jnp.int32),
+    tokens_BM=jnp.full((b, max_new_tokens), -1, jnp.int32),
+    done_B=jnp.zeros((b,), bool),
+    last_B=jnp.zeros((b,), jnp.int32),
+    cache=cache,
+    rng=rng,
+    scores_BMV=jnp.zeros((b, max_new_tokens, cfg.vocab_size), jnp.float32)
+    if output_scores
+    else None,
+  )
   state = jax.lax.while_loop(cond, body, emit(state, first_logits_BV))
   return state.tokens_BM, state.cache, state.scores_BMV
 
@@ -114,11 +159,21 @@ def _timed(fn, *args, **kwargs):
   return out, time.perf_counter() - t0
 
 
-def generate(model, batch: inputs.Batch, policy=None, budget: Budget | None = None, *,
-             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, rng: Array | None = None,
-             eos_token_id: int | Sequence[int] | None = None, return_cache: bool = False,
-             output_scores: bool = False) -> GenerateOutput:
+def generate(
+  model,
+  batch: inputs.Batch,
+  policy=None,
+  budget: Budget | None = None,
+  *,
+  max_new_tokens: int = 64,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  rng: Array | None = None,
+  eos_token_id: int | Sequence[int] | None = None,
+  return_cache: bool = False,
+  output_scores: bool = False,
+) -> GenerateOutput:
   """Generates up to ``max_new_tokens`` per prompt of ``batch`` (see `jmmkv.Model.prepare`).
 
   ``policy`` compresses the prompt cache after prefill (default: `Full`) to ``budget``.
@@ -137,16 +192,32 @@ def generate(model, batch: inputs.Batch, policy=None, budget: Budget | None = No
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
 
   padded, logits_BV, cache, prefill_s, compress_s = _prefill_and_compress(
-      model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1))
+    model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1)
+  )
   cfg, dtype, params = model.config, model.dtype_name, model.params
   (tokens_BM, cache, scores), decode_s = _timed(
-      decode_loop, params, logits_BV, cache, rng, eos_E, cfg=cfg, dtype=dtype, sampling=sampling,
-      max_new_tokens=max_new_tokens, output_scores=output_scores)
+    decode_loop,
+    params,
+    logits_BV,
+    cache,
+    rng,
+    eos_E,
+    cfg=cfg,
+    dtype=dtype,
+    sampling=sampling,
+    max_new_tokens=max_new_tokens,
+    output_scores=output_scores,
+  )
   tokens = [[int(x) for x in row if x >= 0] for row in np.asarray(tokens_BM)]
   texts = model.decode_text(tokens) if model.tokenizer is not None else None
   stats = _stats(cache, padded, tokens, prefill_s, compress_s, decode_s)
-  return GenerateOutput(tokens, texts, stats, cache if return_cache else None,
-                        None if scores is None else np.asarray(scores))
+  return GenerateOutput(
+    tokens,
+    texts,
+    stats,
+    cache if return_cache else None,
+    None if scores is None else np.asarray(scores),
+  )
 
 
 def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_capacity: int):
@@ -156,14 +227,29 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
   padded = inputs.pad(batch, pad_id=0)
   capacity = policy.capacity(budget, padded.ids_BT.shape[1])
   (logits_BV, prompt), prefill_s = _timed(
-      prefill_step, model.params, padded.ids_BT, padded.modality_BT, padded.valid_BT, padded.lengths_B,
-      cfg=model.config, dtype=model.dtype_name)
-  cache, compress_s = _timed(compress_step, *prompt, policy=policy, budget=budget, capacity=capacity,
-                             append_capacity=append_capacity)
+    prefill_step,
+    model.params,
+    padded.ids_BT,
+    padded.modality_BT,
+    padded.valid_BT,
+    padded.lengths_B,
+    cfg=model.config,
+    dtype=model.dtype_name,
+  )
+  cache, compress_s = _timed(
+    compress_step,
+    *prompt,
+    policy=policy,
+    budget=budget,
+    capacity=capacity,
+    append_capacity=append_capacity,
+  )
   return padded, logits_BV, cache, prefill_s, compress_s
 
 
-def compress(model, batch: inputs.Batch, policy=None, budget: Budget | None = None) -> kv_cache.KVCache:
+def compress(
+  model, batch: inputs.Batch, policy=None, budget: Budget | None = None
+) -> kv_cache.KVCache:
   """Prefill + compression only: the compressed cache of ``batch`` (empty append buffer).
 
   ``cache.positions`` / ``cache.modality`` ``[L, B, K, C]`` say what was kept (-1 / 0 where empty);
@@ -178,15 +264,17 @@ def _stats(cache: kv_cache.KVCache, padded: inputs.Padded, tokens, prefill_s, co
   new_tokens = sum(len(r) for r in tokens)
   decode_steps = max(0, int(cache.index))
   return {
-      "prompt_tokens": prompt_tokens,
-      "new_tokens": new_tokens,
-      "kept_tokens_per_layer_head": kept_LBK,                       # [L, B, K]
-      "kept_fraction": float(kept_LBK.sum() / (prompt_tokens * kept_LBK.shape[0] * kept_LBK.shape[2])),
-      "kv_bytes_allocated": cache.kv_bytes_allocated(),
-      "kv_bytes_used": cache.kv_bytes_used(),
-      "prefill_s": prefill_s,
-      "compress_s": compress_s,
-      "decode_s": decode_s,
-      "decode_tokens_per_s": new_tokens / decode_s if decode_s > 0 else float("nan"),
-      "decode_steps": decode_steps,
+    "prompt_tokens": prompt_tokens,
+    "new_tokens": new_tokens,
+    "kept_tokens_per_layer_head": kept_LBK,  # [L, B, K]
+    "kept_fraction": float(
+      kept_LBK.sum() / (prompt_tokens * kept_LBK.shape[0] * kept_LBK.shape[2])
+    ),
+    "kv_bytes_allocated": cache.kv_bytes_allocated(),
+    "kv_bytes_used": cache.kv_bytes_used(),
+    "prefill_s": prefill_s,
+    "compress_s": compress_s,
+    "decode_s": decode_s,
+    "decode_tokens_per_s": new_tokens / decode_s if decode_s > 0 else float("nan"),
+    "decode_steps": decode_steps,
   }

@@ -24,7 +24,9 @@ class Batch:
       raise ValueError("a batch needs at least one prompt")
     for i, (ids, mod) in enumerate(zip(self.input_ids, self.modality, strict=True)):
       if ids.ndim != 1 or len(ids) == 0:
-        raise ValueError(f"prompt {i} must be a non-empty 1-D token sequence, got shape {ids.shape}")
+        raise ValueError(
+          f"prompt {i} must be a non-empty 1-D token sequence, got shape {ids.shape}"
+        )
       if mod.shape != ids.shape:
         raise ValueError(f"prompt {i}: modality shape {mod.shape} != ids shape {ids.shape}")
 
@@ -37,14 +39,17 @@ class Batch:
 class Padded:
   """A batch right-padded to a bucket length T (padding: id ``pad_id``, modality 0, invalid)."""
 
-  ids_BT: np.ndarray       # int32
+  ids_BT: np.ndarray  # int32
   modality_BT: np.ndarray  # int32
-  valid_BT: np.ndarray     # bool
-  lengths_B: np.ndarray    # int32
+  valid_BT: np.ndarray  # bool
+  lengths_B: np.ndarray  # int32
 
 
-def from_token_ids(input_ids: Sequence[Sequence[int]] | np.ndarray,
-                   attention_mask: np.ndarray | None = None, vocab_size: int | None = None) -> Batch:
+def from_token_ids(
+  input_ids: Sequence[Sequence[int]] | np.ndarray,
+  attention_mask: np.ndarray | None = None,
+  vocab_size: int | None = None,
+) -> Batch:
   """A text-only batch from id rows (lists of different lengths, or a padded array + mask)."""
   if isinstance(input_ids, np.ndarray) and input_ids.ndim == 1:
     input_ids = input_ids[None]
@@ -59,7 +64,9 @@ def from_token_ids(input_ids: Sequence[Sequence[int]] | np.ndarray,
   if vocab_size is not None:
     for i, r in enumerate(rows):
       if r.size and (r.min() < 0 or r.max() >= vocab_size):
-        raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): min {r.min()}, max {r.max()}")
+        raise ValueError(
+          f"prompt {i} has token ids outside [0, {vocab_size}): min {r.min()}, max {r.max()}"
+        )
   return Batch(tuple(rows), tuple(np.full(r.shape, TEXT, np.int32) for r in rows))
 
 

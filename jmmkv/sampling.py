@@ -45,7 +45,9 @@ class Sampling:
       p_sorted = jax.nn.softmax(jnp.take_along_axis(x, order_BV, axis=-1), axis=-1)
       # Keep a token while the mass strictly before it is < top_p (the first is always kept).
       keep_sorted = (jnp.cumsum(p_sorted, axis=-1) - p_sorted) < self.top_p
-      keep = jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order_BV].set(keep_sorted)
+      keep = (
+        jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order_BV].set(keep_sorted)
+      )
       x = jnp.where(keep, x, -jnp.inf)
     return x
 

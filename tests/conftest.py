@@ -22,7 +22,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # jmmkv importable without an editable install
-    sys.path.insert(0, str(REPO_ROOT))
+  sys.path.insert(0, str(REPO_ROOT))
 
 torch.set_num_threads(2)
 
@@ -31,80 +31,80 @@ import hf_models  # noqa: E402  (tests/ is on sys.path: rootdir conftest, no __i
 
 @dataclass(frozen=True)
 class TinyModel:
-    """A tiny random HF model (fp32, eager, eval) and the directory it was saved to."""
+  """A tiny random HF model (fp32, eager, eval) and the directory it was saved to."""
 
-    name: str
-    seed: int
-    torch_model: torch.nn.Module
-    path: Path  # HF dir: config.json, model.safetensors, generation_config.json
+  name: str
+  seed: int
+  torch_model: torch.nn.Module
+  path: Path  # HF dir: config.json, model.safetensors, generation_config.json
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """Factory (config name, seed) -> TinyModel, built and saved once per session.
+  """Factory (config name, seed) -> TinyModel, built and saved once per session.
 
-    The saved directory is shared: tests that break a checkpoint must copy it first
-    (see `tiny_model_copy`).
-    """
-    cache: dict[tuple[str, int], TinyModel] = {}
+  The saved directory is shared: tests that break a checkpoint must copy it first
+  (see `tiny_model_copy`).
+  """
+  cache: dict[tuple[str, int], TinyModel] = {}
 
-    def get(name: str, seed: int = 0) -> TinyModel:
-        key = (name, seed)
-        if key not in cache:
-            model = hf_models.build_model(name, seed)
-            path = tmp_path_factory.mktemp(f"{name}_s{seed}")
-            model.save_pretrained(path)
-            cache[key] = TinyModel(name, seed, model, path)
-        return cache[key]
+  def get(name: str, seed: int = 0) -> TinyModel:
+    key = (name, seed)
+    if key not in cache:
+      model = hf_models.build_model(name, seed)
+      path = tmp_path_factory.mktemp(f"{name}_s{seed}")
+      model.save_pretrained(path)
+      cache[key] = TinyModel(name, seed, model, path)
+    return cache[key]
 
-    return get
+  return get
 
 
 @pytest.fixture(scope="session")
 def tiny_model_sharded(tiny_model, tmp_path_factory):
-    """Factory (config name, seed) -> directory holding the same weights saved in shards
-    (model.safetensors.index.json + several model-XXXXX-of-YYYYY.safetensors)."""
-    cache: dict[tuple[str, int], Path] = {}
+  """Factory (config name, seed) -> directory holding the same weights saved in shards
+  (model.safetensors.index.json + several model-XXXXX-of-YYYYY.safetensors)."""
+  cache: dict[tuple[str, int], Path] = {}
 
-    def get(name: str, seed: int = 0) -> Path:
-        key = (name, seed)
-        if key not in cache:
-            tm = tiny_model(name, seed)
-            path = tmp_path_factory.mktemp(f"{name}_s{seed}_sharded")
-            tm.torch_model.save_pretrained(path, max_shard_size="100KB")
-            cache[key] = path
-        return cache[key]
+  def get(name: str, seed: int = 0) -> Path:
+    key = (name, seed)
+    if key not in cache:
+      tm = tiny_model(name, seed)
+      path = tmp_path_factory.mktemp(f"{name}_s{seed}_sharded")
+      tm.torch_model.save_pretrained(path, max_shard_size="100KB")
+      cache[key] = path
+    return cache[key]
 
-    return get
+  return get
 
 
 @pytest.fixture
 def tiny_model_copy(tiny_model, tmp_path):
-    """Factory (config name, seed, src=None) -> a private copy of a saved tiny model directory
-    (or of `src`, e.g. a sharded directory) under this test's tmp_path, free to be broken."""
-    import shutil
+  """Factory (config name, seed, src=None) -> a private copy of a saved tiny model directory
+  (or of `src`, e.g. a sharded directory) under this test's tmp_path, free to be broken."""
+  import shutil
 
-    def get(name: str, seed: int = 0, src: Path | None = None) -> Path:
-        src = Path(src) if src is not None else tiny_model(name, seed).path
-        dst = tmp_path / f"{src.name}_copy"
-        shutil.copytree(src, dst)
-        return dst
+  def get(name: str, seed: int = 0, src: Path | None = None) -> Path:
+    src = Path(src) if src is not None else tiny_model(name, seed).path
+    dst = tmp_path / f"{src.name}_copy"
+    shutil.copytree(src, dst)
+    return dst
 
-    return get
+  return get
 
 
 @pytest.fixture(scope="session")
 def jmmkv_model(tiny_model):
-    """Factory (config name, seed, dtype="float32") -> jmmkv.Model loaded from the saved
-    tiny model, cached for the session (the loaded model is never mutated by tests)."""
-    cache: dict = {}
+  """Factory (config name, seed, dtype="float32") -> jmmkv.Model loaded from the saved
+  tiny model, cached for the session (the loaded model is never mutated by tests)."""
+  cache: dict = {}
 
-    def get(name: str, seed: int = 0, dtype: str = "float32"):
-        import jmmkv
+  def get(name: str, seed: int = 0, dtype: str = "float32"):
+    import jmmkv
 
-        key = (name, seed, dtype)
-        if key not in cache:
-            cache[key] = jmmkv.load(str(tiny_model(name, seed).path), dtype=dtype)
-        return cache[key]
+    key = (name, seed, dtype)
+    if key not in cache:
+      cache[key] = jmmkv.load(str(tiny_model(name, seed).path), dtype=dtype)
+    return cache[key]
 
-    return get
+  return get

@@ -20,5 +20,7 @@ def test_bad_arguments_give_one_line(capsys):
 
 
 def test_console_entry_point_help():
-  out = subprocess.run([sys.executable, "-m", "jmmkv.cli", "demo", "--help"], capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, "-m", "jmmkv.cli", "demo", "--help"], capture_output=True, text=True
+  )
   assert out.returncode == 0 and "--preset" in out.stdout

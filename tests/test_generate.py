@@ -8,8 +8,15 @@ import pytest
 import jmmkv
 from jmmkv.models.configs import tiny_decoder
 
-CFG = tiny_decoder(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                   num_kv_heads=2, head_dim=16)
+CFG = tiny_decoder(
+  vocab_size=512,
+  hidden_size=64,
+  intermediate_size=128,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+)
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2])
@@ -24,25 +31,28 @@ def _prompts(seed, lengths):
 
 def test_decode_step_logits_equal_full_forward(model):
   prompts = _prompts(1, [9, 23, 4])
-  out = jmmkv.generate(model, model.prepare(input_ids=prompts), max_new_tokens=12, eos_token_id=[],
-                       output_scores=True)
+  out = jmmkv.generate(
+    model, model.prepare(input_ids=prompts), max_new_tokens=12, eos_token_id=[], output_scores=True
+  )
   assert out.scores.shape == (3, 12, CFG.vocab_size)
   for b, (p, new) in enumerate(zip(prompts, out.tokens)):
     seq = np.concatenate([p, new])[None]
     full_TV = model.logits(seq)[0]
     # step m's logits are predicted from the prompt + the first m new tokens
-    want = full_TV[len(p) - 1: len(p) - 1 + len(new)]
+    want = full_TV[len(p) - 1 : len(p) - 1 + len(new)]
     np.testing.assert_allclose(out.scores[b], want, atol=1e-4, rtol=0)
     assert new == list(np.argmax(want, axis=-1))
 
 
 def test_row_in_padded_batch_equals_row_alone(model):
   prompts = _prompts(2, [30, 3, 17])
-  together = jmmkv.generate(model, model.prepare(input_ids=prompts), max_new_tokens=10, eos_token_id=[],
-                            output_scores=True)
+  together = jmmkv.generate(
+    model, model.prepare(input_ids=prompts), max_new_tokens=10, eos_token_id=[], output_scores=True
+  )
   for b, p in enumerate(prompts):
-    alone = jmmkv.generate(model, model.prepare(input_ids=[p]), max_new_tokens=10, eos_token_id=[],
-                           output_scores=True)
+    alone = jmmkv.generate(
+      model, model.prepare(input_ids=[p]), max_new_tokens=10, eos_token_id=[], output_scores=True
+    )
     assert alone.tokens[0] == together.tokens[b]
     np.testing.assert_allclose(alone.scores[0], together.scores[b], atol=1e-5, rtol=0)
 
@@ -62,24 +72,33 @@ def test_per_row_eos_stops_each_row(model):
 def test_max_new_tokens_one_and_model_default_eos(model):
   out = jmmkv.generate(model, model.prepare(input_ids=_prompts(4, [5, 6])), max_new_tokens=1)
   assert [len(t) for t in out.tokens] == [1, 1]
-  full = jmmkv.generate(model, model.prepare(input_ids=_prompts(4, [5, 6])), max_new_tokens=1,
-                        eos_token_id=[], output_scores=True)
+  full = jmmkv.generate(
+    model,
+    model.prepare(input_ids=_prompts(4, [5, 6])),
+    max_new_tokens=1,
+    eos_token_id=[],
+    output_scores=True,
+  )
   assert out.tokens == [[int(np.argmax(s[0]))] for s in full.scores]
 
 
 def test_no_recompilation_within_a_bucket():
   model = jmmkv.random_model(CFG, seed=5)
   compiles = []
-  listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
-  jmmkv.generate(model, model.prepare(input_ids=_prompts(5, [20, 7])), max_new_tokens=8,
-                 eos_token_id=[])  # warm-up
+  listener = lambda event, duration, **kw: (
+    compiles.append(event) if "backend_compile" in event else None
+  )
+  jmmkv.generate(
+    model, model.prepare(input_ids=_prompts(5, [20, 7])), max_new_tokens=8, eos_token_id=[]
+  )  # warm-up
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     # Different lengths and contents, same bucket (32) and batch size: nothing compiles, and the
     # decode loop runs all 8 steps inside one compiled while_loop.
     for seed, lengths in ((6, [31, 2]), (7, [13, 25])):
-      out = jmmkv.generate(model, model.prepare(input_ids=_prompts(seed, lengths)), max_new_tokens=8,
-                           eos_token_id=[])
+      out = jmmkv.generate(
+        model, model.prepare(input_ids=_prompts(seed, lengths)), max_new_tokens=8, eos_token_id=[]
+      )
       assert out.stats["decode_steps"] == 7
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
@@ -107,8 +126,16 @@ def test_sampling_is_reproducible_and_keyed(model):
 
 def test_sampled_tokens_respect_top_k(model):
   batch = model.prepare(input_ids=_prompts(10, [12, 5]))
-  out = jmmkv.generate(model, batch, max_new_tokens=16, eos_token_id=[], temperature=5.0, top_k=3,
-                       rng=jax.random.key(3), output_scores=True)
+  out = jmmkv.generate(
+    model,
+    batch,
+    max_new_tokens=16,
+    eos_token_id=[],
+    temperature=5.0,
+    top_k=3,
+    rng=jax.random.key(3),
+    output_scores=True,
+  )
   for b in range(2):
     for m, tok in enumerate(out.tokens[b]):
       assert tok in np.argsort(-out.scores[b, m])[:3]
@@ -116,15 +143,18 @@ def test_sampled_tokens_respect_top_k(model):
 
 def test_stats_measure_the_cache(model):
   prompts = _prompts(11, [20, 9])
-  out = jmmkv.generate(model, model.prepare(input_ids=prompts), max_new_tokens=6, eos_token_id=[],
-                       return_cache=True)
+  out = jmmkv.generate(
+    model, model.prepare(input_ids=prompts), max_new_tokens=6, eos_token_id=[], return_cache=True
+  )
   s, cache = out.stats, out.cache
   l, kh, h = CFG.num_layers, CFG.num_kv_heads, CFG.head_dim
   # bucket 32, append buffer 5 slots, float32 k and v
   assert s["kv_bytes_allocated"] == 2 * l * 2 * kh * (32 + 5) * h * 4
   assert s["kv_bytes_used"] == 2 * l * kh * h * 4 * (20 + 9 + 2 * 5)
   assert s["kept_fraction"] == 1.0
-  np.testing.assert_array_equal(s["kept_tokens_per_layer_head"], np.broadcast_to([[20], [9]], (l, 2, kh)))
+  np.testing.assert_array_equal(
+    s["kept_tokens_per_layer_head"], np.broadcast_to([[20], [9]], (l, 2, kh))
+  )
   pos = np.asarray(cache.positions)
   assert pos.shape == (l, 2, kh, 32)
   np.testing.assert_array_equal(pos[0, 1, 0], np.r_[np.arange(9), -np.ones(23)])
@@ -132,14 +162,17 @@ def test_stats_measure_the_cache(model):
   assert s["prefill_s"] > 0 and s["decode_s"] > 0
 
 
-@pytest.mark.parametrize("kw, match", [
+@pytest.mark.parametrize(
+  "kw, match",
+  [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=0.5), "rng"),
     (dict(temperature=-1.0, rng=jax.random.key(0)), "temperature"),
     (dict(temperature=1.0, top_k=0, rng=jax.random.key(0)), "top_k"),
     (dict(temperature=1.0, top_p=1.5, rng=jax.random.key(0)), "top_p"),
     (dict(top_k=5), "temperature > 0"),
-])
+  ],
+)
 def test_bad_generate_arguments(model, kw, match):
   with pytest.raises(ValueError, match=match):
     jmmkv.generate(model, model.prepare(input_ids=[[5, 6, 7]]), **kw)
@@ -164,11 +197,17 @@ def test_bfloat16_decode_matches_bfloat16_forward():
   model = jmmkv.random_model(CFG, seed=12, dtype="bfloat16")
   assert {x.dtype.name for x in jax.tree.leaves(model.params)} == {"bfloat16"}
   prompts = _prompts(12, [15, 6])
-  out = jmmkv.generate(model, model.prepare(input_ids=prompts), max_new_tokens=6, eos_token_id=[],
-                       output_scores=True, return_cache=True)
+  out = jmmkv.generate(
+    model,
+    model.prepare(input_ids=prompts),
+    max_new_tokens=6,
+    eos_token_id=[],
+    output_scores=True,
+    return_cache=True,
+  )
   assert out.cache.k.dtype.name == "bfloat16"
   for b, p in enumerate(prompts):
     full_TV = model.logits(np.concatenate([p, out.tokens[b]])[None])[0]
-    want = full_TV[len(p) - 1: len(p) - 1 + 6]
+    want = full_TV[len(p) - 1 : len(p) - 1 + 6]
     scale = np.abs(want).max()
     assert np.abs(out.scores[b] - want).max() <= 0.02 * scale

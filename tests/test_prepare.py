@@ -9,8 +9,10 @@ import jmmkv
 from hf_models import build_model
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(200)]
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}assistant :{% endif %}")
+TEMPLATE = (
+  "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+  "{% if add_generation_prompt %}assistant :{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +21,9 @@ def model_dir(tmp_path_factory):
   build_model("llama_gqa", seed=4).save_pretrained(d)
   tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 unk_token="<unk>", pad_token="<pad>")
+  fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+  )
   fast.chat_template = TEMPLATE
   fast.save_pretrained(d)
   return d
@@ -32,8 +35,9 @@ def test_prepare_uses_the_chat_template_and_texts_decode(model_dir):
   prompts = ["w1 w2 w3", "w7 w150 w9 w10 w11 w12"]
   batch = model.prepare(prompts=prompts)
   for p, row in zip(prompts, batch.input_ids):
-    want = ref.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=True)["input_ids"]
+    want = ref.apply_chat_template(
+      [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     assert row.tolist() == list(want)
     assert row.tolist()[:3] == [1, WORDS.index("user"), WORDS.index(":")]
   plain = model.prepare(prompts=prompts, chat_template=False)
@@ -52,13 +56,16 @@ def test_compress_returns_the_prompt_cache(model_dir):
   assert cache.append_k.shape[3] == 0
   np.testing.assert_array_equal(np.asarray(cache.lengths), [19, 6])
   pos = np.asarray(cache.positions)
-  np.testing.assert_array_equal(pos[:, 0], np.broadcast_to(np.r_[np.arange(19), -np.ones(13)], pos[:, 0].shape))
+  np.testing.assert_array_equal(
+    pos[:, 0], np.broadcast_to(np.r_[np.arange(19), -np.ones(13)], pos[:, 0].shape)
+  )
   np.testing.assert_array_equal(np.asarray(cache.modality)[:, 1, :, :6], 1)
   np.testing.assert_array_equal(np.asarray(cache.modality)[:, 1, :, 6:], 0)
 
 
 def test_cached_kv_equals_transformers_past_key_values(model_dir):
   import torch
+
   hf = build_model("llama_gqa", seed=4)
   model = jmmkv.load(model_dir)
   rng = np.random.default_rng(1)
@@ -68,14 +75,19 @@ def test_cached_kv_equals_transformers_past_key_values(model_dir):
     with torch.no_grad():
       past = hf(input_ids=torch.tensor(p[None]), use_cache=True).past_key_values
     for layer in range(model.config.num_layers):
-      k_ref = past.layers[layer].keys[0].numpy()     # [K, T, H], after RoPE
+      k_ref = past.layers[layer].keys[0].numpy()  # [K, T, H], after RoPE
       v_ref = past.layers[layer].values[0].numpy()
-      np.testing.assert_allclose(np.asarray(cache.k[layer, b, :, : len(p)]), k_ref, atol=1e-5, rtol=0)
-      np.testing.assert_allclose(np.asarray(cache.v[layer, b, :, : len(p)]), v_ref, atol=1e-5, rtol=0)
+      np.testing.assert_allclose(
+        np.asarray(cache.k[layer, b, :, : len(p)]), k_ref, atol=1e-5, rtol=0
+      )
+      np.testing.assert_allclose(
+        np.asarray(cache.v[layer, b, :, : len(p)]), v_ref, atol=1e-5, rtol=0
+      )
 
 
 def test_generation_config_eos_ids_are_used(tmp_path):
   import json
+
   hf = build_model("qwen2_bias", seed=2)
   hf.save_pretrained(tmp_path)
   gen = json.loads((tmp_path / "generation_config.json").read_text())

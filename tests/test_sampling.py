@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import (
+  TemperatureLogitsWarper,
+  TopKLogitsWarper,
+  TopPLogitsWarper,
+)
 
 from jmmkv.sampling import Sampling
 
@@ -22,9 +25,17 @@ def _reference(logits, temperature, top_k, top_p):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("temperature, top_k, top_p", [
-    (1.0, None, None), (0.7, 5, None), (1.3, None, 0.9), (0.5, 20, 0.8), (2.0, 1, None), (1.0, None, 0.05),
-])
+@pytest.mark.parametrize(
+  "temperature, top_k, top_p",
+  [
+    (1.0, None, None),
+    (0.7, 5, None),
+    (1.3, None, 0.9),
+    (0.5, 20, 0.8),
+    (2.0, 1, None),
+    (1.0, None, 0.05),
+  ],
+)
 def test_filter_matches_transformers(seed, temperature, top_k, top_p):
   logits = np.random.default_rng(seed).normal(0, 3, (4, 97)).astype(np.float32)
   ours = np.asarray(Sampling(temperature, top_k, top_p).filter(jnp.asarray(logits)))

@@ -17,14 +17,14 @@ from jmmkv.typing import Array
 
 @flax.struct.dataclass
 class KVCache:
-  k: Array            # [L, B, K, C, H] compressed prompt keys (after RoPE)
-  v: Array            # [L, B, K, C, H]
-  positions: Array    # [L, B, K, C] int32 original prompt position of each slot, -1 where empty
-  modality: Array     # [L, B, K, C] int32 modality id per slot (0 where empty)
-  append_k: Array     # [L, B, K, M, H] generated tokens' keys
-  append_v: Array     # [L, B, K, M, H]
-  lengths: Array      # [B] int32 prompt length per row (RoPE of new tokens continues from here)
-  index: Array        # [] int32 number of tokens written to the append buffer
+  k: Array  # [L, B, K, C, H] compressed prompt keys (after RoPE)
+  v: Array  # [L, B, K, C, H]
+  positions: Array  # [L, B, K, C] int32 original prompt position of each slot, -1 where empty
+  modality: Array  # [L, B, K, C] int32 modality id per slot (0 where empty)
+  append_k: Array  # [L, B, K, M, H] generated tokens' keys
+  append_v: Array  # [L, B, K, M, H]
+  lengths: Array  # [B] int32 prompt length per row (RoPE of new tokens continues from here)
+  index: Array  # [] int32 number of tokens written to the append buffer
 
   @property
   def valid(self) -> Array:  # [L, B, K, C]
@@ -48,20 +48,36 @@ class KVCache:
     return per_slot * (kept + l * b * kh * int(self.index))
 
 
-def from_prefix(k_LBKCH: Array, v_LBKCH: Array, positions_LBKC: Array, modality_LBKC: Array,
-                lengths_B: Array, append_capacity: int) -> KVCache:
+def from_prefix(
+  k_LBKCH: Array,
+  v_LBKCH: Array,
+  positions_LBKC: Array,
+  modality_LBKC: Array,
+  lengths_B: Array,
+  append_capacity: int,
+) -> KVCache:
   """Builds a decode cache from a (compressed) prefix and an empty append buffer of M slots."""
   l, b, kh, _, h = k_LBKCH.shape
   empty = jnp.zeros((l, b, kh, append_capacity, h), k_LBKCH.dtype)
-  return KVCache(k=k_LBKCH, v=v_LBKCH, positions=positions_LBKC.astype(jnp.int32),
-                 modality=modality_LBKC.astype(jnp.int32), append_k=empty, append_v=empty,
-                 lengths=lengths_B.astype(jnp.int32), index=jnp.zeros((), jnp.int32))
+  return KVCache(
+    k=k_LBKCH,
+    v=v_LBKCH,
+    positions=positions_LBKC.astype(jnp.int32),
+    modality=modality_LBKC.astype(jnp.int32),
+    append_k=empty,
+    append_v=empty,
+    lengths=lengths_B.astype(jnp.int32),
+    index=jnp.zeros((), jnp.int32),
+  )
 
 
 def write_append(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCache:
   """Writes one token's K/V for ``layer`` at the current append index (index is not advanced)."""
   at = (layer, 0, 0, cache.index, 0)
-  k = jax.lax.dynamic_update_slice(cache.append_k, k_BKH[None, :, :, None].astype(cache.append_k.dtype), at)
-  v = jax.lax.dynamic_update_slice(cache.append_v, v_BKH[None, :, :, None].astype(cache.append_v.dtype), at)
+  k = jax.lax.dynamic_update_slice(
+    cache.append_k, k_BKH[None, :, :, None].astype(cache.append_k.dtype), at
+  )
+  v = jax.lax.dynamic_update_slice(
+    cache.append_v, v_BKH[None, :, :, None].astype(cache.append_v.dtype), at
+  )
   return cache.replace(append_k=k, append_v=v)
-

@@ -30,7 +30,6 @@ def prefill_attention(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, key_valid_BT:
   return einops.rearrange(o_BKGTH, "B K G T H -> B T (K G) H")
 
 
-
 def _partial(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, valid_BKS: Array):
   """Unnormalised attention over one block: (output sum, row max, exp-sum)."""
   scale = q_BKGH.shape[-1] ** -0.5
@@ -42,8 +41,15 @@ def _partial(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, valid_BKS: Array):
   return o_BKGH, m_BKG, jnp.sum(p_BKGS, axis=-1)
 
 
-def decode_attention(q_BNH: Array, prefix_k_BKCH: Array, prefix_v_BKCH: Array, prefix_valid_BKC: Array,
-                     append_k_BKMH: Array, append_v_BKMH: Array, append_valid_BKM: Array) -> Array:
+def decode_attention(
+  q_BNH: Array,
+  prefix_k_BKCH: Array,
+  prefix_v_BKCH: Array,
+  prefix_valid_BKC: Array,
+  append_k_BKMH: Array,
+  append_v_BKMH: Array,
+  append_valid_BKM: Array,
+) -> Array:
   """One query token over the compressed prefix and the append buffer. Returns ``[B, N, H]``."""
   q_BKGH = einops.rearrange(q_BNH, "B (K G) H -> B K G H", K=prefix_k_BKCH.shape[1])
   o1, m1, l1 = _partial(q_BKGH, prefix_k_BKCH, prefix_v_BKCH, prefix_valid_BKC)

@@ -22,7 +22,8 @@ class RopeConfig:
   def __post_init__(self):
     if self.rope_type not in SUPPORTED_ROPE_TYPES:
       raise ValueError(
-          f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+      )
     if self.theta <= 0 or self.factor <= 0:
       raise ValueError(f"rope theta and factor must be positive, got {self.theta}, {self.factor}")
 
@@ -32,17 +33,17 @@ class DecoderConfig:
   """A Llama-family text decoder (Llama, Vicuna, Qwen2)."""
 
   vocab_size: int
-  hidden_size: int           # D
-  intermediate_size: int     # F
-  num_layers: int            # L
-  num_heads: int             # N
-  num_kv_heads: int          # K
-  head_dim: int              # H
+  hidden_size: int  # D
+  intermediate_size: int  # F
+  num_layers: int  # L
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
   rms_norm_eps: float = 1e-6
   rope: RopeConfig = RopeConfig()
   tie_word_embeddings: bool = False
-  qkv_bias: bool = False     # Qwen2; Llama with attention_bias
-  o_bias: bool = False       # Llama with attention_bias
+  qkv_bias: bool = False  # Qwen2; Llama with attention_bias
+  o_bias: bool = False  # Llama with attention_bias
   max_position_embeddings: int = 4096
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -51,7 +52,9 @@ class DecoderConfig:
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+      raise ValueError(
+        f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+      )
 
   @property
   def num_groups(self) -> int:  # G
@@ -67,7 +70,9 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
   rope_type = params.get("rope_type", params.get("type", "default"))
   fields = {f.name for f in dataclasses.fields(RopeConfig)}
   kw = {k: v for k, v in params.items() if k in fields}
-  return RopeConfig(**{**kw, "theta": float(params.get("rope_theta", 10000.0)), "rope_type": rope_type})
+  return RopeConfig(
+    **{**kw, "theta": float(params.get("rope_theta", 10000.0)), "rope_type": rope_type}
+  )
 
 
 def as_int_tuple(x) -> tuple[int, ...]:
@@ -88,28 +93,37 @@ def decoder_config_from_hf(cfg: dict[str, Any], architecture: str) -> DecoderCon
   is_qwen2 = architecture.startswith("Qwen2")
   attention_bias = bool(cfg.get("attention_bias", False))
   return DecoderConfig(
-      vocab_size=int(cfg["vocab_size"]),
-      hidden_size=int(cfg["hidden_size"]),
-      intermediate_size=int(cfg["intermediate_size"]),
-      num_layers=int(cfg["num_hidden_layers"]),
-      num_heads=n_heads,
-      num_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-      head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads),
-      rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-      rope=_rope_from_hf(cfg),
-      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-      qkv_bias=is_qwen2 or attention_bias,
-      o_bias=attention_bias and not is_qwen2,
-      max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-      bos_token_id=cfg.get("bos_token_id"),
-      eos_token_ids=as_int_tuple(cfg.get("eos_token_id")),
-      pad_token_id=cfg.get("pad_token_id"),
-      architecture=architecture,
+    vocab_size=int(cfg["vocab_size"]),
+    hidden_size=int(cfg["hidden_size"]),
+    intermediate_size=int(cfg["intermediate_size"]),
+    num_layers=int(cfg["num_hidden_layers"]),
+    num_heads=n_heads,
+    num_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+    head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads),
+    rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+    rope=_rope_from_hf(cfg),
+    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    qkv_bias=is_qwen2 or attention_bias,
+    o_bias=attention_bias and not is_qwen2,
+    max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+    bos_token_id=cfg.get("bos_token_id"),
+    eos_token_ids=as_int_tuple(cfg.get("eos_token_id")),
+    pad_token_id=cfg.get("pad_token_id"),
+    architecture=architecture,
   )
 
 
 def tiny_decoder(**overrides) -> DecoderConfig:
   """A small random-init preset for the demo and smoke tests."""
-  base = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
-              num_kv_heads=2, head_dim=32, eos_token_ids=(2,), bos_token_id=1)
+  base = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=688,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=32,
+    eos_token_ids=(2,),
+    bos_token_id=1,
+  )
   return DecoderConfig(**{**base, **overrides})

@@ -35,8 +35,10 @@ def read_config(model_dir: str | Path) -> tuple[dict, str]:
   archs = cfg.get("architectures") or []
   arch = archs[0] if archs else None
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(f"unsupported architecture {arch!r} in {path}; supported: "
-                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    raise ValueError(
+      f"unsupported architecture {arch!r} in {path}; supported: "
+      f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
   return cfg, arch
 
 
@@ -47,27 +49,39 @@ def decoder_key_table(cfg: DecoderConfig, prefix: str = "model.") -> dict[str, E
   same = lambda x: x
   t = lambda x: x.T
   table: dict[str, Entry] = {
-      f"{prefix}embed_tokens.weight": (("embedding",), (v, d), same),
-      f"{prefix}norm.weight": (("norm", "scale"), (d,), same),
+    f"{prefix}embed_tokens.weight": (("embedding",), (v, d), same),
+    f"{prefix}norm.weight": (("norm", "scale"), (d,), same),
   }
   if not cfg.tie_word_embeddings:
     table["lm_head.weight"] = (("lm_head", "w"), (v, d), t)
   for i in range(cfg.num_layers):
     hf, ours = f"{prefix}layers.{i}.", f"layers_{i}"
-    table.update({
+    table.update(
+      {
         hf + "input_layernorm.weight": ((ours, "input_norm", "scale"), (d,), same),
         hf + "post_attention_layernorm.weight": ((ours, "post_norm", "scale"), (d,), same),
         hf + "mlp.gate_proj.weight": ((ours, "gate_proj", "w"), (f, d), t),
         hf + "mlp.up_proj.weight": ((ours, "up_proj", "w"), (f, d), t),
         hf + "mlp.down_proj.weight": ((ours, "down_proj", "w"), (d, f), t),
-        hf + "self_attn.o_proj.weight": ((ours, "o_proj", "w"), (d, n * h), lambda x: x.T.reshape(n, h, d)),
-    })
+        hf + "self_attn.o_proj.weight": (
+          (ours, "o_proj", "w"),
+          (d, n * h),
+          lambda x: x.T.reshape(n, h, d),
+        ),
+      }
+    )
     for name, heads in (("q_proj", n), ("k_proj", kh), ("v_proj", kh)):
       table[hf + f"self_attn.{name}.weight"] = (
-          (ours, name, "w"), (heads * h, d), lambda x, heads=heads: x.T.reshape(d, heads, h))
+        (ours, name, "w"),
+        (heads * h, d),
+        lambda x, heads=heads: x.T.reshape(d, heads, h),
+      )
       if cfg.qkv_bias:
         table[hf + f"self_attn.{name}.bias"] = (
-            (ours, name, "b"), (heads * h,), lambda x, heads=heads: x.reshape(heads, h))
+          (ours, name, "b"),
+          (heads * h,),
+          lambda x, heads=heads: x.reshape(heads, h),
+        )
     if cfg.o_bias:
       table[hf + "self_attn.o_proj.bias"] = ((ours, "o_proj", "b"), (d,), same)
   return table
@@ -89,8 +103,12 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
   return files
 
 
-def load_params(model_dir: str | Path, table: dict[str, Entry], dtype=jnp.float32,
-                ignore: Callable[[str], bool] = lambda key: False) -> dict:
+def load_params(
+  model_dir: str | Path,
+  table: dict[str, Entry],
+  dtype=jnp.float32,
+  ignore: Callable[[str], bool] = lambda key: False,
+) -> dict:
   """Reads every tensor of the checkpoint through ``table``; returns ``{"params": nested dict}``."""
   params: dict = {}
   seen: dict[str, Path] = {}
@@ -107,8 +125,9 @@ def load_params(model_dir: str | Path, table: dict[str, Entry], dtype=jnp.float3
         where, shape, transform = table[key]
         x = np.asarray(fh.get_tensor(key))
         if tuple(x.shape) != shape:
-          raise ValueError(f"tensor {key!r} in {path.name} has shape {tuple(x.shape)}, "
-                           f"expected {shape}")
+          raise ValueError(
+            f"tensor {key!r} in {path.name} has shape {tuple(x.shape)}, expected {shape}"
+          )
         node = params
         for name in where[:-1]:
           node = node.setdefault(name, {})

@@ -60,10 +60,18 @@ class Block(nn.Module):
     q_B1NH, k_B1KH, v_B1KH = self._qkv(x_B1D, cos_B1H, sin_B1H)
     cache = kv_cache.write_append(cache, layer, k_B1KH[:, 0], v_B1KH[:, 0])
     b, kh = cache.k.shape[1], cache.k.shape[2]
-    append_valid_BKM = jnp.broadcast_to(cache.append_valid(cache.index + 1), (b, kh, cache.append_k.shape[3]))
+    append_valid_BKM = jnp.broadcast_to(
+      cache.append_valid(cache.index + 1), (b, kh, cache.append_k.shape[3])
+    )
     o_BNH = attention.decode_attention(
-        q_B1NH[:, 0], cache.k[layer], cache.v[layer], cache.valid[layer],
-        cache.append_k[layer], cache.append_v[layer], append_valid_BKM)
+      q_B1NH[:, 0],
+      cache.k[layer],
+      cache.v[layer],
+      cache.valid[layer],
+      cache.append_k[layer],
+      cache.append_v[layer],
+      append_valid_BKM,
+    )
     return self._finish(x_B1D, o_BNH[:, None]), cache
 
 
@@ -75,8 +83,9 @@ class Decoder(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
-                                self.dtype)
+    self.embedding = self.param(
+      "embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), self.dtype
+    )
     self.layers = [Block(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
     if not c.tie_word_embeddings:

@@ -35,7 +35,7 @@ def _logits(params, ids_BT, positions_BT, valid_BT, *, cfg: DecoderConfig, dtype
 @dataclasses.dataclass
 class Model:
   config: DecoderConfig
-  params: Any = dataclasses.field(repr=False)   # {"params": nested dict of arrays}
+  params: Any = dataclasses.field(repr=False)  # {"params": nested dict of arrays}
   dtype_name: str = "float32"
   tokenizer: Any = dataclasses.field(default=None, repr=False)  # transformers tokenizer, if any
   path: str | None = None
@@ -52,8 +52,14 @@ class Model:
     if not np.issubdtype(ids_BT.dtype, np.integer):
       raise ValueError(f"input_ids must be integers, got {ids_BT.dtype}")
     if ids_BT.min() < 0 or ids_BT.max() >= self.config.vocab_size:
-      raise ValueError(f"input_ids outside [0, {self.config.vocab_size}): min {ids_BT.min()}, max {ids_BT.max()}")
-    mask_BT = np.ones(ids_BT.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+      raise ValueError(
+        f"input_ids outside [0, {self.config.vocab_size}): min {ids_BT.min()}, max {ids_BT.max()}"
+      )
+    mask_BT = (
+      np.ones(ids_BT.shape, bool)
+      if attention_mask is None
+      else np.asarray(attention_mask).astype(bool)
+    )
     if mask_BT.shape != ids_BT.shape:
       raise ValueError(f"attention_mask shape {mask_BT.shape} != input_ids shape {ids_BT.shape}")
     if position_ids is None:
@@ -61,25 +67,45 @@ class Model:
     pos_BT = np.asarray(position_ids)
     if pos_BT.shape != ids_BT.shape:
       raise ValueError(f"position_ids shape {pos_BT.shape} != input_ids shape {ids_BT.shape}")
-    out = _logits(self.params, ids_BT.astype(np.int32), pos_BT.astype(np.int32), mask_BT,
-                  cfg=self.config, dtype=self.dtype_name)
+    out = _logits(
+      self.params,
+      ids_BT.astype(np.int32),
+      pos_BT.astype(np.int32),
+      mask_BT,
+      cfg=self.config,
+      dtype=self.dtype_name,
+    )
     return np.asarray(out)
 
-  def prepare(self, prompts: Sequence[str] | None = None, input_ids=None, attention_mask=None,
-              chat_template: bool = True) -> inputs.Batch:
+  def prepare(
+    self,
+    prompts: Sequence[str] | None = None,
+    input_ids=None,
+    attention_mask=None,
+    chat_template: bool = True,
+  ) -> inputs.Batch:
     """A `Batch` from text prompts (tokenizer + chat template when the checkpoint has one) or ids."""
     if (prompts is None) == (input_ids is None):
       raise ValueError("give exactly one of prompts=... or input_ids=...")
     if input_ids is not None:
       return inputs.from_token_ids(input_ids, attention_mask, self.config.vocab_size)
     if self.tokenizer is None:
-      raise ValueError("this model has no tokenizer (none in its directory): pass input_ids instead")
+      raise ValueError(
+        "this model has no tokenizer (none in its directory): pass input_ids instead"
+      )
     if isinstance(prompts, str):
       prompts = [prompts]
     tok = self.tokenizer
     if chat_template and getattr(tok, "chat_template", None):
-      rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+      rows = [
+        tok.apply_chat_template(
+          [{"role": "user", "content": p}],
+          add_generation_prompt=True,
+          tokenize=True,
+          return_dict=True,
+        )["input_ids"]
+        for p in prompts
+      ]
     else:
       rows = [tok(p)["input_ids"] for p in prompts]
     return inputs.from_token_ids(rows, vocab_size=self.config.vocab_size)
@@ -89,9 +115,13 @@ class Model:
 
 
 def _load_tokenizer(model_dir: Path):
-  if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+  if not any(
+    (model_dir / f).is_file()
+    for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+  ):
     return None
   from transformers import AutoTokenizer
+
   return AutoTokenizer.from_pretrained(str(model_dir))
 
 

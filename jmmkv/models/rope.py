@@ -28,7 +28,9 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     high_wavelen = old_len / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+      rope.high_freq_factor - rope.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     inv_freq = np.where(medium, smoothed, scaled)
@@ -46,5 +48,8 @@ def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
   """Rotates ``x`` ``[B, T, N, H]`` (any head count) by the given angles; keeps x's dtype."""
   half = x_BTNH.shape[-1] // 2
   rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-  cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+  cos, sin = (
+    cos_BTH[:, :, None, :].astype(x_BTNH.dtype),
+    sin_BTH[:, :, None, :].astype(x_BTNH.dtype),
+  )
   return x_BTNH * cos + rotated * sin

@@ -13,15 +13,15 @@ from jmmkv.typing import Array
 
 
 class PromptKV(NamedTuple):
-  k: Array              # [L, B, K, T, H] prompt keys after RoPE (padded rows: slots >= length)
-  v: Array              # [L, B, K, T, H]
-  valid_BT: Array       # [B, T] bool, false on padding
-  modality_BT: Array    # [B, T] int32 modality id per token
-  lengths_B: Array      # [B] int32
+  k: Array  # [L, B, K, T, H] prompt keys after RoPE (padded rows: slots >= length)
+  v: Array  # [L, B, K, T, H]
+  valid_BT: Array  # [B, T] bool, false on padding
+  modality_BT: Array  # [B, T] int32 modality id per token
+  lengths_B: Array  # [B] int32
 
 
 class Prefix(NamedTuple):
-  k: Array              # [L, B, K, C, H] kept keys in ascending position order
-  v: Array              # [L, B, K, C, H]
-  positions: Array      # [L, B, K, C] original positions, -1 where empty
-  modality: Array       # [L, B, K, C]
+  k: Array  # [L, B, K, C, H] kept keys in ascending position order
+  v: Array  # [L, B, K, C, H]
+  positions: Array  # [L, B, K, C] original positions, -1 where empty
+  modality: Array  # [L, B, K, C]
