@@ -50,18 +50,14 @@ class _LoopState:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
 def prefill_step(
-  params, ids_BT, modality_BT, valid_BT, lengths_B, *, cfg: DecoderConfig, dtype: str
+  params, x_BTD, positions, valid_BT, modality_BT, lengths_B, *, cfg: DecoderConfig, dtype: str
 ):
-  """Prompt forward. Returns the last valid token's logits ``[B, V]`` and the prompt K/V."""
+  """Prompt forward from embeddings (``positions``: ``[B, T]`` or M-RoPE ``[3, B, T]``).
+
+  Returns the last valid token's logits ``[B, V]`` and the prompt K/V.
+  """
   dec = Decoder(cfg, jnp.dtype(dtype))
-  positions_BT = jnp.arange(ids_BT.shape[1])[None, :] * valid_BT
-  h_BTD, k, v = dec.apply(
-    params,
-    dec.apply(params, ids_BT, method=Decoder.embed),
-    positions_BT,
-    valid_BT,
-    method=Decoder.prefill,
-  )
+  h_BTD, k, v = dec.apply(params, x_BTD, positions, valid_BT, method=Decoder.prefill)
   h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
   logits_BV = dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
   return logits_BV, PromptKV(k, v, valid_BT, modality_BT, lengths_B)
@@ -78,6 +74,7 @@ def compress_step(
   valid_BT,
   modality_BT,
   lengths_B,
+  rope_start_B,
   *,
   policy,
   budget: Budget | None,
@@ -87,7 +84,7 @@ def compress_step(
   """Runs the policy on the prompt K/V (donated) and returns the decode cache (prefix + empty append)."""
   prompt = PromptKV(k, v, valid_BT, modality_BT, lengths_B)
   prefix = policy.compress(prompt, budget, capacity)
-  return kv_cache.from_prefix(*prefix, prompt.lengths_B, append_capacity)
+  return kv_cache.from_prefix(*prefix, prompt.lengths_B, rope_start_B, append_capacity)
 
 
 @functools.partial(
@@ -188,13 +185,13 @@ def generate(
   if not sampling.greedy and rng is None:
     raise ValueError("sampling with temperature > 0 needs an explicit rng=jax.random.key(seed)")
   rng = jax.random.key(0) if rng is None else rng
-  eos = model.config.eos_token_ids if eos_token_id is None else eos_token_id
+  eos = model.text_config.eos_token_ids if eos_token_id is None else eos_token_id
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
 
   padded, logits_BV, cache, prefill_s, compress_s = _prefill_and_compress(
     model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1)
   )
-  cfg, dtype, params = model.config, model.dtype_name, model.params
+  cfg, dtype, params = model.text_config, model.dtype_name, model.params["text"]
   (tokens_BM, cache, scores), decode_s = _timed(
     decode_loop,
     params,
@@ -226,19 +223,28 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
   policy = Full() if policy is None else policy
   padded = inputs.pad(batch, pad_id=0)
   capacity = policy.capacity(budget, padded.ids_BT.shape[1])
-  (logits_BV, prompt), prefill_s = _timed(
+  t0 = time.perf_counter()
+  x_BTD = model.embed(padded.ids_BT, padded.media)  # vision features spliced in
+  positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
+  # New tokens continue after the largest prompt position (M-RoPE ids can be < length - 1).
+  pos_BT = positions.max(axis=0) if positions.ndim == 3 else positions
+  rope_start_B = np.where(padded.valid_BT, pos_BT, -1).max(axis=1) + 1
+  (logits_BV, prompt), _ = _timed(
     prefill_step,
-    model.params,
-    padded.ids_BT,
-    padded.modality_BT,
+    model.params["text"],
+    x_BTD,
+    positions.astype(np.int32),
     padded.valid_BT,
+    padded.modality_BT,
     padded.lengths_B,
-    cfg=model.config,
+    cfg=model.text_config,
     dtype=model.dtype_name,
   )
+  prefill_s = time.perf_counter() - t0
   cache, compress_s = _timed(
     compress_step,
     *prompt,
+    rope_start_B.astype(np.int32),
     policy=policy,
     budget=budget,
     capacity=capacity,

@@ -1,9 +1,8 @@
-"""Host side: token rows -> a `Batch`, and right-padding into static prompt-length buckets."""
+"""Host side: token rows (+ vision inputs) -> a `Batch`; right-padding into prompt-length buckets."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 
@@ -13,22 +12,48 @@ DEFAULT_MIN_BUCKET = 32
 
 
 @dataclasses.dataclass(frozen=True)
+class Media:
+  """Vision inputs of a whole batch, in the order their placeholders appear (row by row), as the
+  HF processor returns them. Unused fields are None."""
+
+  pixel_values: np.ndarray | None = (
+    None  # LLaVA [N, C, H, W]; NeXT [N, tiles, C, H, W]; Qwen [P, X]
+  )
+  image_sizes: np.ndarray | None = None  # NeXT [N, 2] original (h, w)
+  image_grid_thw: np.ndarray | None = None  # Qwen [N, 3]
+  pixel_values_videos: np.ndarray | None = None  # Qwen [P, X]
+  video_grid_thw: np.ndarray | None = None  # Qwen [V, 3]
+  second_per_grid_ts: np.ndarray | None = None  # Qwen2.5-VL [V]
+
+
+@dataclasses.dataclass(frozen=True)
 class Batch:
-  """Prompts of a batch, unpadded: one int32 id row and one modality-id row per prompt."""
+  """Prompts of a batch, unpadded: per row the token ids, the modality id of each token (1 text,
+  2 image, 3 video) and the index within the row of the image / video it belongs to (-1: text)."""
 
   input_ids: tuple[np.ndarray, ...]
   modality: tuple[np.ndarray, ...]
+  media_index: tuple[np.ndarray, ...] | None = None
+  media: Media = Media()
 
   def __post_init__(self):
     if not self.input_ids:
       raise ValueError("a batch needs at least one prompt")
-    for i, (ids, mod) in enumerate(zip(self.input_ids, self.modality, strict=True)):
+    if self.media_index is None:
+      object.__setattr__(
+        self, "media_index", tuple(np.full(r.shape, -1, np.int32) for r in self.input_ids)
+      )
+    for i, (ids, mod, idx) in enumerate(
+      zip(self.input_ids, self.modality, self.media_index, strict=True)
+    ):
       if ids.ndim != 1 or len(ids) == 0:
         raise ValueError(
           f"prompt {i} must be a non-empty 1-D token sequence, got shape {ids.shape}"
         )
-      if mod.shape != ids.shape:
-        raise ValueError(f"prompt {i}: modality shape {mod.shape} != ids shape {ids.shape}")
+      if mod.shape != ids.shape or idx.shape != ids.shape:
+        raise ValueError(
+          f"prompt {i}: modality {mod.shape} / media_index {idx.shape} != ids {ids.shape}"
+        )
 
   @property
   def lengths(self) -> np.ndarray:  # [B]
@@ -43,14 +68,11 @@ class Padded:
   modality_BT: np.ndarray  # int32
   valid_BT: np.ndarray  # bool
   lengths_B: np.ndarray  # int32
+  media: Media = Media()
 
 
-def from_token_ids(
-  input_ids: Sequence[Sequence[int]] | np.ndarray,
-  attention_mask: np.ndarray | None = None,
-  vocab_size: int | None = None,
-) -> Batch:
-  """A text-only batch from id rows (lists of different lengths, or a padded array + mask)."""
+def token_rows(input_ids, attention_mask=None, vocab_size: int | None = None) -> list[np.ndarray]:
+  """Unpadded int32 id rows from lists of different lengths, or a padded array + mask."""
   if isinstance(input_ids, np.ndarray) and input_ids.ndim == 1:
     input_ids = input_ids[None]
   if attention_mask is not None:
@@ -67,6 +89,12 @@ def from_token_ids(
         raise ValueError(
           f"prompt {i} has token ids outside [0, {vocab_size}): min {r.min()}, max {r.max()}"
         )
+  return rows
+
+
+def from_token_ids(input_ids, attention_mask=None, vocab_size: int | None = None) -> Batch:
+  """A text-only batch from id rows (lists of different lengths, or a padded array + mask)."""
+  rows = token_rows(input_ids, attention_mask, vocab_size)
   return Batch(tuple(rows), tuple(np.full(r.shape, TEXT, np.int32) for r in rows))
 
 
@@ -87,4 +115,4 @@ def pad(batch: Batch, length: int | None = None, pad_id: int = 0) -> Padded:
   for i, (r, m) in enumerate(zip(batch.input_ids, batch.modality)):
     ids[i, : len(r)], modality[i, : len(r)] = r, m
   valid = np.arange(t)[None, :] < lengths[:, None]
-  return Padded(ids, modality, valid, lengths)
+  return Padded(ids, modality, valid, lengths, batch.media)

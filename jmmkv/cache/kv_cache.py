@@ -2,7 +2,7 @@
 
 Both are static-shape arrays stacked over layers. Prefix slots hold keys after RoPE with their
 original prompt position and modality id (-1 / 0 where empty); the append buffer has one write
-index shared by all rows (row b's m-th new token sits at position ``lengths[b] + m``).
+index shared by all rows (row b's m-th new token sits at RoPE position ``rope_start[b] + m``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class KVCache:
   modality: Array  # [L, B, K, C] int32 modality id per slot (0 where empty)
   append_k: Array  # [L, B, K, M, H] generated tokens' keys
   append_v: Array  # [L, B, K, M, H]
-  lengths: Array  # [B] int32 prompt length per row (RoPE of new tokens continues from here)
+  lengths: Array  # [B] int32 prompt length per row
+  rope_start: Array  # [B] int32 RoPE position of the first new token (= lengths; M-RoPE: max id + 1)
   index: Array  # [] int32 number of tokens written to the append buffer
 
   @property
@@ -54,6 +55,7 @@ def from_prefix(
   positions_LBKC: Array,
   modality_LBKC: Array,
   lengths_B: Array,
+  rope_start_B: Array,
   append_capacity: int,
 ) -> KVCache:
   """Builds a decode cache from a (compressed) prefix and an empty append buffer of M slots."""
@@ -67,6 +69,7 @@ def from_prefix(
     append_k=empty,
     append_v=empty,
     lengths=lengths_B.astype(jnp.int32),
+    rope_start=rope_start_B.astype(jnp.int32),
     index=jnp.zeros((), jnp.int32),
   )
 

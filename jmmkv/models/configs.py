@@ -49,6 +49,7 @@ class DecoderConfig:
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
   architecture: str = "LlamaForCausalLM"
+  mrope_section: tuple[int, ...] | None = None  # Qwen2-VL M-RoPE frequency groups (t, h, w)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -110,7 +111,14 @@ def decoder_config_from_hf(cfg: dict[str, Any], architecture: str) -> DecoderCon
     eos_token_ids=as_int_tuple(cfg.get("eos_token_id")),
     pad_token_id=cfg.get("pad_token_id"),
     architecture=architecture,
+    mrope_section=_mrope_section(cfg),
   )
+
+
+def _mrope_section(cfg: dict[str, Any]) -> tuple[int, ...] | None:
+  params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+  section = params.get("mrope_section")
+  return tuple(int(x) for x in section) if section else None
 
 
 def tiny_decoder(**overrides) -> DecoderConfig:

@@ -19,7 +19,13 @@ from safetensors import safe_open
 from jmmkv.models.configs import DecoderConfig, as_int_tuple, decoder_config_from_hf
 
 DECODER_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_ARCHITECTURES = DECODER_ARCHITECTURES
+MULTIMODAL_ARCHITECTURES = (
+  "LlavaForConditionalGeneration",
+  "LlavaNextForConditionalGeneration",
+  "Qwen2VLForConditionalGeneration",
+  "Qwen2_5_VLForConditionalGeneration",
+)
+SUPPORTED_ARCHITECTURES = DECODER_ARCHITECTURES + MULTIMODAL_ARCHITECTURES
 # Buffers that some checkpoints carry and that are recomputed from the config.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -42,7 +48,9 @@ def read_config(model_dir: str | Path) -> tuple[dict, str]:
   return cfg, arch
 
 
-def decoder_key_table(cfg: DecoderConfig, prefix: str = "model.") -> dict[str, Entry]:
+def decoder_key_table(
+  cfg: DecoderConfig, prefix: str = "model.", head_key: str = "lm_head.weight"
+) -> dict[str, Entry]:
   """HF key -> (param path, HF shape, transform to our layout)."""
   d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -53,7 +61,7 @@ def decoder_key_table(cfg: DecoderConfig, prefix: str = "model.") -> dict[str, E
     f"{prefix}norm.weight": (("norm", "scale"), (d,), same),
   }
   if not cfg.tie_word_embeddings:
-    table["lm_head.weight"] = (("lm_head", "w"), (v, d), t)
+    table[head_key] = (("lm_head", "w"), (v, d), t)
   for i in range(cfg.num_layers):
     hf, ours = f"{prefix}layers.{i}.", f"layers_{i}"
     table.update(
@@ -103,32 +111,38 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
   return files
 
 
-def load_params(
+def read_tensors(
   model_dir: str | Path,
   table: dict[str, Entry],
   dtype=jnp.float32,
   ignore: Callable[[str], bool] = lambda key: False,
+  rename: Callable[[str], str] = lambda key: key,
 ) -> dict:
-  """Reads every tensor of the checkpoint through ``table``; returns ``{"params": nested dict}``."""
-  params: dict = {}
+  """Reads every tensor of the checkpoint through ``table`` into a nested dict of arrays.
+
+  ``rename`` maps a checkpoint key to the table's spelling (checkpoints name the same tensor
+  differently across transformers versions); errors name the key as it is in the file.
+  """
+  tree: dict = {}
   seen: dict[str, Path] = {}
   for path in safetensors_files(model_dir):
     with safe_open(path, framework="flax") as fh:
-      for key in fh.keys():
+      for raw in fh.keys():
+        key = rename(raw)
         if key not in table:
           if _IGNORED.match(key) or ignore(key):
             continue
-          raise ValueError(f"unexpected tensor {key!r} in {path.name} ({path}): no such parameter")
+          raise ValueError(f"unexpected tensor {raw!r} in {path.name} ({path}): no such parameter")
         if key in seen:
-          raise ValueError(f"tensor {key!r} appears in both {seen[key].name} and {path.name}")
+          raise ValueError(f"tensor {raw!r} appears in both {seen[key].name} and {path.name}")
         seen[key] = path
         where, shape, transform = table[key]
-        x = np.asarray(fh.get_tensor(key))
+        x = np.asarray(fh.get_tensor(raw))
         if tuple(x.shape) != shape:
           raise ValueError(
-            f"tensor {key!r} in {path.name} has shape {tuple(x.shape)}, expected {shape}"
+            f"tensor {raw!r} in {path.name} has shape {tuple(x.shape)}, expected {shape}"
           )
-        node = params
+        node = tree
         for name in where[:-1]:
           node = node.setdefault(name, {})
         node[where[-1]] = jnp.asarray(transform(x), dtype=dtype)
@@ -136,7 +150,29 @@ def load_params(
   if missing:
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     raise ValueError(f"missing tensors in {model_dir}: {shown}")
-  return {"params": params}
+  return tree
+
+
+def load_params(model_dir, table: dict[str, Entry], dtype=jnp.float32, ignore=lambda key: False):
+  """`read_tensors` wrapped as linen variables: ``{"params": nested dict}``."""
+  return {"params": read_tensors(model_dir, table, dtype, ignore)}
+
+
+def nest(table: dict[str, Entry], root: tuple[str, ...]) -> dict[str, Entry]:
+  """The same table with every param path under ``root``."""
+  return {k: (root + where, shape, fn) for k, (where, shape, fn) in table.items()}
+
+
+def prefix_renamer(rules: tuple[tuple[str, str], ...]) -> Callable[[str], str]:
+  """Renames a key by the first matching (old prefix, new prefix) rule."""
+
+  def rename(key: str) -> str:
+    for old, new in rules:
+      if key.startswith(old):
+        return new + key[len(old) :]
+    return key
+
+  return rename
 
 
 def generation_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
@@ -146,15 +182,3 @@ def generation_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
     return ()
   eos = json.loads(path.read_text()).get("eos_token_id")
   return as_int_tuple(eos)
-
-
-def load_decoder(model_dir: str | Path, dtype=jnp.float32) -> tuple[DecoderConfig, dict]:
-  """Config and params of an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` directory."""
-  hf_cfg, arch = read_config(model_dir)
-  cfg = decoder_config_from_hf(hf_cfg, arch)
-  eos = generation_eos_ids(model_dir)
-  if eos:
-    cfg = dataclasses.replace(cfg, eos_token_ids=eos)
-  # A tied checkpoint may still carry lm_head.weight; like transformers, the embedding wins.
-  tied_head = (lambda k: k == "lm_head.weight") if cfg.tie_word_embeddings else (lambda k: False)
-  return cfg, load_params(model_dir, decoder_key_table(cfg), dtype, ignore=tied_head)

@@ -5,9 +5,25 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jmmkv.typing import Array, DType
+
+# HF ``hidden_act`` names -> functions (exact-erf "gelu", tanh approximations, CLIP's quick_gelu).
+ACTIVATIONS = {
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "silu": jax.nn.silu,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
 
 
 class Einsum(nn.Module):

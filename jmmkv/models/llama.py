@@ -104,12 +104,16 @@ class Decoder(nn.Module):
       return jnp.einsum("BTD,VD->BTV", h_BTD, self.embedding, preferred_element_type=jnp.float32)
     return self.lm_head("BTD,DV->BTV", h_BTD).astype(jnp.float32)
 
-  def _cos_sin(self, positions_BT):
-    return rope.cos_sin(positions_BT, rope.inv_frequencies(self.cfg.rope, self.cfg.head_dim))
+  def _cos_sin(self, positions):
+    inv_freq = rope.inv_frequencies(self.cfg.rope, self.cfg.head_dim)
+    return rope.cos_sin(positions, inv_freq, self.cfg.mrope_section)
 
-  def prefill(self, x_BTD: Array, positions_BT: Array, key_valid_BT: Array):
-    """Prompt forward. Returns final-normed hidden ``[B, T, D]`` and K/V ``[L, B, K, T, H]``."""
-    cos_BTH, sin_BTH = self._cos_sin(positions_BT)
+  def prefill(self, x_BTD: Array, positions: Array, key_valid_BT: Array):
+    """Prompt forward from embeddings. ``positions``: ``[B, T]``, or ``[3, B, T]`` M-RoPE ids.
+
+    Returns final-normed hidden ``[B, T, D]`` and K/V ``[L, B, K, T, H]``.
+    """
+    cos_BTH, sin_BTH = self._cos_sin(positions)
     ks, vs = [], []
     for block in self.layers:
       x_BTD, k_BKTH, v_BKTH = block.prefill(x_BTD, cos_BTH, sin_BTH, key_valid_BT)
@@ -119,7 +123,7 @@ class Decoder(nn.Module):
 
   def decode(self, x_B1D: Array, cache: kv_cache.KVCache):
     """One new token per row at position ``lengths + index``. Returns logits ``[B, V]`` and the cache."""
-    positions_B1 = (cache.lengths + cache.index)[:, None]
+    positions_B1 = (cache.rope_start + cache.index)[:, None]
     cos_B1H, sin_B1H = self._cos_sin(positions_B1)
     for layer, block in enumerate(self.layers):
       x_B1D, cache = block.decode(x_B1D, cos_B1H, sin_B1H, cache, layer)

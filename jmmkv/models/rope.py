@@ -37,9 +37,27 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def cos_sin(positions_BT: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
-  """cos, sin ``[B, T, H]`` in float32 for integer positions ``[B, T]``."""
-  freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+def cos_sin(positions: Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] | None = None):
+  """cos, sin ``[B, T, H]`` in float32 for integer positions ``[B, T]`` or M-RoPE ids ``[3, B, T]``.
+
+  With M-RoPE (Qwen2-VL), frequency j uses the temporal, height or width position according to
+  ``mrope_section`` (sizes of the three frequency groups, summing to H / 2). ``[B, T]`` positions
+  mean the same position on all three axes (text tokens, and every decoded token).
+  """
+  inv_freq = jnp.asarray(inv_freq)
+  if positions.ndim == 3:
+    if mrope_section is None or sum(mrope_section) != inv_freq.shape[0]:
+      raise ValueError(
+        f"[3, B, T] positions need mrope_section summing to {inv_freq.shape[0]}, "
+        f"got {mrope_section}"
+      )
+    axis_h = np.repeat(
+      np.arange(len(mrope_section)), mrope_section
+    )  # which axis each frequency reads
+    pos_hBT = positions.astype(jnp.float32)[axis_h]
+    freqs_BTh = jnp.einsum("hBT,h->BTh", pos_hBT, inv_freq)
+  else:
+    freqs_BTh = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
   return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
 
