@@ -226,9 +226,10 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
   t0 = time.perf_counter()
   x_BTD = model.embed(padded.ids_BT, padded.media)  # vision features spliced in
   positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
-  # New tokens continue after the largest prompt position (M-RoPE ids can be < length - 1).
-  pos_BT = positions.max(axis=0) if positions.ndim == 3 else positions
-  rope_start_B = np.where(padded.valid_BT, pos_BT, -1).max(axis=1) + 1
+  # New tokens continue from the last prompt token's position + 1, on each M-RoPE axis (as
+  # transformers' generate; with M-RoPE this can be below the prompt length).
+  rows, last = np.arange(len(padded.lengths_B)), padded.lengths_B - 1
+  rope_start_B = positions[..., rows, last] + 1  # [B], or [3, B] with M-RoPE
   (logits_BV, prompt), _ = _timed(
     prefill_step,
     model.params["text"],

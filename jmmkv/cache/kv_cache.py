@@ -24,7 +24,7 @@ class KVCache:
   append_k: Array  # [L, B, K, M, H] generated tokens' keys
   append_v: Array  # [L, B, K, M, H]
   lengths: Array  # [B] int32 prompt length per row
-  rope_start: Array  # [B] int32 RoPE position of the first new token (= lengths; M-RoPE: max id + 1)
+  rope_start: Array  # [B] (or [3, B] for M-RoPE) int32 RoPE position of the first new token
   index: Array  # [] int32 number of tokens written to the append buffer
 
   @property

@@ -16,10 +16,15 @@ import jax.numpy as jnp
 from jmmkv.models import clip, convert, llava, qwen2_vl, qwen_vision
 from jmmkv.models.configs import DecoderConfig, decoder_config_from_hf
 
+# First match wins. The CLIP tower appears as `vision_tower.vision_model.` (hub checkpoints) or
+# `vision_tower.` (transformers 5 saving a model built from a config).
 _LLAVA_RENAMES = (
   ("model.language_model.", "language_model.model."),
   ("lm_head.", "language_model.lm_head."),
-  ("model.vision_tower.", "vision_tower."),
+  ("vision_tower.vision_model.", "vision_tower.vision_model."),
+  ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+  ("model.vision_tower.", "vision_tower.vision_model."),
+  ("vision_tower.", "vision_tower.vision_model."),
   ("model.multi_modal_projector.", "multi_modal_projector."),
   ("model.image_newline", "image_newline"),
 )

@@ -27,7 +27,7 @@ MULTIMODAL_ARCHITECTURES = (
 )
 SUPPORTED_ARCHITECTURES = DECODER_ARCHITECTURES + MULTIMODAL_ARCHITECTURES
 # Buffers that some checkpoints carry and that are recomputed from the config.
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|embeddings\.position_ids)$")
 
 Entry = tuple[tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
 

@@ -123,7 +123,7 @@ class Decoder(nn.Module):
 
   def decode(self, x_B1D: Array, cache: kv_cache.KVCache):
     """One new token per row at position ``lengths + index``. Returns logits ``[B, V]`` and the cache."""
-    positions_B1 = (cache.rope_start + cache.index)[:, None]
+    positions_B1 = (cache.rope_start + cache.index)[..., None]  # [B, 1] or M-RoPE [3, B, 1]
     cos_B1H, sin_B1H = self._cos_sin(positions_B1)
     for layer, block in enumerate(self.layers):
       x_B1D, cache = block.decode(x_B1D, cos_B1H, sin_B1H, cache, layer)

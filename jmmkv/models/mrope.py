@@ -66,9 +66,9 @@ def _time_interval(tokens_per_second, seconds):
       tokens_per_second, (int, np.integer)
     ):
       return np.int64(tokens_per_second) * np.int64(seconds)
-    return np.float64(tokens_per_second) * np.float64(seconds)
+    return np.float32(tokens_per_second) * np.float32(seconds)
   value = tokens_per_second * seconds
-  return np.int64(value) if isinstance(value, (int, np.integer)) else np.float64(value)
+  return np.int64(value) if isinstance(value, (int, np.integer)) else np.float32(value)
 
 
 def vision_positions(start: int, grid_thw, spatial_merge_size: int, time_interval=1) -> np.ndarray:
