@@ -33,7 +33,9 @@ def _demo(args) -> int:
   model = jmmkv.random_model(tiny_decoder(**overrides), seed=args.seed, dtype=args.dtype)
   rng = np.random.default_rng(args.seed)
   lengths = [max(1, args.prompt_len - 7 * i) for i in range(args.batch)]
-  batch = model.prepare(input_ids=[rng.integers(3, model.text_config.vocab_size, n) for n in lengths])
+  batch = model.prepare(
+    input_ids=[rng.integers(3, model.text_config.vocab_size, n) for n in lengths]
+  )
   policy = jmmkv.policies.get(args.policy)
   print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {args.dtype}")
   print(

@@ -16,15 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.models.convert import Entry
-from jmmkv.models.layers import Einsum
+from jmmkv.models.layers import ACTIVATIONS, Einsum
 from jmmkv.typing import Array, DType
-
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
 
 
 def _square(value, name: str) -> int:
@@ -55,9 +48,9 @@ class ClipVisionConfig:
       raise ValueError(
         f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}"
       )
-    if self.hidden_act not in _ACTIVATIONS:
+    if self.hidden_act not in ACTIVATIONS:
       raise ValueError(
-        f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: {', '.join(_ACTIVATIONS)}"
+        f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}"
       )
     if not 0 < self.patch_size <= self.image_size:
       raise ValueError(f"patch_size={self.patch_size} must be in (0, image_size={self.image_size}]")
@@ -151,7 +144,7 @@ class EncoderLayer(nn.Module):
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(self.dtype)
     o_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
     x_BTD = x_BTD + self.out_proj("BTNH,NHD->BTD", o_BTNH)
-    h_BTF = _ACTIVATIONS[self.cfg.hidden_act](self.fc1("BTD,DF->BTF", self.norm2(x_BTD)))
+    h_BTF = ACTIVATIONS[self.cfg.hidden_act](self.fc1("BTD,DF->BTF", self.norm2(x_BTD)))
     return x_BTD + self.fc2("BTF,FD->BTD", h_BTF)
 
 

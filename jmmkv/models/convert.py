@@ -6,7 +6,6 @@ the file, the key and the shapes involved.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jmmkv.models.configs import DecoderConfig, as_int_tuple, decoder_config_from_hf
+from jmmkv.models.configs import DecoderConfig, as_int_tuple
 
 DECODER_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 MULTIMODAL_ARCHITECTURES = (

@@ -17,6 +17,7 @@ ACTIVATIONS = {
   "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
   "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
 }
 
 

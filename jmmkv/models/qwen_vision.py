@@ -13,7 +13,6 @@ X flattened pixels of one patch (C * tp * p * p), T merged tokens (P / merge**2)
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,18 +22,10 @@ import numpy as np
 
 from jmmkv.models import qwen_vision_layout as vl
 from jmmkv.models.convert import Entry
-from jmmkv.models.layers import Einsum, RMSNorm
+from jmmkv.models.layers import activation, Einsum, RMSNorm
 from jmmkv.typing import Array, DType
 
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
-_ACTIVATIONS = {
-  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-  "silu": jax.nn.silu,
-  "swish": jax.nn.silu,
-  "gelu": functools.partial(jax.nn.gelu, approximate=False),
-  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-  "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +51,7 @@ class QwenVisionConfig:
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"unsupported vision hidden_act {self.hidden_act!r}")
+    activation(self.hidden_act)  # raises on an unknown name
     if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
       raise ValueError(f"embed_dim={self.embed_dim} / num_heads={self.num_heads} must be 4k")
     if self.variant == "qwen2_5_vl" and not self.window_size:
@@ -177,7 +167,7 @@ class VisionBlock(nn.Module):
     x_PD = x_PD + Einsum((n, h, d), (d,), dt, name="proj")("PNH,NHD->PD", o_PNH)
 
     h_PD = _norm(c, dt, "norm2")(x_PD)
-    act = _ACTIVATIONS[c.hidden_act]
+    act = activation(c.hidden_act)
     if c.variant == "qwen2_vl":
       a_PF = act(Einsum((d, f), (f,), dt, name="fc1")("PD,DF->PF", h_PD))
       return x_PD + Einsum((f, d), (d,), dt, name="fc2")("PF,FD->PD", a_PF)

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from hf_models import TEXT
+import jmmkv
 from jmmkv.models import clip, convert
 
 VISION = {  # tiny HF vision_config kwargs
@@ -277,11 +278,17 @@ def test_hub_layout_with_position_ids_buffer(tiny, tmp_path):
     assert _max_diff(w, r) == 0.0  # transformers maps the hub names onto the same tower
 
   table = clip.key_table(t.cfg, prefix)
-  with pytest.raises(ValueError, match="position_ids"):
-    convert.load_params(path, table, ignore=lambda k: not k.startswith(prefix))
-  params = convert.load_params(path, table, ignore=clip.ignore_outside(prefix))
+  # The non-persistent position_ids buffer is skipped by the loader itself (like inv_freq).
+  params = convert.load_params(path, table, ignore=lambda k: not k.startswith(prefix))
   for g, w in zip(_ours(t.cfg, params, pix), want):
     assert _max_diff(g, w) <= 1e-4
+  # ... and the whole hub-layout LLaVA loads through jmmkv.load with the same features.
+  model = jmmkv.load(path)
+  got = model.image_features(pix)
+  with torch.no_grad():
+    ref = t.model.model.get_image_features(pixel_values=torch.from_numpy(pix)).pooler_output
+  for g, w in zip(got, ref):
+    assert _max_diff(g, w.numpy()) <= 1e-4
 
 
 def test_wrong_image_size_raises(tiny):
