@@ -340,8 +340,9 @@ def load(path: str | Path, dtype="float32") -> Model:
   name = dtype_name(dtype)
   cfg, params = load_checkpoint(path, jnp.dtype(name))
   tokenizer = _load_tokenizer(path)
+  multimodal = not isinstance(cfg, DecoderConfig)
   processor = (
-    load_processor(path) if tokenizer is not None and not isinstance(cfg, DecoderConfig) else None
+    load_processor(path, cfg.architecture) if tokenizer is not None and multimodal else None
   )
   return Model(cfg, params, name, tokenizer, str(path), processor)
 

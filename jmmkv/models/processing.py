@@ -24,16 +24,46 @@ _ARRAYS = (
 )
 
 
-def load_processor(model_dir: Path):
-  """The checkpoint's HF processor with PIL image processing (no torchvision), or None."""
-  if (
-    not (Path(model_dir) / "preprocessor_config.json").is_file()
-    and not (Path(model_dir) / "processor_config.json").is_file()
+def load_processor(model_dir: Path, architecture: str):
+  """The checkpoint's HF processor with PIL image processing (no torchvision), or None.
+
+  Qwen2-VL's processor also builds a video processor, which exists only with torchvision; when
+  that fails the processor is built for images only (videos then go in as processor arrays).
+  """
+  model_dir = Path(model_dir)
+  if not any(
+    (model_dir / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")
   ):
     return None
-  from transformers import AutoProcessor
+  import transformers
 
-  return AutoProcessor.from_pretrained(str(model_dir), backend="pil")
+  try:
+    return transformers.AutoProcessor.from_pretrained(str(model_dir), backend="pil")
+  except ImportError:
+    if architecture not in _QWEN_PROCESSORS:
+      raise
+  cls = getattr(transformers, _QWEN_PROCESSORS[architecture])
+  image_processor = transformers.AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+  return _images_only(cls)(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _images_only(cls):
+  """``cls`` without a video processor: transformers takes a processor's parts from the
+  ``__init__`` signature, so a subclass that does not name one needs none."""
+
+  class ImagesOnly(cls):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+      super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+  ImagesOnly.__name__ = cls.__name__
+  return ImagesOnly
+
+
+_QWEN_PROCESSORS = {
+  "Qwen2VLForConditionalGeneration": "Qwen2VLProcessor",
+  "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLProcessor",
+}
 
 
 def _placeholders(model) -> tuple[str, str]:
@@ -73,6 +103,11 @@ def prompts_to_arrays(model, prompts: list[str], images, videos, chat_template: 
   if (flat_images or flat_videos) and not multimodal:
     raise ValueError(
       "this model has no image processor (no preprocessor_config.json): it takes no images"
+    )
+  if flat_videos and getattr(model.processor, "video_processor", None) is None:
+    raise ValueError(
+      "this processor cannot read videos (transformers' video processors need torchvision): pass "
+      "pixel_values_videos and video_grid_thw to prepare(input_ids=...) instead"
     )
   if multimodal:
     image_text, video_text = _placeholders(model)
