@@ -38,6 +38,8 @@ from mm_models import (
   IMAGE_ID,
   PINPOINTS,
   QWEN,
+  QWEN_PATCH,
+  QWEN_TEMPORAL,
   VIDEO_ID,
   VISION_END_ID,
   VISION_START_ID,
@@ -246,9 +248,53 @@ def test_placeholder_count_mismatch(family, setups):
     model.prepare(prompts=prompts[1:], images=[images[1] * 2])
 
 
+def _video_reference(frames, mean, std, tp=QWEN_TEMPORAL, p=QWEN_PATCH, m=2):
+  """Normalised frames in transformers' Qwen2-VL video-processor patch layout (numpy)."""
+  x = np.stack([np.asarray(f, np.float32).transpose(2, 0, 1) / 255.0 for f in frames])
+  x = (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+  x = np.concatenate([x, np.repeat(x[-1:], -len(x) % tp, axis=0)])
+  n, c, h, w = x.shape
+  gt, gh, gw = n // tp, h // p, w // p
+  x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+  return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+
 @pytest.mark.parametrize("family", QWEN)
-def test_videos_through_the_processor_give_a_clear_error(family, setups):
-  _, _, model = setups(family)
-  frames = [Image.fromarray(np.full((28, 28, 3), 9, np.uint8))] * 4
-  with pytest.raises(ValueError, match="pixel_values_videos"):
-    model.prepare(prompts=["<video> w3"], videos=[[frames]])
+@pytest.mark.parametrize("num_frames", [3, 4])
+def test_video_frames_through_prepare(family, num_frames, setups):
+  """No torchvision here, so frames go through the PIL image processor; the result must be the
+  video processor's layout, and generation must equal HF's on the same arrays."""
+  import jmmkv
+
+  hf, proc, model = setups(family)
+  rng = np.random.default_rng(num_frames)
+  frames = [
+    Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)) for _ in range(num_frames)
+  ]
+  ip = proc.image_processor
+  want_pix, grid = _video_reference(frames, ip.image_mean, ip.image_std)
+  batch = model.prepare(
+    prompts=["w3 <video> w5 w6"], videos=[[frames]], fps=4.0, chat_template=False
+  )
+  np.testing.assert_allclose(batch.media.pixel_values_videos, want_pix, rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(batch.media.video_grid_thw, [grid])
+  n = grid[0] * grid[1] * grid[2] // 4
+  ids = batch.input_ids[0]
+  assert (ids == VIDEO_ID).sum() == n
+  start = int(np.flatnonzero(ids == VISION_START_ID)[0])
+  assert list(ids[start : start + n + 2]) == [VISION_START_ID] + [VIDEO_ID] * n + [VISION_END_ID]
+  np.testing.assert_array_equal(batch.modality[0], np.where(ids == VIDEO_ID, 3, 1))
+  if family == "qwen2_5_vl":
+    np.testing.assert_allclose(batch.media.second_per_grid_ts, [QWEN_TEMPORAL / 4.0])
+  else:
+    assert batch.media.second_per_grid_ts is None
+  arrays = {"pixel_values_videos": want_pix, "video_grid_thw": np.array([grid])}
+  if family == "qwen2_5_vl":
+    arrays["second_per_grid_ts"] = np.array([QWEN_TEMPORAL / 4.0])
+  row = ids[None].astype(np.int64)
+  tokens, margins = hf_mm_greedy_generate(
+    hf, row, np.ones_like(row), MAX_NEW, mm_token_type_ids=mm_token_type_ids(row), **arrays
+  )
+  assert min(min(m) for m in margins) > 1e-4
+  out = jmmkv.generate(model, batch, max_new_tokens=MAX_NEW, eos_token_id=[])
+  assert out.tokens == tokens

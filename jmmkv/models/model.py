@@ -273,12 +273,14 @@ class Model:
     video_grid_thw=None,
     mm_token_type_ids=None,
     second_per_grid_ts=None,
+    fps: float = 2.0,
   ) -> inputs.Batch:
     """A `Batch` from text prompts (+ images / videos, through the checkpoint's processor) or from
     token ids (+ the HF processor's arrays).
 
     In prompts, ``<image>`` / ``<video>`` mark where each image / video of that prompt goes;
-    ``images[i]`` lists the images of prompt i. The chat template is applied when the tokenizer
+    ``images[i]`` lists the images of prompt i, ``videos[i]`` its videos (each a list of frames,
+    PIL images or ``[H, W, 3]`` uint8 arrays, sampled at ``fps`` frames per second). The chat template is applied when the tokenizer
     has one (``chat_template=False`` turns it off).
     """
     del mm_token_type_ids  # derived from the ids
@@ -287,7 +289,7 @@ class Model:
     if prompts is not None:
       if isinstance(prompts, str):
         prompts = [prompts]
-      arrays = prompts_to_arrays(self, list(prompts), images, videos, chat_template)
+      arrays = prompts_to_arrays(self, list(prompts), images, videos, chat_template, fps)
       return self.prepare(**arrays)
     media = inputs.Media(
       pixel_values,

@@ -92,7 +92,9 @@ def _check_counts(prompts, media, mark: str, what: str):
   return [x for items in media for x in items]
 
 
-def prompts_to_arrays(model, prompts: list[str], images, videos, chat_template: bool) -> dict:
+def prompts_to_arrays(
+  model, prompts: list[str], images, videos, chat_template: bool, fps: float = 2.0
+) -> dict:
   """HF-processor arrays for ``model.prepare(input_ids=..., ...)``."""
   tok = model.tokenizer
   if tok is None:
@@ -104,13 +106,19 @@ def prompts_to_arrays(model, prompts: list[str], images, videos, chat_template: 
     raise ValueError(
       "this model has no image processor (no preprocessor_config.json): it takes no images"
     )
+  video = {}
   if flat_videos and getattr(model.processor, "video_processor", None) is None:
-    raise ValueError(
-      "this processor cannot read videos (transformers' video processors need torchvision): pass "
-      "pixel_values_videos and video_grid_thw to prepare(input_ids=...) instead"
-    )
+    if not model.is_qwen_vl:
+      raise ValueError("only Qwen2-VL / Qwen2.5-VL models take videos")
+    # No torchvision: frames go through the PIL image processor, grouped here (`video_arrays`).
+    video = video_arrays(model.processor.image_processor, flat_videos, fps, model.config.variant)
+    flat_videos = []
   if multimodal:
     image_text, video_text = _placeholders(model)
+    if video:  # an empty vision span, filled with the video's pad tokens after tokenising
+      video_text = video_text.replace(
+        model.tokenizer.convert_ids_to_tokens(model.config.video_token_id), ""
+      )
     prompts = [p.replace(IMAGE_MARK, image_text).replace(VIDEO_MARK, video_text) for p in prompts]
   templated = chat_template and bool(getattr(tok, "chat_template", None))
   if templated:
@@ -131,4 +139,67 @@ def prompts_to_arrays(model, prompts: list[str], images, videos, chat_template: 
     padding=True,
     add_special_tokens=not templated,
   )
-  return {k: np.asarray(out[k]) for k in _ARRAYS if k in out and out[k] is not None}
+  arrays = {k: np.asarray(out[k]) for k in _ARRAYS if k in out and out[k] is not None}
+  if video:
+    counts = qwen_tokens(video["video_grid_thw"], model.config.merge)
+    arrays["input_ids"] = _fill_video_spans(
+      arrays.pop("input_ids"), arrays.pop("attention_mask"), counts, model.config
+    )
+  return {**arrays, **video}
+
+
+def qwen_tokens(grid_thw, merge: int) -> list[int]:
+  return [int(t * h * w) // merge**2 for t, h, w in np.asarray(grid_thw).reshape(-1, 3)]
+
+
+def _fill_video_spans(ids_BT, mask_BT, counts, cfg) -> list[np.ndarray]:
+  """Unpadded rows with ``counts[k]`` video pad tokens put into the k-th empty vision span."""
+  counts, rows = list(counts), []
+  for ids, mask in zip(ids_BT, mask_BT.astype(bool)):
+    ids, out, i = ids[mask], [], 0
+    while i < len(ids):
+      out.append(ids[i])
+      if (
+        ids[i] == cfg.vision_start_token_id
+        and i + 1 < len(ids)
+        and ids[i + 1] == cfg.vision_end_token_id
+      ):
+        out.extend([cfg.video_token_id] * counts.pop(0))
+      i += 1
+    rows.append(np.asarray(out, np.int64))
+  if counts:
+    raise ValueError(f"{len(counts)} videos have no <video> span in the tokenised prompts")
+  return rows
+
+
+def video_arrays(image_processor, videos, fps: float, variant: str) -> dict:
+  """Qwen2-VL video arrays from lists of frames, with the PIL image processor.
+
+  Each frame is resized / normalised as an image (the image processor's pixel limits); every
+  ``temporal_patch_size`` consecutive frames form one temporal patch (the last frame repeats to
+  fill the last one), laid out as transformers' Qwen2-VL video processor does. Qwen2.5-VL also
+  gets ``second_per_grid_ts = temporal_patch_size / fps``.
+  """
+  tp, p = image_processor.temporal_patch_size, image_processor.patch_size
+  pixels, grids = [], []
+  for i, frames in enumerate(videos):
+    frames = list(frames)
+    if not frames:
+      raise ValueError(f"video {i} has no frames")
+    frames += [frames[-1]] * (-len(frames) % tp)
+    out = image_processor(images=frames, return_tensors="np")
+    grid = np.asarray(out["image_grid_thw"])
+    if not (grid == grid[0]).all():
+      raise ValueError(f"the frames of video {i} do not all have the same size")
+    _, gh, gw = (int(x) for x in grid[0])
+    n = len(frames)
+    x = np.asarray(out["pixel_values"]).reshape(n, gh * gw, -1, tp, p, p)[
+      :, :, :, 0
+    ]  # [n, P, C, p, p]
+    x = x.reshape(n // tp, tp, gh * gw, -1, p, p).transpose(0, 2, 3, 1, 4, 5)  # [t, P, C, tp, p, p]
+    pixels.append(x.reshape(n // tp * gh * gw, -1))
+    grids.append([n // tp, gh, gw])
+  out = {"pixel_values_videos": np.concatenate(pixels), "video_grid_thw": np.array(grids, np.int64)}
+  if variant == "qwen2_5_vl":
+    out["second_per_grid_ts"] = np.full(len(grids), tp / fps, np.float32)
+  return out
