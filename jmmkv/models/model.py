@@ -280,8 +280,10 @@ class Model:
 
     In prompts, ``<image>`` / ``<video>`` mark where each image / video of that prompt goes;
     ``images[i]`` lists the images of prompt i, ``videos[i]`` its videos (each a list of frames,
-    PIL images or ``[H, W, 3]`` uint8 arrays, sampled at ``fps`` frames per second). The chat template is applied when the tokenizer
-    has one (``chat_template=False`` turns it off).
+    PIL images or ``[H, W, 3]`` uint8 arrays, sampled at ``fps`` frames per second). The chat
+    template is applied when the tokenizer has one (``chat_template=False`` turns it off).
+    ``mm_token_type_ids`` is accepted for symmetry with the HF processor output and derived from
+    the ids.
     """
     del mm_token_type_ids  # derived from the ids
     if (prompts is None) == (input_ids is None):
