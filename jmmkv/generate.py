@@ -22,6 +22,7 @@ from jmmkv.cache import kv_cache
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.policies.base import PromptKV
 from jmmkv.cache.policies.full import Full
+from jmmkv.cache.stats import NONE, StatsSpec
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.llama import Decoder
 from jmmkv.sampling import Sampling
@@ -48,19 +49,30 @@ class _LoopState:
   scores_BMV: Array | None  # float32 logits per step, only with output_scores
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "spec"))
 def prefill_step(
-  params, x_BTD, positions, valid_BT, modality_BT, lengths_B, *, cfg: DecoderConfig, dtype: str
+  params,
+  x_BTD,
+  positions,
+  valid_BT,
+  modality_BT,
+  lengths_B,
+  *,
+  cfg: DecoderConfig,
+  dtype: str,
+  spec: StatsSpec = NONE,
 ):
   """Prompt forward from embeddings (``positions``: ``[B, T]`` or M-RoPE ``[3, B, T]``).
 
   Returns the last valid token's logits ``[B, V]`` and the prompt K/V.
   """
   dec = Decoder(cfg, jnp.dtype(dtype))
-  h_BTD, k, v = dec.apply(params, x_BTD, positions, valid_BT, method=Decoder.prefill)
+  h_BTD, k, v, st = dec.apply(
+    params, x_BTD, positions, valid_BT, modality_BT, spec, method=Decoder.prefill
+  )
   h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
   logits_BV = dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
-  return logits_BV, PromptKV(k, v, valid_BT, modality_BT, lengths_B)
+  return logits_BV, PromptKV(k, v, valid_BT, modality_BT, lengths_B, st)
 
 
 @functools.partial(
@@ -74,6 +86,7 @@ def compress_step(
   valid_BT,
   modality_BT,
   lengths_B,
+  prompt_stats,
   rope_start_B,
   *,
   policy,
@@ -82,7 +95,7 @@ def compress_step(
   append_capacity: int,
 ) -> kv_cache.KVCache:
   """Runs the policy on the prompt K/V (donated) and returns the decode cache (prefix + empty append)."""
-  prompt = PromptKV(k, v, valid_BT, modality_BT, lengths_B)
+  prompt = PromptKV(k, v, valid_BT, modality_BT, lengths_B, prompt_stats)
   prefix = policy.compress(prompt, budget, capacity)
   return kv_cache.from_prefix(*prefix, prompt.lengths_B, rope_start_B, append_capacity)
 
@@ -240,6 +253,7 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
     padded.lengths_B,
     cfg=model.text_config,
     dtype=model.dtype_name,
+    spec=policy.stats,  # statistics the policy scores with, computed inside prefill attention
   )
   prefill_s = time.perf_counter() - t0
   cache, compress_s = _timed(

@@ -1,4 +1,4 @@
-"""GQA attention for prefill (dense causal) and decode (prefix + append buffers, merged).
+"""GQA decode attention over the prefix + append buffers (prefill: `jmmkv.cache.stats.attention`).
 
 KV heads are never repeated: queries are viewed as [.., K, G, ..] and each group reads its KV head.
 Scores and softmax run in float32 whatever the activation dtype.
@@ -7,27 +7,12 @@ Scores and softmax run in float32 whatever the activation dtype.
 from __future__ import annotations
 
 import einops
-import jax
 import jax.numpy as jnp
 
 from jmmkv.typing import Array
 
 # A finite "minus infinity": fully masked rows stay NaN-free and vanish when blocks are merged.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def prefill_attention(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, key_valid_BT: Array) -> Array:
-  """Causal attention over the prompt; padding keys masked. Returns ``[B, T, N, H]``."""
-  num_kv, t = k_BKTH.shape[1], k_BKTH.shape[2]
-  q_BKGTH = einops.rearrange(q_BTNH, "B T (K G) H -> B K G T H", K=num_kv)
-  scale = q_BTNH.shape[-1] ** -0.5
-  s_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKTH, preferred_element_type=jnp.float32)
-  causal_TS = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-  mask_BTS = causal_TS[None] & key_valid_BT[:, None, :]
-  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS * scale, MASK_VALUE)
-  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BKTH.dtype)
-  o_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", p_BKGTS, v_BKTH)
-  return einops.rearrange(o_BKGTH, "B K G T H -> B T (K G) H")
 
 
 def _partial(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, valid_BKS: Array):

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmmkv.cache import kv_cache
+from jmmkv.cache import kv_cache, stats
 from jmmkv.models import attention, rope
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.layers import Einsum, RMSNorm
@@ -50,11 +50,11 @@ class Block(nn.Module):
     up_BTF = self.up_proj("BTD,DF->BTF", h_BTD)
     return x_BTD + self.down_proj("BTF,FD->BTD", gate_BTF * up_BTF)
 
-  def prefill(self, x_BTD, cos_BTH, sin_BTH, key_valid_BT):
+  def prefill(self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec: stats.StatsSpec):
     q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, cos_BTH, sin_BTH)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-    o_BTNH = attention.prefill_attention(q_BTNH, k_BKTH, v_BKTH, key_valid_BT)
-    return self._finish(x_BTD, o_BTNH), k_BKTH, v_BKTH
+    o_BTNH, st = stats.attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT, spec)
+    return self._finish(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
 
   def decode(self, x_B1D, cos_B1H, sin_B1H, cache: kv_cache.KVCache, layer: int):
     q_B1NH, k_B1KH, v_B1KH = self._qkv(x_B1D, cos_B1H, sin_B1H)
@@ -93,7 +93,7 @@ class Decoder(nn.Module):
 
   def __call__(self, ids_BT, positions_BT, key_valid_BT):
     """Full forward (used by `init`): logits ``[B, T, V]`` in float32."""
-    h_BTD, _, _ = self.prefill(self.embed(ids_BT), positions_BT, key_valid_BT)
+    h_BTD = self.prefill(self.embed(ids_BT), positions_BT, key_valid_BT)[0]
     return self.unembed(h_BTD)
 
   def embed(self, ids_BT: Array) -> Array:
@@ -108,18 +108,31 @@ class Decoder(nn.Module):
     inv_freq = rope.inv_frequencies(self.cfg.rope, self.cfg.head_dim)
     return rope.cos_sin(positions, inv_freq, self.cfg.mrope_section)
 
-  def prefill(self, x_BTD: Array, positions: Array, key_valid_BT: Array):
+  def prefill(
+    self,
+    x_BTD: Array,
+    positions: Array,
+    valid_BT: Array,
+    modality_BT: Array | None = None,
+    spec: stats.StatsSpec = stats.NONE,
+  ):
     """Prompt forward from embeddings. ``positions``: ``[B, T]``, or ``[3, B, T]`` M-RoPE ids.
 
-    Returns final-normed hidden ``[B, T, D]`` and K/V ``[L, B, K, T, H]``.
+    Returns final-normed hidden ``[B, T, D]``, K/V ``[L, B, K, T, H]`` and the `stats.Stats`
+    that ``spec`` asks for, stacked over layers (``[L, ...]``; None for the others).
     """
     cos_BTH, sin_BTH = self._cos_sin(positions)
-    ks, vs = [], []
+    modality_BT = valid_BT.astype(jnp.int32) if modality_BT is None else modality_BT
+    ks, vs, sts = [], [], []
     for block in self.layers:
-      x_BTD, k_BKTH, v_BKTH = block.prefill(x_BTD, cos_BTH, sin_BTH, key_valid_BT)
+      x_BTD, k_BKTH, v_BKTH, st = block.prefill(
+        x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec
+      )
       ks.append(k_BKTH)
       vs.append(v_BKTH)
-    return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs)
+      sts.append(st)
+    stacked = stats.Stats(*(None if f[0] is None else jnp.stack(f) for f in zip(*sts)))
+    return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs), stacked
 
   def decode(self, x_B1D: Array, cache: kv_cache.KVCache):
     """One new token per row at position ``lengths + index``. Returns logits ``[B, V]`` and the cache."""

@@ -42,7 +42,7 @@ def embed_text(params, ids_BT, *, cfg: DecoderConfig, dtype: str):
 def forward_logits(params, x_BTD, positions, valid_BT, *, cfg: DecoderConfig, dtype: str):
   """Full-forward logits ``[B, T, V]`` (float32) from embeddings."""
   dec = Decoder(cfg, jnp.dtype(dtype))
-  h_BTD, _, _ = dec.apply(params["text"], x_BTD, positions, valid_BT, method=Decoder.prefill)
+  h_BTD = dec.apply(params["text"], x_BTD, positions, valid_BT, method=Decoder.prefill)[0]
   return dec.apply(params["text"], h_BTD, method=Decoder.unembed)
 
 

@@ -1,6 +1,7 @@
 """What every policy sees (the prompt K/V after prefill) and returns (a static-capacity prefix).
 
-A policy is a frozen, hashable dataclass (static under jit) with two pure methods:
+A policy is a frozen, hashable dataclass (static under jit) with a ``stats`` attribute (the
+`StatsSpec` of prefill statistics it scores with) and two pure methods:
 ``capacity(budget, prompt_len) -> C`` on the host, and ``compress(prompt, budget, C) -> Prefix``
 under jit.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from jmmkv.cache.stats import Stats
 from jmmkv.typing import Array
 
 
@@ -18,6 +20,7 @@ class PromptKV(NamedTuple):
   valid_BT: Array  # [B, T] bool, false on padding
   modality_BT: Array  # [B, T] int32 modality id per token
   lengths_B: Array  # [B] int32
+  stats: Stats = Stats()  # prefill statistics [L, ...] the policy asked for (None otherwise)
 
 
 class Prefix(NamedTuple):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.policies.base import Prefix, PromptKV
+from jmmkv.cache.stats import NONE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Full:
   """
 
   name = "full"
+  stats = NONE
 
   def capacity(self, budget: Budget | None, prompt_len: int) -> int:
     del budget

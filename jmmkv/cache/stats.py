@@ -1,0 +1,154 @@
+"""Prefill attention over query blocks, with the statistics policies ask for, in float32.
+
+Each block of ``block`` queries attends to all T keys (exact softmax rows), so nothing of size
+T x T is ever built: extra memory is O(B * N * block * T). Statistics, when requested by a
+`StatsSpec`, accumulate over the valid query rows of every block:
+
+  window   [B, N, T]  sum over the last ``window`` valid queries of their attention to each key
+                      (SnapKV / AdaKV observation window, MadaKV proxy tokens)
+  colsum   [B, N, T]  sum over all valid queries (H2O, LOOK-M, MEDA scores)
+  entropy  [B, N]     mean over valid queries of the causal row entropy, per head (MEDA code)
+  cross    [B, 2]     MEDA paper: mean row entropy of head-averaged, non-causal text->visual and
+                      visual->text attention (each softmax over the other modality's keys only)
+
+Entropies use 0 log 0 = 0. Padding is never a query or a key. Dimension key: `jmmkv.typing`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import einops
+import jax
+import jax.numpy as jnp
+
+from jmmkv.models.attention import MASK_VALUE
+from jmmkv.typing import IMAGE, TEXT, VIDEO, Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsSpec:
+  """Which prefill statistics to compute (static under jit); the default computes none."""
+
+  window: int = 0
+  colsum: bool = False
+  entropy: bool = False
+  cross: bool = False
+
+  def __post_init__(self):
+    if self.window < 0:
+      raise ValueError(f"window must be >= 0, got {self.window}")
+
+  def __or__(self, other: "StatsSpec") -> "StatsSpec":
+    return StatsSpec(
+      max(self.window, other.window),
+      self.colsum or other.colsum,
+      self.entropy or other.entropy,
+      self.cross or other.cross,
+    )
+
+
+NONE = StatsSpec()
+
+
+class Stats(NamedTuple):
+  window: Array | None = None  # [B, N, T] (stacked over layers by the decoder: [L, B, N, T])
+  colsum: Array | None = None  # [B, N, T]
+  entropy: Array | None = None  # [B, N]
+  cross: Array | None = None  # [B, 2]: (text->visual, visual->text)
+
+
+def _entropy(p):
+  """-sum p log p over the last axis, with 0 log 0 = 0."""
+  return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+
+
+def _window_rows(valid_BT: Array, window: int) -> Array:
+  """True for the last ``window`` valid tokens of each row (left or right padding)."""
+  from_end = jnp.cumsum(valid_BT[:, ::-1], axis=1)[:, ::-1]  # valid tokens at slots >= t
+  return valid_BT & (from_end <= window)
+
+
+def attention(
+  q_BTNH: Array,
+  k_BKTH: Array,
+  v_BKTH: Array,
+  valid_BT: Array,
+  modality_BT: Array,
+  spec: StatsSpec = NONE,
+  block: int = 128,
+) -> tuple[Array, Stats]:
+  """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked).
+
+  Returns the output ``[B, T, N, H]`` and the requested `Stats` (others None).
+  """
+  t_in = q_BTNH.shape[1]
+  pad = -t_in % min(block, t_in)
+  if pad:  # pad to whole blocks with invalid tokens; they are neither queries nor keys
+    widths = lambda x, axis: [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)]
+    q_BTNH, valid_BT, modality_BT = (jnp.pad(x, widths(x, 1)) for x in (q_BTNH, valid_BT, modality_BT))
+    k_BKTH, v_BKTH = (jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH))
+  b, t, n, h = q_BTNH.shape
+  kh = k_BKTH.shape[1]
+  block = min(block, t)
+  scale = h**-0.5
+  slots = jnp.arange(t)
+  is_text = (modality_BT == TEXT) & valid_BT
+  is_vis = ((modality_BT == IMAGE) | (modality_BT == VIDEO)) & valid_BT
+  in_window = _window_rows(valid_BT, spec.window) if spec.window else None
+
+  def step(carry, i):
+    start = i * block
+    q_BQNH = jax.lax.dynamic_slice_in_dim(q_BTNH, start, block, axis=1)
+    rows_Q = start + jnp.arange(block)
+    take = lambda x_BT: jax.lax.dynamic_slice_in_dim(x_BT, start, block, axis=1)
+    q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh)
+    s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKTH, preferred_element_type=jnp.float32) * scale
+    mask_BQS = (rows_Q[:, None] >= slots[None, :])[None] & valid_BT[:, None, :]
+    p = jax.nn.softmax(jnp.where(mask_BQS[:, None, None], s, MASK_VALUE), axis=-1)
+    o_BKGQH = jnp.einsum("BKGQS,BKSH->BKGQH", p.astype(v_BKTH.dtype), v_BKTH)
+    out = einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H")
+    p_BNQS = einops.rearrange(p, "B K G Q S -> B (K G) Q S")
+    qv_BQ = take(valid_BT).astype(jnp.float32)
+    new = dict(carry)
+    if spec.colsum:
+      new["colsum"] = carry["colsum"] + jnp.einsum("BNQS,BQ->BNS", p_BNQS, qv_BQ)
+    if spec.window:
+      new["window"] = carry["window"] + jnp.einsum(
+        "BNQS,BQ->BNS", p_BNQS, take(in_window).astype(jnp.float32)
+      )
+    if spec.entropy:
+      new["entropy"] = carry["entropy"] + jnp.einsum("BNQ,BQ->BN", _entropy(p_BNQS), qv_BQ)
+    if spec.cross:
+      s_BNQS = einops.rearrange(s, "B K G Q S -> B (K G) Q S")
+      ents = []
+      for rows, keys in ((take(is_text), is_vis), (take(is_vis), is_text)):
+        pm = jax.nn.softmax(jnp.where(keys[:, None, None, :], s_BNQS, MASK_VALUE), axis=-1)
+        pbar_BQS = jnp.where(keys[:, None, :], jnp.mean(pm, axis=1), 0.0)  # head-averaged rows
+        ents.append(jnp.sum(_entropy(pbar_BQS) * rows, axis=1))
+      new["cross"] = carry["cross"] + jnp.stack(ents, axis=-1)
+    return new, out
+
+  zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+  carry = {}
+  if spec.colsum:
+    carry["colsum"] = zeros(b, n, t)
+  if spec.window:
+    carry["window"] = zeros(b, n, t)
+  if spec.entropy:
+    carry["entropy"] = zeros(b, n)
+  if spec.cross:
+    carry["cross"] = zeros(b, 2)
+  carry, out_CBQNH = jax.lax.scan(step, carry, jnp.arange(t // block))
+  out_BTNH = einops.rearrange(out_CBQNH, "C B Q N H -> B (C Q) N H")
+  if "entropy" in carry:
+    carry["entropy"] = carry["entropy"] / jnp.maximum(valid_BT.sum(1), 1)[:, None]
+  if "cross" in carry:
+    counts = jnp.stack([is_text.sum(1), is_vis.sum(1)], axis=-1)
+    both = (is_text.any(1) & is_vis.any(1))[:, None]
+    carry["cross"] = jnp.where(both, carry["cross"] / jnp.maximum(counts, 1), 0.0)
+  if pad:
+    out_BTNH = out_BTNH[:, :t_in]
+    carry = {k: v[..., :t_in] if v.ndim == 3 else v for k, v in carry.items()}
+  return out_BTNH, Stats(**carry)

@@ -1,0 +1,123 @@
+"""Blockwise prefill statistics vs a dense reference built from transformers' own attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jmmkv
+from hf_models import build_model, pad_batch, positions_from_mask, random_ids
+from jmmkv.cache import stats
+from jmmkv.inputs import Media
+from jmmkv.models.llama import Decoder
+from mm_models import build_mm_model, make_case, modality_of
+from references import stats_ref
+
+SPEC = stats.StatsSpec(window=8, colsum=True, entropy=True, cross=True)
+
+
+def _ours(model, ids, mask, media=Media(), modality=None):
+  x = model.embed(ids, media)
+  pos = model.positions(ids, mask.astype(bool), media)
+  modality = np.where(mask, 1, 0) if modality is None else modality
+  dec = Decoder(model.text_config)
+  out = dec.apply(
+    model.params["text"],
+    x,
+    pos.astype(np.int32),
+    mask.astype(bool),
+    modality,
+    SPEC,
+    method=Decoder.prefill,
+  )
+  return jax.tree.map(np.asarray, out[3])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lengths", [(21, 9), (300, 170)])  # one block; several blocks + padding
+def test_text_stats_equal_dense(seed, lengths, tmp_path):
+  hf = build_model("llama_gqa", seed)
+  hf.save_pretrained(tmp_path)
+  model = jmmkv.load(tmp_path)
+  rng = np.random.default_rng(seed)
+  ids, mask = pad_batch([random_ids(rng, n) for n in lengths], "right")
+  ref = stats_ref.capture(
+    hf,
+    "LlamaAttention",
+    input_ids=torch.tensor(ids),
+    attention_mask=torch.tensor(mask),
+    position_ids=torch.tensor(positions_from_mask(mask)),
+  )
+  got = _ours(model, ids, mask)
+  valid = mask.astype(bool)
+  for layer, (probs, _, _, _) in enumerate(ref):
+    np.testing.assert_allclose(
+      got.colsum[layer], stats_ref.colsum(probs, valid), atol=1e-5, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      got.window[layer], stats_ref.window(probs, valid, 8), atol=1e-5, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      got.entropy[layer], stats_ref.row_entropy(probs, valid), atol=1e-5, rtol=1e-5
+    )
+    np.testing.assert_array_equal(got.cross[layer], 0.0)  # text only: no cross-modal entropy
+    # padding keys get nothing
+    assert np.all(got.colsum[layer][~valid[:, None, :].repeat(probs.shape[1], 1)] == 0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multimodal_stats_equal_dense(family, seed, tmp_path):
+  hf = build_mm_model(family, seed)
+  hf.save_pretrained(tmp_path)
+  model = jmmkv.load(tmp_path)
+  rng = np.random.default_rng(seed)
+  rows = [[5, "image", 7, "image", 3], [4, "image", 6]]
+  images = 3 if family == "llava" else [[1, 4, 4], [1, 4, 6], [1, 2, 2]]
+  case = make_case(model, family, rng, rows, images=images, side="right")
+  cls = "LlamaAttention" if family == "llava" else "Qwen2VLAttention"
+  arrays = dict(case.hf_inputs(), input_ids=case.ids, attention_mask=case.mask)
+  inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+  ref = stats_ref.capture(hf, cls, **inputs)
+  media = Media(**case.arrays)
+  got = _ours(model, case.ids, case.mask, media, modality_of(case.ids) * case.mask)
+  valid = case.mask.astype(bool)
+  modality = modality_of(case.ids)
+  is_text, is_vis = (modality == 1) & valid, (modality >= 2) & valid
+  for layer, (probs, q, k, scaling) in enumerate(ref):
+    np.testing.assert_allclose(
+      got.colsum[layer], stats_ref.colsum(probs, valid), atol=1e-5, rtol=1e-5
+    )
+    want = stats_ref.cross_entropy(q, k, scaling, valid, is_text, is_vis)
+    assert (want > 0.1).sum() >= 2  # non-degenerate: most rows have spread-out attention
+    np.testing.assert_allclose(got.cross[layer], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [4, 16, 64])
+def test_block_size_does_not_change_anything(block):
+  rng = np.random.default_rng(block)
+  b, t, n, kh, h = 2, 64, 4, 2, 8
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, kh, t, h)), jnp.float32) for _ in range(2))
+  valid = jnp.asarray(np.arange(t)[None] < np.array([[64], [41]]))
+  modality = jnp.asarray(np.where(rng.random((b, t)) < 0.5, 2, 1) * valid)
+  whole = stats.attention(q, k, v, valid, modality, SPEC, block=t)
+  blocked = stats.attention(q, k, v, valid, modality, SPEC, block=block)
+  for a, c in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=1e-5)
+
+
+def test_16k_prompt_never_builds_a_t_by_t_array():
+  t, b, n, kh, h = 16384, 1, 2, 1, 16
+  spec = stats.StatsSpec(window=32, colsum=True, entropy=True, cross=True)
+  fn = jax.jit(lambda q, k, v, valid, mod: stats.attention(q, k, v, valid, mod, spec, block=128))
+  args = (
+    jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),
+    jax.ShapeDtypeStruct((b, kh, t, h), jnp.float32),
+    jax.ShapeDtypeStruct((b, kh, t, h), jnp.float32),
+    jax.ShapeDtypeStruct((b, t), jnp.bool_),
+    jax.ShapeDtypeStruct((b, t), jnp.int32),
+  )
+  temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  assert temp < t * t * 4 / 8, f"{temp / 2**20:.0f} MiB of temporaries for T={t}"
