@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Sequence
 
 import flax.struct
@@ -234,6 +235,8 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
   if not isinstance(batch, inputs.Batch):
     raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
   policy = Full() if policy is None else policy
+  if budget is not None and all(budget.kept(int(n)) >= n for n in batch.lengths):
+    policy = Full()  # the budget keeps every prompt whole: an exact no-op, no statistics needed
   padded = inputs.pad(batch, pad_id=0)
   capacity = policy.capacity(budget, padded.ids_BT.shape[1])
   t0 = time.perf_counter()
@@ -256,15 +259,17 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
     spec=policy.stats,  # statistics the policy scores with, computed inside prefill attention
   )
   prefill_s = time.perf_counter() - t0
-  cache, compress_s = _timed(
-    compress_step,
-    *prompt,
-    rope_start_B.astype(np.int32),
-    policy=policy,
-    budget=budget,
-    capacity=capacity,
-    append_capacity=append_capacity,
-  )
+  with warnings.catch_warnings():  # a prefix smaller than the prompt cannot reuse its buffers
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    cache, compress_s = _timed(
+      compress_step,
+      *prompt,
+      rope_start_B.astype(np.int32),
+      policy=policy,
+      budget=budget,
+      capacity=capacity,
+      append_capacity=append_capacity,
+    )
   return padded, logits_BV, cache, prefill_s, compress_s
 
 

@@ -87,7 +87,9 @@ def attention(
   pad = -t_in % min(block, t_in)
   if pad:  # pad to whole blocks with invalid tokens; they are neither queries nor keys
     widths = lambda x, axis: [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)]
-    q_BTNH, valid_BT, modality_BT = (jnp.pad(x, widths(x, 1)) for x in (q_BTNH, valid_BT, modality_BT))
+    q_BTNH, valid_BT, modality_BT = (
+      jnp.pad(x, widths(x, 1)) for x in (q_BTNH, valid_BT, modality_BT)
+    )
     k_BKTH, v_BKTH = (jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH))
   b, t, n, h = q_BTNH.shape
   kh = k_BKTH.shape[1]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from jmmkv.cache.policies.full import Full
+from jmmkv.cache.policies.h2o import H2O
+from jmmkv.cache.policies.snapkv import SnapKV
+from jmmkv.cache.policies.streaming import StreamingLLM
 
-POLICIES = {"full": Full}
+POLICIES = {"full": Full, "streaming": StreamingLLM, "h2o": H2O, "snapkv": SnapKV}
 NAMES = tuple(POLICIES)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
+
 from jmmkv.cache.stats import Stats
 from jmmkv.typing import Array
 
@@ -28,3 +30,18 @@ class Prefix(NamedTuple):
   v: Array  # [L, B, K, C, H]
   positions: Array  # [L, B, K, C] original positions, -1 where empty
   modality: Array  # [L, B, K, C]
+
+
+def uniform_capacity(budget, prompt_len: int, name: str) -> int:
+  """Static prefix capacity C of a policy that keeps the same count in every layer and head."""
+  if budget is None:
+    raise ValueError(
+      f"policy {name!r} needs a budget: jmmkv.Budget(ratio=...) or Budget(tokens=...)"
+    )
+  return budget.kept(prompt_len)
+
+
+def kept_counts(budget, prompt: PromptKV):
+  """Per (layer, row, KV head) kept counts ``[L, B, K]`` of a uniform budget (row-dependent)."""
+  l, b, kh = prompt.k.shape[:3]
+  return jnp.broadcast_to(budget.kept_B(prompt.lengths_B)[None, :, None], (l, b, kh))

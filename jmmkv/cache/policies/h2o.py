@@ -1,0 +1,48 @@
+"""H2O: heavy hitters (accumulated attention) + a recent window, applied once at prefill.
+
+Based on "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs" (Zhang et al.,
+NeurIPS 2023, arXiv 2306.14048), as the multimodal code bases run it (one shot at prefill).
+Score of token i = sum over all prompt queries of its causal attention, per query head, then the
+GQA mean (or max) per KV head. The last ``floor(n * recent_fraction)`` tokens are kept first.
+Hyperparameters: ``recent_fraction`` = 0.5 (heavy 10% + recent 10% at a 20% budget), ``gqa``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jmmkv.cache import select
+from jmmkv.cache.policies.base import Prefix, PromptKV, kept_counts, uniform_capacity
+from jmmkv.cache.stats import StatsSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O:
+  recent_fraction: float = 0.5
+  gqa: str = "mean"
+
+  name = "h2o"
+  stats = StatsSpec(colsum=True)
+
+  def __post_init__(self):
+    if not 0.0 <= self.recent_fraction <= 1.0:
+      raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
+    if self.gqa not in ("mean", "max"):
+      raise ValueError(f"gqa must be 'mean' or 'max', got {self.gqa!r}")
+
+  def capacity(self, budget, prompt_len: int) -> int:
+    return uniform_capacity(budget, prompt_len, self.name)
+
+  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
+    kh = prompt.k.shape[2]
+    score = select.reduce_heads(prompt.stats.colsum, kh, self.gqa)
+    n_LBK = kept_counts(budget, prompt)
+    recent_B = jnp.floor(n_LBK[0, :, 0] * self.recent_fraction).astype(jnp.int32)
+    level = jnp.broadcast_to(
+      select.recent_rows(prompt.valid_BT, recent_B)[None, :, None], score.shape
+    )
+    return select.gather(
+      prompt, select.top_positions(score, level, prompt.valid_BT, n_LBK, capacity)
+    )

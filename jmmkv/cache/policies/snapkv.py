@@ -1,0 +1,94 @@
+"""SnapKV: observation-window attention, pooled, selects the prompt KV to keep (one shot).
+
+Based on "SnapKV: LLM Knows What You are Looking for Before Generation" (Li et al., NeurIPS 2024,
+arXiv 2404.14469). For each row, the last ``w = min(window, T)`` prompt queries are the window:
+score(i) = sum over window queries of their causal attention to prefix token i (i < T - w), pooled
+along positions per query head (kernel ``kernel``, stride 1, padding kernel // 2; "avg" counts the
+padding as zeros and divides by the kernel, "max" ignores it; the window is not part of the pooled
+sequence), then the GQA mean per KV head. The window itself is always kept first.
+Defaults: window 32, kernel 5, avg pooling (the SnapKV code's defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jmmkv.cache import select
+from jmmkv.cache.policies.base import Prefix, PromptKV, kept_counts, uniform_capacity
+from jmmkv.cache.stats import StatsSpec
+from jmmkv.typing import Array
+
+
+def pool(scores_LBNT: Array, prefix_BT: Array, kernel: int, how: str) -> Array:
+  """1-D pooling along T over the prefix tokens only (see the module docstring)."""
+  if how == "avg":
+    x = jnp.where(prefix_BT[None, :, None, :], scores_LBNT, 0.0)
+    summed = jax.lax.reduce_window(
+      x,
+      0.0,
+      jax.lax.add,
+      (1, 1, 1, kernel),
+      (1, 1, 1, 1),
+      [(0, 0)] * 3 + [(kernel // 2, kernel // 2)],
+    )
+    return summed / kernel
+  x = jnp.where(prefix_BT[None, :, None, :], scores_LBNT, -jnp.inf)
+  return jax.lax.reduce_window(
+    x,
+    -jnp.inf,
+    jax.lax.max,
+    (1, 1, 1, kernel),
+    (1, 1, 1, 1),
+    [(0, 0)] * 3 + [(kernel // 2, kernel // 2)],
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV:
+  window: int = 32
+  kernel: int = 5
+  pooling: str = "avg"
+  gqa: str = "mean"
+
+  name = "snapkv"
+
+  def __post_init__(self):
+    if int(self.window) != self.window or self.window < 1:
+      raise ValueError(f"window must be a positive integer, got {self.window}")
+    if int(self.kernel) != self.kernel or self.kernel < 1 or self.kernel % 2 == 0:
+      raise ValueError(f"kernel must be a positive odd integer, got {self.kernel}")
+    if self.pooling not in ("avg", "max"):
+      raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
+    if self.gqa not in ("mean", "max"):
+      raise ValueError(f"gqa must be 'mean' or 'max', got {self.gqa!r}")
+
+  @property
+  def stats(self) -> StatsSpec:
+    return StatsSpec(window=self.window)
+
+  def capacity(self, budget, prompt_len: int) -> int:
+    return uniform_capacity(budget, prompt_len, self.name)
+
+  def scores(self, prompt: PromptKV) -> tuple[Array, Array]:
+    """(score, level) ``[L, B, K, T]``: pooled window attention; level 1 on the window."""
+    w_B = jnp.minimum(self.window, prompt.lengths_B)
+    in_window_BT = select.recent_rows(prompt.valid_BT, w_B)
+    prefix_BT = prompt.valid_BT & ~in_window_BT
+    pooled = pool(prompt.stats.window, prefix_BT, self.kernel, self.pooling)
+    score = select.reduce_heads(
+      jnp.where(prefix_BT[None, :, None, :], pooled, 0.0), prompt.k.shape[2], self.gqa
+    )
+    pos_T = jnp.arange(score.shape[-1])
+    score = jnp.where(
+      in_window_BT[None, :, None, :], pos_T, score
+    )  # within the window: latest first
+    level = jnp.broadcast_to(in_window_BT[None, :, None, :], score.shape)
+    return score, level
+
+  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
+    score, level = self.scores(prompt)
+    idx = select.top_positions(score, level, prompt.valid_BT, kept_counts(budget, prompt), capacity)
+    return select.gather(prompt, idx)

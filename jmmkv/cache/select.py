@@ -1,0 +1,72 @@
+"""The shared score -> select -> gather path of every eviction policy (plain jnp reference path).
+
+Selection is deterministic: candidates are ordered by (priority level desc, score desc, position
+asc) and the first n of each (layer, row, KV head) are kept; kept slots are stored in ascending
+position order, empty slots (-1) last. Padding is never a candidate. Levels express forced keeps
+(windows, sinks, text priority) without additive constants.
+"""
+
+from __future__ import annotations
+
+import einops
+import jax
+import jax.numpy as jnp
+
+from jmmkv.cache.policies.base import Prefix, PromptKV
+from jmmkv.typing import Array
+
+
+def reduce_heads(scores_LBNT: Array, num_kv_heads: int, how: str = "mean") -> Array:
+  """Query-head scores -> KV-head scores ``[L, B, K, T]`` (mean or max over each group)."""
+  grouped = einops.rearrange(scores_LBNT, "L B (K G) T -> L B K G T", K=num_kv_heads)
+  if how == "mean":
+    return grouped.mean(axis=3)
+  if how == "max":
+    return grouped.max(axis=3)
+  raise ValueError(f"GQA reduction must be 'mean' or 'max', got {how!r}")
+
+
+def recent_rows(valid_BT: Array, n_B: Array) -> Array:
+  """``[B, T]`` true for the last ``n_B[b]`` valid tokens of row b."""
+  from_end = jnp.cumsum(valid_BT[:, ::-1], axis=1)[:, ::-1]
+  return valid_BT & (from_end <= n_B[:, None])
+
+
+def top_positions(
+  scores_LBKT: Array, level_LBKT: Array, valid_BT: Array, n_LBK: Array, capacity: int
+) -> Array:
+  """Kept positions ``[L, B, K, C]``: per (l, b, k) the first ``n`` candidates by (level desc,
+  score desc, position asc), in ascending position order, -1 in unused slots."""
+  l, b, kh, t = scores_LBKT.shape
+  pos_T = jnp.arange(t, dtype=jnp.int32)
+  level = jnp.where(valid_BT[None, :, None, :], level_LBKT.astype(jnp.int32), -1)
+  score = jnp.where(valid_BT[None, :, None, :], scores_LBKT.astype(jnp.float32), -jnp.inf)
+  pos = jnp.broadcast_to(pos_T, scores_LBKT.shape)
+  _, _, order = jax.lax.sort((-level, -score, pos), dimension=-1, num_keys=3)
+  top = order[..., :capacity]
+  count = jnp.minimum(n_LBK, valid_BT.sum(-1)[None, :, None])  # never more than the row has
+  keep = jnp.arange(capacity)[None, None, None, :] < count[..., None]
+  return _ascending(top, keep, t)
+
+
+def _ascending(top_LBKC: Array, keep_LBKC: Array, t: int) -> Array:
+  sorted_ = jnp.sort(jnp.where(keep_LBKC, top_LBKC, t), axis=-1)
+  return jnp.where(sorted_ >= t, -1, sorted_).astype(jnp.int32)
+
+
+def gather(prompt: PromptKV, idx_LBKC: Array) -> Prefix:
+  """The prefix holding the prompt K/V, positions and modality at ``idx`` (-1: empty slot)."""
+  safe = jnp.maximum(idx_LBKC, 0)
+  k = jnp.take_along_axis(prompt.k, safe[..., None], axis=3)
+  v = jnp.take_along_axis(prompt.v, safe[..., None], axis=3)
+  mod_LBKC = jnp.take_along_axis(
+    jnp.broadcast_to(prompt.modality_BT[None, :, None, :], prompt.k.shape[:4]), safe, axis=3
+  )
+  empty = idx_LBKC < 0
+  zero = jnp.zeros((), k.dtype)
+  return Prefix(
+    jnp.where(empty[..., None], zero, k),
+    jnp.where(empty[..., None], zero, v),
+    idx_LBKC,
+    jnp.where(empty, 0, mod_LBKC),
+  )
