@@ -70,3 +70,24 @@ def gather(prompt: PromptKV, idx_LBKC: Array) -> Prefix:
     idx_LBKC,
     jnp.where(empty, 0, mod_LBKC),
   )
+
+
+def largest_remainder(real_LB: Array, total_B: Array) -> Array:
+  """Integers ``[L, B]`` near ``real`` summing exactly to ``total`` per column: floors, then +1 for
+  the largest remainders (ties: lower layer first)."""
+  base = jnp.floor(real_LB).astype(jnp.int32)
+  deficit_B = total_B.astype(jnp.int32) - base.sum(0)
+  layer = jnp.broadcast_to(jnp.arange(real_LB.shape[0])[:, None], real_LB.shape)
+  _, order = jax.lax.sort((-(real_LB - base), layer), dimension=0, num_keys=2)
+  rank = jnp.argsort(order, axis=0)
+  return base + (rank < deficit_B[None, :]).astype(jnp.int32)
+
+
+def own_rank(scores_LBKT: Array, level_LBKT: Array, valid_BT: Array) -> Array:
+  """Rank of every position in its own (layer, row, head) selection order (0 = kept first)."""
+  t = scores_LBKT.shape[-1]
+  level = jnp.where(valid_BT[None, :, None, :], level_LBKT.astype(jnp.int32), -1)
+  score = jnp.where(valid_BT[None, :, None, :], scores_LBKT.astype(jnp.float32), -jnp.inf)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), scores_LBKT.shape)
+  _, _, order = jax.lax.sort((-level, -score, pos), dimension=-1, num_keys=3)
+  return jnp.argsort(order, axis=-1)
