@@ -85,9 +85,28 @@ def largest_remainder(real_LB: Array, total_B: Array) -> Array:
 
 def own_rank(scores_LBKT: Array, level_LBKT: Array, valid_BT: Array) -> Array:
   """Rank of every position in its own (layer, row, head) selection order (0 = kept first)."""
-  t = scores_LBKT.shape[-1]
-  level = jnp.where(valid_BT[None, :, None, :], level_LBKT.astype(jnp.int32), -1)
-  score = jnp.where(valid_BT[None, :, None, :], scores_LBKT.astype(jnp.float32), -jnp.inf)
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), scores_LBKT.shape)
+  shape = jnp.broadcast_shapes(scores_LBKT.shape, level_LBKT.shape)
+  level = jnp.broadcast_to(
+    jnp.where(valid_BT[None, :, None, :], level_LBKT.astype(jnp.int32), -1), shape
+  )
+  score = jnp.broadcast_to(
+    jnp.where(valid_BT[None, :, None, :], scores_LBKT.astype(jnp.float32), -jnp.inf), shape
+  )
+  pos = jnp.broadcast_to(jnp.arange(shape[-1], dtype=jnp.int32), shape)
   _, _, order = jax.lax.sort((-level, -score, pos), dimension=-1, num_keys=3)
   return jnp.argsort(order, axis=-1)
+
+
+def positions_from_mask(keep_LBKT: Array, capacity: int) -> Array:
+  """Kept positions ``[L, B, K, C]`` (ascending, -1 last) of a boolean keep mask."""
+  t = keep_LBKT.shape[-1]
+  pos = jnp.where(keep_LBKT, jnp.arange(t, dtype=jnp.int32), t)
+  first = jnp.sort(pos, axis=-1)[..., :capacity]
+  return jnp.where(first >= t, -1, first).astype(jnp.int32)
+
+
+def rank_within(scores_LBKT: Array, members_LBKT: Array) -> Array:
+  """Rank of each member among the members of its (layer, row, head) by (score desc, position
+  asc); non-members rank after all members."""
+  full = jnp.ones(members_LBKT.shape[-1:], bool)
+  return own_rank(jnp.where(members_LBKT, scores_LBKT, -jnp.inf), members_LBKT, full[None])

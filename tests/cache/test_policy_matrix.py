@@ -77,7 +77,11 @@ def test_kept_slots_are_valid_sorted_and_within_budget(model, name, budget):
   for b, p in enumerate(prompts):
     kept = (pos[:, b] >= 0).sum(-1)  # [L, K]
     n = budget.kept(len(p))
-    assert kept.sum() == CFG.num_layers * CFG.num_kv_heads * n  # total budget respected exactly
+    total = CFG.num_layers * CFG.num_kv_heads * n
+    if name == "madakv":  # reading B keeps each head's demand, within the pooled budget
+      assert 0 < kept.sum() <= total
+    else:
+      assert kept.sum() == total  # total budget respected exactly
     for l in range(CFG.num_layers):
       for k in range(CFG.num_kv_heads):
         row = pos[l, b, k]

@@ -1,0 +1,246 @@
+"""NumPy reference for MadaKV (Li et al., ACL 2025): Modality Preference Adaptation (MPA) and
+Hierarchical Compression Compensation (HCC), readings A and B, and the two ablations.
+
+Written from ALGORITHMS.md 2.2-2.3 (the paper's equations are known only from secondary notes).
+This docstring is the executable spec jmmkv implements; every choice is stated. One unpadded
+row, float64. Notation: T prompt length, L layers (l = 0 .. L-1), N query heads, Kh KV heads,
+G = N / Kh. A "slot" is one kept token of one KV head; every budget below counts slots per KV
+head, proxy window included.
+
+1. Budget. n = min(T, max(1, ceil(ratio * T))) or n = min(tokens, T) (`jmmkv.Budget.kept`).
+   If n == T, every head of every layer keeps all T tokens (an exact no-op for every reading and
+   ablation); scores, demands and budgets are still reported (layer_budgets then all T).
+2. Scores. p = min(proxy_window, T). Proxy (window) positions are T-p .. T-1; candidates are
+   0 .. T-p-1. Query head q: psi_q(i) = sum_{j = T-p}^{T-1} A_q[j, i] over the given causal
+   probabilities (inside the window only i <= j contributes), for all i; no pooling. KV head k:
+   psi_k = MEAN of psi_q over its query heads q = k*G .. k*G+G-1.
+3. Modalities. Visual = modality 2 (image) or 3 (video); text = any other id (1). Over the
+   candidates only: n_v, n_t = counts; w_v, w_t = sums of psi_k over visual / text candidates.
+4. Demand (per layer, KV head and modality m). Sort psi_k of the candidates of modality m
+   descending; S(j) = sum of the j largest (S(0) = 0); w_m = S(n_m). k_m = #{j in 0 .. n_m-1 :
+   S(j) < theta * w_m}, i.e. the smallest j with S(j) >= theta * w_m (0 when n_m = 0 or w_m = 0).
+   Demand in slots: d = p + k_v + k_t (the window is always needed). Demands are per modality
+   also when mpa=False (the ablation removes only MPA's split).
+5. Layer budgets phi^l (integers, per KV head). phi^0 = n; hcc=False: phi^l = n for every l.
+   hcc=True: X^l = sum over KV heads of x^{l,k}, with x = d (reading A: raw demand) or x = b
+   (reading B: the head's kept slot count, item 6); compensation K^l = X^l - Kh * phi^l. With
+   r = L-1-l (layers after l; update for l < L-1 only):
+     per_head:    phi^{l+1} = phi^l - K^l / (Kh*r) = (Kh*(r+1)*phi^l - X^l) / (Kh*r)
+     layer_total: phi^{l+1} = phi^l - K^l / r     = ((r+Kh)*phi^l - X^l) / r
+   evaluated in exact integers with FLOOR division (toward -inf), then clamped to [1, T].
+   per_head is the paper's update, 1-indexed layers there, in consistent units: it spreads the
+   slots left after layer l evenly over the r later layers. layer_total is the update as
+   printed, a layer total K^l subtracted from a per-head budget (Kh times stronger). Taking
+   phi^l itself as a layer total (Kh*phi) reduces exactly to per_head, so it is not an option.
+6. Slots b of head k in layer l. hcc=False (either reading): b = phi^l = n.
+   Reading A: b = phi^l; HCC moves only the budgets of later layers. The total kept is
+     Kh * sum_l phi^l, which is NOT L*Kh*n in general (the update subtracts demand, not spend).
+   Reading B (default): b = clip(d, b_min, cap^l), the head's own demand, with
+     cap^l = clip((L-l) * phi^l - b_min * (L-1-l), b_min, T) if pool_cap else T.
+     cap^l is the per-head pool still left for layers l .. L-1 (phi^l spread evenly), less a
+     floor of b_min for each later layer. The paper clips only to [b_min, T], which never binds
+     from above, so the budget would be ignored; pool_cap=False gives that literal form. With
+     per_head units, pool_cap and n >= b_min, floor division guarantees sum of counts <= L*Kh*n.
+     The window survives in every layer only if b_min >= p.
+7. Selection in a head with b slots (ties always: psi desc, then position asc).
+   a. Window: keep the top min(b, p) window positions by psi (all p when b >= p).
+   b. c = max(0, b - p) candidate slots.
+   c. mpa=False: the top c candidates by psi, modality blind.
+   d. mpa=True: (c_v, c_t) = (k_v, k_t) in reading B with hcc when b == d (demand not clipped);
+      otherwise the MPA split: f = w_v / (w_v + w_t) (f = 0 if w_v + w_t == 0),
+      c_v = clip(floor(c * f + 1/2), max(0, c - n_t), min(c, n_v)), c_t = c - c_v, so a
+      modality with fewer candidates than its share passes the surplus to the other. Keep the top
+      c_v visual and top c_t text candidates by psi.
+   A row with no visual (or no text) candidates needs no special case: all c go to the present
+   modality, so the selection equals mpa=False with the same b (HCC still runs).
+8. Float -> integer steps are only S(j) < theta * w_m, floor(c * f + 1/2) and the psi orderings;
+   budgets are exact integers after that. float32 can differ from this float64 reference only
+   when a value lies within rounding of such a threshold (rare on random data).
+
+Outputs (dict): "kept" [L][Kh] sorted positions; "counts" [L, Kh] (= b); "layer_budgets" [L]
+(phi^l); "caps" [L] (cap^l; phi^l in reading A, with hcc=False or when n == T); "compensation"
+[L] (K^l for every layer, the last included; 0 without hcc or when n == T); "demand"
+[L, Kh, 2] (k_v, k_t); "demand_slots" [L, Kh] (d); "modality_split" [L, Kh, 2] kept visual /
+text slots, window included; "candidate_split" [L, Kh, 2] kept visual / text candidates;
+"modality_weights" [L, Kh, 2] (w_v, w_t); "psi" [L, Kh, T]; "n"; "proxy" (p); "k", "v"
+[L][Kh, max count, H] zero-padded, ascending positions, when keys / values are given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+VISUAL = (2, 3)
+
+
+def kept_tokens(t: int, ratio: float | None = None, tokens: int | None = None) -> int:
+  """n: slots per layer and KV head (item 1)."""
+  if (ratio is None) == (tokens is None):
+    raise ValueError("give exactly one of ratio or tokens")
+  if ratio is not None:
+    return min(t, max(1, math.ceil(ratio * t)))
+  return min(int(tokens), t)
+
+
+def proxy_scores(attn_NTT: np.ndarray, n_kv: int, proxy_window: int) -> np.ndarray:
+  """psi [Kh, T]: proxy-row sums per query head, GQA mean per KV head (item 2)."""
+  n, t, _ = attn_NTT.shape
+  p = min(proxy_window, t)
+  psi_NT = np.asarray(attn_NTT, np.float64)[:, t - p :, :].sum(1)
+  return psi_NT.reshape(n_kv, n // n_kv, t).mean(1)
+
+
+def demand(psi: np.ndarray, theta: float) -> int:
+  """k_m: the smallest number of the largest scores whose sum reaches theta * total (item 4)."""
+  s = np.concatenate([[0.0], np.cumsum(np.sort(psi)[::-1])])
+  return int(np.sum(s[:-1] < theta * s[-1]))
+
+
+def mpa_split(c: int, w_v: float, w_t: float, n_v: int, n_t: int) -> tuple[int, int]:
+  """(c_v, c_t): c candidate slots split by modality preference, surplus passed on (item 7d)."""
+  f = w_v / (w_v + w_t) if w_v + w_t > 0 else 0.0
+  c_v = int(np.clip(math.floor(c * f + 0.5), max(0, c - n_t), min(c, n_v)))
+  return c_v, c - c_v
+
+
+def next_budget(phi: int, x_sum: int, layer: int, n_layers: int, n_kv: int, t: int, units: str):
+  """phi^{l+1} from phi^l and X^l (item 5), exact integers, floor division, clamp [1, T]."""
+  r = n_layers - 1 - layer
+  if units == "per_head":
+    num, den = n_kv * (r + 1) * phi - x_sum, n_kv * r
+  elif units == "layer_total":
+    num, den = (r + n_kv) * phi - x_sum, r
+  else:
+    raise ValueError(f"hcc_units must be per_head or layer_total, got {units!r}")
+  return int(min(t, max(1, num // den)))
+
+
+def _top(pos: np.ndarray, psi: np.ndarray, k: int) -> np.ndarray:
+  """The k positions of `pos` with the largest psi, ties to the lower position."""
+  order = np.lexsort((pos, -psi[pos]))
+  return pos[order[:k]]
+
+
+def _select_head(psi, visual, p, b, split, mpa):
+  """Item 7: kept positions (ascending) and the (visual, text) candidate counts."""
+  t = psi.shape[0]
+  window = _top(np.arange(t - p, t), psi, min(b, p))
+  cand = np.arange(t - p)
+  c = max(0, b - p)
+  if mpa:
+    chosen = np.concatenate(
+      [_top(cand[visual[cand]], psi, split[0]), _top(cand[~visual[cand]], psi, split[1])]
+    )
+  else:
+    chosen = _top(cand, psi, c)
+  kept = np.sort(np.concatenate([window, chosen])).astype(np.int64)
+  return kept, (int(visual[chosen].sum()), int((~visual[chosen]).sum()))
+
+
+def madakv_ref(
+  attn,
+  keys=None,
+  values=None,
+  modality=None,
+  ratio: float | None = None,
+  tokens: int | None = None,
+  proxy_window: int = 32,
+  theta: float = 0.9,
+  reading: str = "B",
+  hcc_units: str = "per_head",
+  mpa: bool = True,
+  hcc: bool = True,
+  b_min: int = 1,
+  pool_cap: bool = True,
+  n_kv: int | None = None,
+) -> dict:
+  """MadaKV on one row. attn: [L][N, T, T] causal probabilities; keys / values: [L][Kh, T, H]
+  or None (then n_kv gives Kh, default N); modality: [T] ids (1 text, 2 image, 3 video)."""
+  if reading not in ("A", "B"):
+    raise ValueError(f"reading must be 'A' or 'B', got {reading!r}")
+  n_layers = len(attn)
+  n_heads, t, _ = np.shape(attn[0])
+  kh = keys[0].shape[0] if keys is not None else (n_kv or n_heads)
+  n = kept_tokens(t, ratio, tokens)
+  p = min(proxy_window, t)
+  visual = np.isin(np.asarray(modality), VISUAL)
+  cand_vis = visual[: t - p]
+  n_v, n_t = int(cand_vis.sum()), int((~cand_vis).sum())
+
+  psi = np.stack([proxy_scores(a, kh, proxy_window) for a in attn])  # [L, Kh, T]
+  w = np.stack(
+    [psi[..., : t - p][..., cand_vis].sum(-1), psi[..., : t - p][..., ~cand_vis].sum(-1)], -1
+  )
+  dem = np.zeros((n_layers, kh, 2), np.int64)
+  for l in range(n_layers):
+    for k in range(kh):
+      cand = psi[l, k, : t - p]
+      dem[l, k] = demand(cand[cand_vis], theta), demand(cand[~cand_vis], theta)
+  d = p + dem.sum(-1)  # [L, Kh]
+
+  counts = np.zeros((n_layers, kh), np.int64)
+  budgets = np.zeros(n_layers, np.int64)
+  caps = np.zeros(n_layers, np.int64)
+  comp = np.zeros(n_layers, np.int64)
+  msplit = np.zeros((n_layers, kh, 2), np.int64)
+  csplit = np.zeros((n_layers, kh, 2), np.int64)
+  kept = []
+  phi = n
+  for l in range(n_layers):
+    budgets[l] = phi
+    adaptive = hcc and n < t
+    if reading == "B" and adaptive:
+      r = n_layers - 1 - l
+      caps[l] = min(t, max(b_min, (r + 1) * phi - b_min * r)) if pool_cap else t
+      b_k = np.clip(d[l], b_min, caps[l])
+    else:
+      caps[l] = phi
+      b_k = np.full(kh, phi)
+    counts[l] = b_k
+    row = []
+    for k in range(kh):
+      b = int(b_k[k])
+      if reading == "B" and adaptive and b == d[l, k]:
+        split = (int(dem[l, k, 0]), int(dem[l, k, 1]))
+      else:
+        split = mpa_split(max(0, b - p), w[l, k, 0], w[l, k, 1], n_v, n_t)
+      pos, csplit[l, k] = _select_head(psi[l, k], visual, p, b, split, mpa)
+      msplit[l, k] = visual[pos].sum(), (~visual[pos]).sum()
+      row.append(pos)
+    kept.append(row)
+    if adaptive:
+      x_sum = int(d[l].sum() if reading == "A" else counts[l].sum())
+      comp[l] = x_sum - kh * phi
+      if l < n_layers - 1:
+        phi = next_budget(phi, x_sum, l, n_layers, kh, t, hcc_units)
+
+  out = {
+    "kept": kept,
+    "counts": counts,
+    "layer_budgets": budgets,
+    "caps": caps,
+    "compensation": comp,
+    "demand": dem,
+    "demand_slots": d,
+    "modality_split": msplit,
+    "candidate_split": csplit,
+    "modality_weights": w,
+    "psi": psi,
+    "n": n,
+    "proxy": p,
+  }
+  for name, src in (("k", keys), ("v", values)):
+    if src is not None:
+      out[name] = [_gather(np.asarray(src[l], np.float64), kept[l]) for l in range(n_layers)]
+  return out
+
+
+def _gather(x_KTH: np.ndarray, kept_l) -> np.ndarray:
+  """[Kh, max count, H]: kept rows per head in ascending position order, zero padded."""
+  c = max(len(pos) for pos in kept_l)
+  out = np.zeros((x_KTH.shape[0], c, x_KTH.shape[2]))
+  for k, pos in enumerate(kept_l):
+    out[k, : len(pos)] = x_KTH[k, pos]
+  return out
