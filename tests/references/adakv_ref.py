@@ -2,7 +2,7 @@
 
 Per layer (n as in snapkv_ref.budget_n; K KV heads; T prompt tokens):
 1. Per-KV-head SnapKV level and score exactly as snapkv_ref.window_scores (window positions level
-   1 and score 0, prefix scores pooled per query head then GQA-averaged).
+   1 and score = position, prefix scores pooled per query head then GQA-averaged).
 2. n_safe = max(1, int(n * alpha_safeguard)) (Python float product, truncated). Each head's own
    first n_safe positions under (level desc, score desc, position asc) are "forced".
 3. The layer keeps K * n (head, position) pairs in total: all pairs ordered by (forced desc, level
@@ -10,7 +10,8 @@ Per layer (n as in snapkv_ref.budget_n; K KV heads; T prompt tokens):
    whenever n_safe <= n); a head keeps its pairs in ascending position order.
 If n >= T everything is kept. Unlike AdaKV's own code (ALGORITHMS.md 3.6 step 4) the safeguard is a
 forced set inside one joint top-K*n, not a rounding of (1 - alpha) n_h + alpha b; this is kvpress's
-AdaKVPress. With SnapKV inside, the forced pairs are window positions whenever n_safe <= w.
+AdaKVPress. With SnapKV inside, the forced pairs are the latest window positions whenever
+n_safe <= w.
 Output: "kept" [L][K], "counts" [L, K], "n_safe"; with ``values`` also "k", "v" [L][K, C_l, H]
 (C_l = the layer's largest head count, zero padded).
 """

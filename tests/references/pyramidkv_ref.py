@@ -12,7 +12,7 @@ snapkv_ref.budget_n), w = min(window, T), L layers:
 Fallbacks, in this order:
 - n >= T: everything is kept (counts_l = T);
 - L == 1, or C <= w, or min(min_num, max_num) < 0: uniform counts_l = C in every layer.
-  (With C > w and beta >= 1 the formula never goes negative; the check guards small beta.)
+  (With C > w it goes negative only for beta < 1/2, where max_num < 0; kvpress asserts beta >= 1.)
 ``beta`` must be > 0. Each layer then keeps its counts_l per KV head exactly as snapkv_ref does
 (window level 1 first, then the pooled prefix scores).
 Output: "kept" [L][K], "counts" [L, K], "layer_budgets" [L]; with ``values`` also "k", "v".

@@ -18,8 +18,8 @@ SnapKV, per layer, with w = min(window, T):
    owns query heads j*G .. j*G+G-1). For "max" the order (pool, then mean) matters.
 4. Selection per KV head: the window positions [T-w, T) have priority level 1, the prefix level 0.
    Candidates are ordered by (level desc, score desc, position asc) and the first n are kept. Window
-   positions have no pooled score: they all score 0, so when n < w the FIRST n window positions
-   (T-w .. T-w+n-1) are kept. If n >= T everything is kept.
+   positions have no pooled score: each scores its own position (latest first), so when n < w the
+   LAST n positions are kept (kvpress is tie-dependent there). If n >= T everything is kept.
 Output: "kept" [L][K] ascending int arrays, "counts" [L, K]; with ``values`` also "k", "v"
 [L][K, C_l, H] (C_l the largest count of the layer, ascending positions, zero padded).
 """
@@ -72,14 +72,14 @@ def pool1d(x_NS: np.ndarray, kernel: int, pooling: str) -> np.ndarray:
 def window_scores(
   attn_NTT: np.ndarray, kv_heads: int, window: int, kernel: int, pooling: str
 ) -> tuple[np.ndarray, np.ndarray]:
-  """One layer's SnapKV (level [T], score [K, T]); the window has level 1 and score 0."""
+  """One layer's SnapKV (level [T], score [K, T]); the window has level 1 and score = position."""
   attn_NTT = np.asarray(attn_NTT, np.float64)
   T = attn_NTT.shape[-1]
   w = min(window, T)
   prefix = T - w
   s_NS = attn_NTT[:, T - w :, :prefix].sum(1)  # [N, T-w]
   pooled_KS = gqa_mean(pool1d(s_NS, kernel, pooling), kv_heads)
-  score_KT = np.zeros((kv_heads, T))
+  score_KT = np.broadcast_to(np.arange(T, dtype=np.float64), (kv_heads, T)).copy()
   score_KT[:, :prefix] = pooled_KS
   level_T = (np.arange(T) >= prefix).astype(np.int64)
   return level_T, score_KT

@@ -90,7 +90,7 @@ def test_snapkv_by_hand():
   attn, keys = hand_attention(), [np.ones((1, 6, 2))]
   level, score = window_scores(attn[0], 1, window=2, kernel=1, pooling="avg")
   assert level.tolist() == [0, 0, 0, 0, 1, 1]
-  np.testing.assert_array_equal(score[0], [0.125, 0.5, 0.5, 0.25, 0, 0])
+  np.testing.assert_array_equal(score[0], [0.125, 0.5, 0.5, 0.25, 4, 5])
 
   def kept(tokens, kernel, pooling="avg"):
     out = snapkv(attn, keys, tokens=tokens, window=2, kernel=kernel, pooling=pooling)
@@ -100,7 +100,7 @@ def test_snapkv_by_hand():
   assert kept(4, 1) == [1, 2, 4, 5]
   assert kept(4, 3) == [1, 2, 4, 5]  # avg: [.625, 1.125, 1.25, .75] / 3 -> positions 2 and 1
   assert kept(4, 3, "max") == [0, 1, 4, 5]  # max: [.5, .5, .5, .5] -> ties -> lowest positions
-  assert kept(1, 1) == [4]  # n < w: the first n window positions
+  assert kept(1, 1) == [5]  # n < w: the latest n window positions
   assert kept(6, 1) == list(range(6))
   with pytest.raises(ValueError):
     kept(3, 2)
@@ -213,6 +213,13 @@ def test_adakv_properties(seed):
     if max(out["counts"][layer]) - 8 > 4:  # safeguard not binding -> pure joint top
       assert min(s for s, _, _ in pairs) > max(dropped)
   assert adakv(attn, keys, ratio=1.0)["counts"].tolist() == [[50, 50]] * 3
+
+
+def test_budget_below_window_keeps_latest_window_positions():
+  attn, keys, _ = random_prompt(5, T=30)
+  for policy in (snapkv, pyramidkv, adakv):
+    out = policy(attn, keys, tokens=5, window=8)
+    assert all(p.tolist() == list(range(25, 30)) for layer in out["kept"] for p in layer)
 
 
 def test_adakv_one_head_is_snapkv():
