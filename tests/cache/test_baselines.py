@@ -1,0 +1,72 @@
+"""StreamingLLM, H2O, SnapKV, PyramidKV and AdaKV vs their independent NumPy references, on the
+dense attention of tiny transformers models (text Llama and LLaVA with images), batch 2."""
+
+import numpy as np
+import pytest
+
+import jmmkv
+from policy_harness import assert_same_kept, mm_setup, text_setup
+from references.adakv_ref import adakv
+from references.h2o_ref import h2o
+from references.pyramidkv_ref import pyramidkv
+from references.snapkv_ref import snapkv
+from references.streaming_ref import streaming
+
+CASES = [
+  ("streaming", streaming, dict()),
+  ("streaming", streaming, dict(sinks=2)),
+  ("h2o", h2o, dict()),
+  ("h2o", h2o, dict(recent_fraction=0.25)),
+  ("snapkv", snapkv, dict(window=8)),
+  ("snapkv", snapkv, dict(window=8, kernel=3, pooling="max")),
+  ("snapkv", snapkv, dict(window=4, kernel=1)),
+  ("pyramidkv", pyramidkv, dict(window=8)),
+  ("pyramidkv", pyramidkv, dict(window=4, beta=5.0)),
+  ("adakv", adakv, dict(window=8)),
+  ("adakv", adakv, dict(window=8, alpha_safeguard=0.5, pooling="max", kernel=3)),
+]
+BUDGETS = [dict(ratio=0.2), dict(ratio=0.5), dict(tokens=6)]
+
+
+def _check(setup, name, ref_fn, kw, budget):
+  cache = jmmkv.compress(
+    setup.model, setup.batch, jmmkv.policies.get(name, **kw), jmmkv.Budget(**budget)
+  )
+  k, v = np.asarray(cache.k), np.asarray(cache.v)
+  for b, row in enumerate(setup.rows):
+    ref = ref_fn(row["attn"], row["keys"], row["values"], row["modality"], **budget, **kw)
+    assert_same_kept(cache, b, ref["kept"], f"{name} {kw} {budget} row {b}")
+    np.testing.assert_array_equal((np.asarray(cache.positions)[:, b] >= 0).sum(-1), ref["counts"])
+    for l in range(len(ref["kept"])):
+      for h, kept in enumerate(ref["kept"][l]):
+        np.testing.assert_allclose(
+          k[l, b, h, : len(kept)], ref["k"][l][h, : len(kept)], atol=1e-5, rtol=1e-5
+        )
+        np.testing.assert_allclose(
+          v[l, b, h, : len(kept)], ref["v"][l][h, : len(kept)], atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2])
+def text(request, tmp_path_factory):
+  return text_setup(tmp_path_factory.mktemp("text"), request.param, [70, 29])
+
+
+@pytest.fixture(scope="module", params=[0, 1])
+def llava(request, tmp_path_factory):
+  return mm_setup(tmp_path_factory.mktemp("llava"), request.param, "llava")
+
+
+@pytest.mark.parametrize(
+  "name, ref_fn, kw", CASES, ids=lambda x: x if isinstance(x, str) else str(x)
+)
+@pytest.mark.parametrize("budget", BUDGETS, ids=str)
+def test_text_model(text, name, ref_fn, kw, budget):
+  _check(text, name, ref_fn, kw, budget)
+
+
+@pytest.mark.parametrize(
+  "name, ref_fn, kw", CASES, ids=lambda x: x if isinstance(x, str) else str(x)
+)
+def test_llava_with_images(llava, name, ref_fn, kw):
+  _check(llava, name, ref_fn, kw, dict(ratio=0.25))
