@@ -48,5 +48,7 @@ def test_text_only_prompt(tmp_path, seed):
     s.model, s.batch, jmmkv.policies.get("madakv", proxy_window=8), jmmkv.Budget(ratio=0.25)
   )
   for b, row in enumerate(s.rows):
-    ref = madakv_ref(row["attn"], row["keys"], row["values"], row["modality"], ratio=0.25, proxy_window=8)
+    ref = madakv_ref(
+      row["attn"], row["keys"], row["values"], row["modality"], ratio=0.25, proxy_window=8
+    )
     assert_same_kept(cache, b, ref["kept"], f"row {b}")

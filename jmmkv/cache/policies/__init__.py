@@ -5,6 +5,7 @@ from __future__ import annotations
 from jmmkv.cache.policies.adakv import AdaKV
 from jmmkv.cache.policies.full import Full
 from jmmkv.cache.policies.h2o import H2O
+from jmmkv.cache.policies.lookm import LookM
 from jmmkv.cache.policies.madakv import MadaKV
 from jmmkv.cache.policies.pyramidkv import PyramidKV
 from jmmkv.cache.policies.snapkv import SnapKV
@@ -17,6 +18,7 @@ POLICIES = {
   "snapkv": SnapKV,
   "pyramidkv": PyramidKV,
   "adakv": AdaKV,
+  "lookm": LookM,
   "madakv": MadaKV,
 }
 NAMES = tuple(POLICIES)

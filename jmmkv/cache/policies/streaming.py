@@ -35,7 +35,9 @@ class StreamingLLM:
     shape = prompt.k.shape[:4]
     pos_T = jnp.arange(t)
     sink_T = pos_T < self.sinks
-    score = jnp.broadcast_to(jnp.where(sink_T, 0, pos_T), shape)  # sinks: earliest first; rest: latest
+    score = jnp.broadcast_to(
+      jnp.where(sink_T, 0, pos_T), shape
+    )  # sinks: earliest first; rest: latest
     level = jnp.broadcast_to(sink_T, shape)
     idx = select.top_positions(score, level, prompt.valid_BT, kept_counts(budget, prompt), capacity)
     return select.gather(prompt, idx)

@@ -1,0 +1,100 @@
+"""LOOK-M: text-prior selection of the prompt KV, then merging of what is evicted (one shot).
+
+Based on "LOOK-M: Look-Once Optimization in KV Cache for Efficient Multimodal Long-Context
+Inference" (Wan et al., EMNLP 2024 Findings, arXiv 2406.18139); the readings are those of
+tests/references/lookm_ref.py (the executable spec). Per row, with n the budget:
+  M = min(n, floor(n * a1 / (a1 + a2) + 1/2)) recent tokens, N = n - M important ones;
+  score = column sums of the prompt attention over all queries (GQA mean);
+  keep the last M tokens, then every text token before them, then the top visual tokens until
+  M + max(N, #text before the window) tokens are kept (all text is kept: the budget can overrun);
+  merge each evicted token into its key-cosine nearest kept token ("pivot" P-Merge by default,
+  "average", "weighted", or None to only evict).
+A row without image / video tokens (or text_prior=False) has no text priority: H2O's selection
+with the same split, then the same merge. Defaults: a1 = a2 = 0.1 (recent 10% + important 10%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jmmkv.cache import merge as merging
+from jmmkv.cache import select
+from jmmkv.cache.policies.base import Prefix, PromptKV, uniform_capacity
+from jmmkv.cache.stats import StatsSpec
+from jmmkv.typing import IMAGE, VIDEO, Array
+
+
+def split_recent(n, a1: float, a2: float):
+  """(recent M, important N) of n kept tokens in the proportion a1 : a2 (M rounds half up)."""
+  recent = jnp.minimum(n, jnp.floor(n * (a1 / (a1 + a2)) + 0.5).astype(jnp.int32))
+  return recent, n - recent
+
+
+def text_prior_keep(
+  prompt: PromptKV, score_LBKT: Array, recent_LB: Array, important_LB: Array, text_prior: bool
+) -> Array:
+  """Keep mask ``[L, B, K, T]``: the last M tokens, every earlier text token (when the row has
+  visual tokens and ``text_prior``), then the best-scored tokens up to M + max(N, #text)."""
+  valid = prompt.valid_BT[None, :, None, :]
+  mod = prompt.modality_BT[None, :, None, :]
+  visual = (mod == IMAGE) | (mod == VIDEO)
+  has_visual = (visual & valid).any(-1, keepdims=True)
+  recent = jnp.stack([select.recent_rows(prompt.valid_BT, m) for m in recent_LB])[:, :, None, :]
+  prior = valid & ~recent & ~visual & has_visual if text_prior else jnp.zeros_like(recent)
+  level = 2 * recent + prior
+  n_text = prior.sum(-1)  # [L, B, 1]
+  counts = recent_LB[..., None] + jnp.maximum(important_LB[..., None], n_text)
+  counts = jnp.broadcast_to(counts, score_LBKT.shape[:3])
+  rank = select.own_rank(score_LBKT, jnp.broadcast_to(level, score_LBKT.shape), prompt.valid_BT)
+  return valid & (rank < counts[..., None])
+
+
+@dataclasses.dataclass(frozen=True)
+class LookM:
+  recent_ratio: float = 0.1
+  important_ratio: float = 0.1
+  merge: str | None = "pivot"
+  text_prior: bool = True
+
+  name = "lookm"
+  stats = StatsSpec(colsum=True)
+
+  def __post_init__(self):
+    if (
+      self.recent_ratio < 0
+      or self.important_ratio < 0
+      or self.recent_ratio + self.important_ratio <= 0
+    ):
+      raise ValueError(
+        f"recent_ratio and important_ratio must be >= 0 with a positive sum, got "
+        f"{self.recent_ratio}, {self.important_ratio}"
+      )
+    if self.merge is not None and self.merge not in merging.RULES:
+      raise ValueError(
+        f"merge must be None or one of {', '.join(merging.RULES)}, got {self.merge!r}"
+      )
+
+  def capacity(self, budget, prompt_len: int) -> int:
+    uniform_capacity(budget, prompt_len, self.name)
+    return prompt_len  # text tokens are all kept: the count can exceed the budget
+
+  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
+    l, _, kh = prompt.k.shape[:3]
+    score = select.reduce_heads(prompt.stats.colsum, kh, "mean")
+    recent_B, important_B = split_recent(
+      budget.kept_B(prompt.lengths_B), self.recent_ratio, self.important_ratio
+    )
+    tile = lambda x: jnp.broadcast_to(x[None], (l,) + x.shape)
+    keep = text_prior_keep(prompt, score, tile(recent_B), tile(important_B), self.text_prior)
+    return finish(prompt, keep, self.merge, capacity)
+
+
+def finish(prompt: PromptKV, keep_LBKT: Array, rule: str | None, capacity: int) -> Prefix:
+  """Merge the evicted tokens into the kept ones (``rule`` None: evict only), then gather."""
+  if rule is not None:
+    evict = prompt.valid_BT[None, :, None, :] & ~keep_LBKT
+    k, v = merging.merge(prompt.k, prompt.v, keep_LBKT, evict, rule)
+    prompt = prompt._replace(k=k, v=v)
+  return select.gather(prompt, select.positions_from_mask(keep_LBKT, capacity))

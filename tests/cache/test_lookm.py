@@ -1,0 +1,48 @@
+"""LOOK-M vs its independent reference (tests/references/lookm_ref.py): kept sets, merged K/V."""
+
+import numpy as np
+import pytest
+
+import jmmkv
+from policy_harness import assert_same_kept, mm_setup, text_setup
+from references.lookm_ref import lookm
+
+VARIANTS = [
+  dict(),
+  dict(merge="average"),
+  dict(merge="weighted"),
+  dict(merge=None),
+  dict(text_prior=False),
+  dict(recent_ratio=0.3, important_ratio=0.1),
+]
+
+
+def _check(setup, kw, budget):
+  cache = jmmkv.compress(
+    setup.model, setup.batch, jmmkv.policies.get("lookm", **kw), jmmkv.Budget(**budget)
+  )
+  k, v = np.asarray(cache.k), np.asarray(cache.v)
+  for b, row in enumerate(setup.rows):
+    ref = lookm(row["attn"], row["keys"], row["values"], row["modality"], **budget, **kw)
+    assert_same_kept(cache, b, ref["kept"], f"{kw} row {b}")
+    for l, kept_l in enumerate(ref["kept"]):
+      for h, kept in enumerate(kept_l):
+        c = len(kept)
+        np.testing.assert_allclose(k[l, b, h, :c], ref["k"][l][h, :c], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(v[l, b, h, :c], ref["v"][l][h, :c], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2])
+def llava(request, tmp_path_factory):
+  return mm_setup(tmp_path_factory.mktemp("lookm"), request.param, "llava")
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=str)
+@pytest.mark.parametrize("budget", [dict(ratio=0.2), dict(ratio=0.6)], ids=str)
+def test_llava_with_images(llava, kw, budget):
+  _check(llava, kw, budget)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_text_only_prompt_falls_back_to_h2o_selection(tmp_path, seed):
+  _check(text_setup(tmp_path, seed, [64, 27]), dict(), dict(ratio=0.3))
