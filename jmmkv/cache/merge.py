@@ -15,6 +15,7 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from jmmkv.cache.select import positions_from_mask
 from jmmkv.typing import Array
 
 RULES = ("average", "pivot", "weighted")
@@ -71,4 +72,47 @@ def merge(k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, rule: str):
     else:
       new = (x32 + summed) / (count[..., None] + 1)
     out.append(jnp.where(keep[..., None], new, x32).astype(x.dtype).reshape(shape))
+  return out[0], out[1]
+
+
+def merge_code_compat(
+  k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, misaligned: bool = True
+):
+  """The released MEDA / LOOK-M average merge ("code-compat", not the paper), as
+  tests/references/merge_ref.merge_code_compat specifies: evicted tokens are indexed by their rank
+  in each head; a rank passes when the head-mean of its best cosine is >= the layer's mean; with
+  ``misaligned`` the j-th passing target receives the rank-j token (the released bug), otherwise
+  the passing token itself. Every head of a layer must evict the same number of tokens."""
+  l, b, kh, t, _ = k.shape
+  flat = lambda x: x.reshape((-1,) + x.shape[3:])
+  target, cos = nearest(flat(k), flat(keep_LBKT), flat(evict_LBKT))
+  target, cos = target.reshape(l, b, kh, t), cos.reshape(l, b, kh, t)
+  rank_pos = positions_from_mask(evict_LBKT, t)  # [L, B, K, T]: evicted positions by rank, -1 after
+  has = rank_pos >= 0
+  tgt_m = jnp.where(has, jnp.take_along_axis(target, jnp.maximum(rank_pos, 0), -1), -1)
+  mx_m = jnp.where(has, jnp.take_along_axis(cos, jnp.maximum(rank_pos, 0), -1), 0.0)
+  n_m = has[:, :, 0].sum(-1, keepdims=True)  # evicted per head (the same in every head)
+  head_mean = mx_m.mean(2)  # [L, B, T]
+  global_mean = head_mean.sum(-1, keepdims=True) / jnp.maximum(n_m, 1)
+  passing = has[:, :, 0] & (head_mean >= global_mean)
+  f_rank = positions_from_mask(passing[:, :, None], t)[:, :, 0]  # [L, B, T]: F[j], -1 after
+  slot_ok = f_rank >= 0
+  dest = jnp.where(
+    slot_ok[:, :, None], jnp.take_along_axis(tgt_m, jnp.maximum(f_rank, 0)[:, :, None], -1), -1
+  )
+  src_rank = jnp.arange(t) if misaligned else jnp.maximum(f_rank, 0)
+  src_pos = jnp.take_along_axis(rank_pos, jnp.broadcast_to(src_rank, (l, b, t))[:, :, None], -1)
+  src_pos = jnp.where(slot_ok[:, :, None] & (src_pos >= 0), src_pos, -1)  # [L, B, K, T]
+  seg = jnp.where((src_pos >= 0) & (dest >= 0), dest, t)
+  rows = lambda x: x.reshape((-1,) + x.shape[3:])
+  count = jax.vmap(lambda s: jax.ops.segment_sum(jnp.ones((t,)), s, t + 1)[:t])(rows(seg))
+  out = []
+  for x in (k, v):
+    x32 = x.astype(jnp.float32)
+    src = jnp.take_along_axis(x32, jnp.maximum(src_pos, 0)[..., None], 3)
+    summed = jax.vmap(lambda d, s: jax.ops.segment_sum(d, s, t + 1)[:t])(rows(src), rows(seg))
+    new = (rows(x32) + summed) / (count[..., None] + 1)
+    out.append(
+      jnp.where(rows(keep_LBKT)[..., None], new, rows(x32)).astype(x.dtype).reshape(x.shape)
+    )
   return out[0], out[1]

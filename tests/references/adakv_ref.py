@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.references.snapkv_ref import budget_n, finish, select, window_scores
+from references.snapkv_ref import budget_n, finish, select, window_scores
 
 
 def joint_select(level_T, score_KT, n: int, n_safe: int) -> list:

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from tests.references.snapkv_ref import budget_n, finish, gqa_mean, select_layer
+from references.snapkv_ref import budget_n, finish, gqa_mean, select_layer
 
 
 def h2o(

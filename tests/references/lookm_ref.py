@@ -51,7 +51,7 @@ import math
 
 import numpy as np
 
-from tests.references import merge_ref
+from references import merge_ref
 
 TEXT, IMAGE, VIDEO = 1, 2, 3
 

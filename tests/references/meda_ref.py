@@ -60,7 +60,7 @@ import math
 
 import numpy as np
 
-from tests.references import lookm_ref
+from references import lookm_ref
 
 
 def _entropy(p, axis=-1):

@@ -25,7 +25,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from tests.references.snapkv_ref import budget_n, finish, select_layer, window_scores
+from references.snapkv_ref import budget_n, finish, select_layer, window_scores
 
 
 def largest_remainder(x: list[Fraction]) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.references.snapkv_ref import budget_n, finish, select
+from references.snapkv_ref import budget_n, finish, select
 
 
 def streaming(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.references import lookm_ref, meda_ref, merge_ref, stats_ref
+from references import lookm_ref, meda_ref, merge_ref, stats_ref
 
 # A one-head layer with hand-computable merges. Kept positions 0 and 2; evicted 1 (parallel to
 # key 0: cosine 1) and 3 (cosine 3/5 with key 0, 4/5 with key 2 -> merges into 2).

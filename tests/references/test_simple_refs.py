@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.references.adakv_ref import adakv, joint_select
-from tests.references.h2o_ref import h2o
-from tests.references.pyramidkv_ref import largest_remainder, layer_budgets, pyramidkv
-from tests.references.snapkv_ref import budget_n, pool1d, snapkv, window_scores
-from tests.references.streaming_ref import streaming
+from references.adakv_ref import adakv, joint_select
+from references.h2o_ref import h2o
+from references.pyramidkv_ref import largest_remainder, layer_budgets, pyramidkv
+from references.snapkv_ref import budget_n, pool1d, snapkv, window_scores
+from references.streaming_ref import streaming
 
 
 def causal_softmax(logits_NTT):

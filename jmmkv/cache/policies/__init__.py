@@ -7,6 +7,7 @@ from jmmkv.cache.policies.full import Full
 from jmmkv.cache.policies.h2o import H2O
 from jmmkv.cache.policies.lookm import LookM
 from jmmkv.cache.policies.madakv import MadaKV
+from jmmkv.cache.policies.meda import MEDA
 from jmmkv.cache.policies.pyramidkv import PyramidKV
 from jmmkv.cache.policies.snapkv import SnapKV
 from jmmkv.cache.policies.streaming import StreamingLLM
@@ -19,6 +20,7 @@ POLICIES = {
   "pyramidkv": PyramidKV,
   "adakv": AdaKV,
   "lookm": LookM,
+  "meda": MEDA,
   "madakv": MadaKV,
 }
 NAMES = tuple(POLICIES)
