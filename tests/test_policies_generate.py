@@ -1,0 +1,56 @@
+"""Every policy inside generate() on tiny LLaVA and Qwen2-VL models, batch 2 with images."""
+
+import numpy as np
+import pytest
+
+import jmmkv
+from mm_models import build_mm_model, make_case
+
+SMALL = {
+  "snapkv": dict(window=8),
+  "pyramidkv": dict(window=8),
+  "adakv": dict(window=8),
+  "madakv": dict(proxy_window=8),
+}
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def setup(request, tmp_path_factory):
+  family = request.param
+  hf = build_mm_model(family, 0)
+  path = tmp_path_factory.mktemp(family)
+  hf.save_pretrained(path)
+  model = jmmkv.load(path)
+  rng = np.random.default_rng(0)
+  images = 3 if family == "llava" else [[1, 4, 4], [1, 4, 6], [1, 2, 2]]
+  case = make_case(
+    model, family, rng, [[12, "image", 5, "image", 9], [4, "image", 20]], images=images, side="left"
+  )
+  return model, model.prepare(input_ids=case.ids, attention_mask=case.mask, **case.arrays)
+
+
+@pytest.mark.parametrize("name", jmmkv.policies.NAMES)
+def test_generate_with_every_policy(setup, name):
+  model, batch = setup
+  policy = jmmkv.policies.get(name, **SMALL.get(name, {}))
+  budget = None if name == "full" else jmmkv.Budget(ratio=0.3)
+  out = jmmkv.generate(
+    model,
+    batch,
+    policy,
+    budget,
+    max_new_tokens=6,
+    eos_token_id=[],
+    return_cache=True,
+    output_scores=True,
+  )
+  assert [len(t) for t in out.tokens] == [6, 6]
+  assert np.isfinite(out.scores).all()
+  kept = out.stats["kept_fraction"]
+  assert (kept == 1.0) if name == "full" else (0 < kept < 1.0)
+  pos, mod = np.asarray(out.cache.positions), np.asarray(out.cache.modality)
+  for b, ids in enumerate(batch.input_ids):
+    live = pos[:, b] >= 0
+    want = batch.modality[b][np.where(live, pos[:, b], 0)]
+    np.testing.assert_array_equal(mod[:, b][live], want[live])  # modality travels with each slot
+  assert out.stats["kv_bytes_used"] <= out.stats["kv_bytes_allocated"]
