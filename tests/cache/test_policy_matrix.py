@@ -109,6 +109,18 @@ def test_compressing_policy_needs_a_budget(model, name):
     ("snapkv", dict(window=0), "window"),
     ("snapkv", dict(pooling="sum"), "pooling"),
     ("snapkv", dict(nonsense=1), "nonsense"),
+    ("pyramidkv", dict(beta=0.5), "beta"),
+    ("adakv", dict(alpha_safeguard=1.5), "alpha_safeguard"),
+    ("adakv", dict(kernel=2), "kernel"),
+    ("lookm", dict(merge="median"), "merge"),
+    ("lookm", dict(recent_ratio=0, important_ratio=0), "important_ratio"),
+    ("meda", dict(variant="both"), "variant"),
+    ("meda", dict(split=(0, 0)), "split"),
+    ("meda", dict(alpha_min=2.0), "alpha_min"),
+    ("madakv", dict(theta=0), "theta"),
+    ("madakv", dict(reading="C"), "reading"),
+    ("madakv", dict(hcc_units="per_token"), "hcc_units"),
+    ("madakv", dict(proxy_window=0), "proxy_window"),
   ],
 )
 def test_hyperparameters_out_of_range(name, kw, match):
