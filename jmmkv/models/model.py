@@ -155,14 +155,10 @@ class Model:
     img_counts, vid_counts = self._media_counts(media)
     kw = dict(cfg=self.config, dtype=self.dtype_name)
     if self.is_llava:
-      pix, pack, counts = (
-        llava.layout(self.config, media.pixel_values, media.image_sizes)
-        if img_counts
-        else (np.zeros((0, 3, 1, 1), np.float32), np.zeros((0,), np.int32), [])
-      )
-      b, t = mm.placeholder_index(ids_BT, self.config.image_token_id, sum(counts))
-      if not counts:
+      b, t = mm.placeholder_index(ids_BT, self.config.image_token_id, sum(img_counts))
+      if not img_counts:
         return embed_text(self.params, ids_BT, cfg=self.text_config, dtype=self.dtype_name)
+      pix, pack, _ = llava.layout(self.config, media.pixel_values, media.image_sizes)
       return llava.embed(self.params, ids_BT, pix, pack, b, t, **kw)
     if self.is_qwen_vl:
       c = self.config
