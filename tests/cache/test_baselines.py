@@ -52,9 +52,10 @@ def text(request, tmp_path_factory):
   return text_setup(tmp_path_factory.mktemp("text"), request.param, [70, 29])
 
 
-@pytest.fixture(scope="module", params=[0, 1])
+@pytest.fixture(scope="module", params=[("llava", 0), ("llava", 1), ("qwen2_vl", 0)], ids=str)
 def llava(request, tmp_path_factory):
-  return mm_setup(tmp_path_factory.mktemp("llava"), request.param, "llava")
+  family, seed = request.param
+  return mm_setup(tmp_path_factory.mktemp(family), seed, family)
 
 
 @pytest.mark.parametrize(

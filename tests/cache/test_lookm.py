@@ -32,9 +32,12 @@ def _check(setup, kw, budget):
         np.testing.assert_allclose(v[l, b, h, :c], ref["v"][l][h, :c], atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module", params=[0, 1, 2])
+@pytest.fixture(
+  scope="module", params=[("llava", 0), ("llava", 1), ("llava", 2), ("qwen2_vl", 0)], ids=str
+)
 def llava(request, tmp_path_factory):
-  return mm_setup(tmp_path_factory.mktemp("lookm"), request.param, "llava")
+  family, seed = request.param
+  return mm_setup(tmp_path_factory.mktemp(family), seed, family)
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=str)

@@ -18,9 +18,12 @@ VARIANTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=[0, 1, 2])
+@pytest.fixture(
+  scope="module", params=[("llava", 0), ("llava", 1), ("llava", 2), ("qwen2_vl", 0)], ids=str
+)
 def llava(request, tmp_path_factory):
-  return mm_setup(tmp_path_factory.mktemp("mada"), request.param, "llava")
+  family, seed = request.param
+  return mm_setup(tmp_path_factory.mktemp(family), seed, family)
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=str)
@@ -33,6 +36,10 @@ def test_kept_positions_and_kv_equal_reference(llava, kw, ratio):
   for b, row in enumerate(llava.rows):
     ref = madakv_ref(row["attn"], row["keys"], row["values"], row["modality"], ratio=ratio, **kw)
     assert_same_kept(cache, b, ref["kept"], f"row {b} {kw}")
+    mod = np.asarray(cache.modality)[:, b]  # [L, K, C]
+    split = np.stack([(mod >= 2).sum(-1), (mod == 1).sum(-1)], axis=-1)  # kept visual / text
+    np.testing.assert_array_equal(split, ref["modality_split"])
+    np.testing.assert_array_equal(split.sum(-1), ref["counts"])  # the split fills the head budget
     k = np.asarray(cache.k)[:, b]
     for l, kept_l in enumerate(ref["kept"]):
       for h, kept in enumerate(kept_l):
