@@ -37,17 +37,17 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the references import each other as `references.*`
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from kvpress import AdaKVPress, PyramidKVPress, SnapKVPress, StreamingLLMPress  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tests.references.adakv_ref import adakv  # noqa: E402
-from tests.references.pyramidkv_ref import pyramidkv  # noqa: E402
-from tests.references.snapkv_ref import select_layer, snapkv, window_scores  # noqa: E402
-from tests.references.streaming_ref import streaming  # noqa: E402
+from references.adakv_ref import adakv  # noqa: E402
+from references.pyramidkv_ref import pyramidkv  # noqa: E402
+from references.snapkv_ref import select_layer, snapkv, window_scores  # noqa: E402
+from references.streaming_ref import streaming  # noqa: E402
 
 
 def build(seed: int) -> LlamaForCausalLM:
