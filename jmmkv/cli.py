@@ -81,12 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(func=_demo)
+  bench = sub.add_parser(
+    "bench", help="KV memory and latency of each policy x budget vs Full (random weights)"
+  )
+  bench.add_argument(
+    "--preset",
+    choices=["llava-mini", "tiny"],
+    default="llava-mini",
+    help="llava-mini: 8 layers, D=512, 8 heads (MHA), head dim 64, vocab 4096",
+  )
+  bench.add_argument("--lengths", default="4096", help="comma-separated prompt lengths")
+  bench.add_argument("--policies", default="all", help="comma-separated names, or 'all'")
+  bench.add_argument("--budgets", default="0.5,0.2,0.05", help="comma-separated ratios in (0, 1]")
+  bench.add_argument("--max-new-tokens", type=int, default=32)
+  bench.add_argument("--repeats", type=int, default=3)
+  bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
+  bench.set_defaults(func=_bench)
   return parser
+
+
+def _bench(args) -> int:
+  from jmmkv import bench
+
+  return bench.main(args)
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  for name in ("batch", "prompt_len", "max_new_tokens"):
+  for name in ("batch", "prompt_len", "max_new_tokens", "repeats"):
     if getattr(args, name, 1) < 1:
       print(f"jmmkv: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
       return 2

@@ -270,6 +270,14 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
       capacity=capacity,
       append_capacity=append_capacity,
     )
+  if (
+    cache.capacity > 32
+  ):  # drop trailing slots no row, layer or head uses (per-layer/-head budgets)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+      cache = jax.block_until_ready(kv_cache.shrink(cache, kv_cache.compact_capacity(cache)))
+    compress_s += time.perf_counter() - t0
   return padded, logits_BV, cache, prefill_s, compress_s
 
 

@@ -24,3 +24,41 @@ def test_console_entry_point_help():
     [sys.executable, "-m", "jmmkv.cli", "demo", "--help"], capture_output=True, text=True
   )
   assert out.returncode == 0 and "--preset" in out.stdout
+
+
+def test_bench_smoke_writes_json(tmp_path, capsys):
+  import json
+
+  out = tmp_path / "bench.json"
+  code = cli.main(
+    [
+      "bench",
+      "--preset",
+      "tiny",
+      "--lengths",
+      "128",
+      "--policies",
+      "snapkv,full",
+      "--budgets",
+      "0.25",
+      "--repeats",
+      "1",
+      "--max-new-tokens",
+      "3",
+      "--out",
+      str(out),
+    ]
+  )
+  assert code == 0
+  result = json.loads(out.read_text())
+  rows = {r["policy"]: r for r in result["rows"]}
+  assert set(rows) == {"full", "snapkv"} and rows["full"]["kv_bytes_allocated_vs_full"] == 1.0
+  assert rows["snapkv"]["kv_bytes_allocated_vs_full"] < 0.3  # 25% of a 128-token prompt, measured
+  assert "decode ms/tok" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_arguments(capsys):
+  assert cli.main(["bench", "--preset", "tiny", "--policies", "nope"]) == 2
+  assert "unknown policy 'nope'" in capsys.readouterr().err
+  assert cli.main(["bench", "--preset", "tiny", "--budgets", "1.5"]) == 2
+  assert "(0, 1]" in capsys.readouterr().err

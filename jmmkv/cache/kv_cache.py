@@ -7,6 +7,8 @@ index shared by all rows (row b's m-th new token sits at RoPE position ``rope_st
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -84,3 +86,19 @@ def write_append(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCa
     cache.append_v, v_BKH[None, :, :, None].astype(cache.append_v.dtype), at
   )
   return cache.replace(append_k=k, append_v=v)
+
+
+def compact_capacity(cache: KVCache, multiple: int = 32) -> int:
+  """The smallest capacity, a multiple of ``multiple`` (or the current one), that holds every
+  kept slot of ``cache`` (slots are stored first, in ascending position order)."""
+  used = int(np.asarray((cache.positions >= 0).sum(-1)).max(initial=0))
+  return min(cache.capacity, max(multiple, -(-used // multiple) * multiple))
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",), donate_argnums=0)
+def shrink(cache: KVCache, capacity: int) -> KVCache:
+  """The same cache with the prefix cut to ``capacity`` slots (all cut slots must be empty)."""
+  cut = lambda x: x[:, :, :, :capacity]
+  return cache.replace(
+    k=cut(cache.k), v=cut(cache.v), positions=cut(cache.positions), modality=cut(cache.modality)
+  )

@@ -1,0 +1,69 @@
+"""Shrinking the prefix to the slots in use changes nothing, and really shrinks the arrays."""
+
+import jax
+import numpy as np
+import pytest
+
+import jmmkv
+from jmmkv import inputs
+from jmmkv.cache import kv_cache
+from jmmkv.generate import compress_step, decode_loop, prefill_step
+from jmmkv.models.configs import tiny_decoder
+from jmmkv.sampling import Sampling
+
+CFG = tiny_decoder(
+  vocab_size=512,
+  hidden_size=64,
+  intermediate_size=128,
+  num_layers=3,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+)
+
+
+@pytest.mark.parametrize("name", ["adakv", "pyramidkv", "meda", "madakv"])
+def test_shrunk_cache_decodes_identically(name):
+  model = jmmkv.random_model(CFG, seed=1)
+  rng = np.random.default_rng(1)
+  batch = model.prepare(input_ids=[rng.integers(3, 512, 200), rng.integers(3, 512, 120)])
+  kw = {"madakv": dict(proxy_window=8)}.get(name, {})
+  if name in ("adakv", "pyramidkv"):
+    kw = dict(window=8)
+  policy, budget = jmmkv.policies.get(name, **kw), jmmkv.Budget(ratio=0.2)
+  padded = inputs.pad(batch)
+  x = model.embed(padded.ids_BT, padded.media)
+  pos = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
+  logits, prompt = prefill_step(
+    model.params["text"],
+    x,
+    pos.astype(np.int32),
+    padded.valid_BT,
+    padded.modality_BT,
+    padded.lengths_B,
+    cfg=CFG,
+    dtype="float32",
+    spec=policy.stats,
+  )
+  rope = (pos[np.arange(2), padded.lengths_B - 1] + 1).astype(np.int32)
+  full = compress_step(*prompt, rope, policy=policy, budget=budget, capacity=256, append_capacity=7)
+  small = kv_cache.shrink(jax.tree.map(lambda a: a.copy(), full), kv_cache.compact_capacity(full))
+  assert small.capacity < full.capacity and small.capacity % 32 == 0
+  assert small.kv_bytes_allocated() < full.kv_bytes_allocated()
+  assert small.kv_bytes_used() == full.kv_bytes_used()
+  run = lambda c: decode_loop(
+    model.params["text"],
+    logits,
+    c,
+    jax.random.key(0),
+    np.zeros((0,), np.int32),
+    cfg=CFG,
+    dtype="float32",
+    sampling=Sampling(),
+    max_new_tokens=8,
+    output_scores=True,
+  )
+  t_full, _, s_full = run(full)
+  t_small, _, s_small = run(small)
+  np.testing.assert_array_equal(np.asarray(t_full), np.asarray(t_small))
+  np.testing.assert_allclose(np.asarray(s_full), np.asarray(s_small), atol=1e-5, rtol=1e-5)
