@@ -70,6 +70,33 @@ def _window_rows(valid_BT: Array, window: int) -> Array:
   return valid_BT & (from_end <= window)
 
 
+def window_sums(q_BTNH: Array, k_BKTH: Array, valid_BT: Array, window: int) -> Array:
+  """``[B, N, T]``: sum over each row's last ``window`` valid queries of their causal attention.
+
+  Only those W queries are scored (W x T per head), so this costs little next to the prefill.
+  """
+  b, t, n, h = q_BTNH.shape
+  kh = k_BKTH.shape[1]
+  w = min(window, t)
+  rows_BW = _last_valid_slots(valid_BT, w)  # [B, W] slots, -1 where the row is shorter
+  q_BWNH = jnp.take_along_axis(q_BTNH, jnp.maximum(rows_BW, 0)[:, :, None, None], axis=1)
+  q_BKGWH = einops.rearrange(q_BWNH, "B W (K G) H -> B K G W H", K=kh)
+  s = jnp.einsum("BKGWH,BKSH->BKGWS", q_BKGWH, k_BKTH, preferred_element_type=jnp.float32) * h**-0.5
+  mask_BWS = (rows_BW[:, :, None] >= jnp.arange(t)[None, None, :]) & valid_BT[:, None, :]
+  p = jax.nn.softmax(jnp.where(mask_BWS[:, None, None], s, MASK_VALUE), axis=-1)
+  p = jnp.where((rows_BW >= 0)[:, None, None, :, None], p, 0.0)
+  return einops.rearrange(p.sum(axis=3), "B K G S -> B (K G) S")
+
+
+def _last_valid_slots(valid_BT: Array, w: int) -> Array:
+  """``[B, w]``: the slots of each row's last w valid tokens (ascending), -1 for missing ones."""
+  t = valid_BT.shape[1]
+  in_window = _window_rows(valid_BT, w)
+  slots = jnp.where(in_window, jnp.arange(t)[None], t)
+  first = jnp.sort(slots, axis=1)[:, :w]
+  return jnp.where(first >= t, -1, first)
+
+
 def attention(
   q_BTNH: Array,
   k_BKTH: Array,
@@ -98,7 +125,6 @@ def attention(
   slots = jnp.arange(t)
   is_text = (modality_BT == TEXT) & valid_BT
   is_vis = ((modality_BT == IMAGE) | (modality_BT == VIDEO)) & valid_BT
-  in_window = _window_rows(valid_BT, spec.window) if spec.window else None
 
   def step(carry, i):
     start = i * block
@@ -116,10 +142,6 @@ def attention(
     new = dict(carry)
     if spec.colsum:
       new["colsum"] = carry["colsum"] + jnp.einsum("BNQS,BQ->BNS", p_BNQS, qv_BQ)
-    if spec.window:
-      new["window"] = carry["window"] + jnp.einsum(
-        "BNQS,BQ->BNS", p_BNQS, take(in_window).astype(jnp.float32)
-      )
     if spec.entropy:
       new["entropy"] = carry["entropy"] + jnp.einsum("BNQ,BQ->BN", _entropy(p_BNQS), qv_BQ)
     if spec.cross:
@@ -136,8 +158,6 @@ def attention(
   carry = {}
   if spec.colsum:
     carry["colsum"] = zeros(b, n, t)
-  if spec.window:
-    carry["window"] = zeros(b, n, t)
   if spec.entropy:
     carry["entropy"] = zeros(b, n)
   if spec.cross:
@@ -150,6 +170,8 @@ def attention(
     counts = jnp.stack([is_text.sum(1), is_vis.sum(1)], axis=-1)
     both = (is_text.any(1) & is_vis.any(1))[:, None]
     carry["cross"] = jnp.where(both, carry["cross"] / jnp.maximum(counts, 1), 0.0)
+  if spec.window:
+    carry["window"] = window_sums(q_BTNH, k_BKTH, valid_BT, spec.window)
   if pad:
     out_BTNH = out_BTNH[:, :t_in]
     carry = {k: v[..., :t_in] if v.ndim == 3 else v for k, v in carry.items()}
