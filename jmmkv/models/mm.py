@@ -15,12 +15,17 @@ def splice(x_BTD: Array, feats_XD: Array, b_idx_X, t_idx_X) -> Array:
 def placeholder_index(ids_BT: np.ndarray, token_id: int, num_features: int, what: str = "image"):
   """(b, t) of every ``token_id`` in row-major order; checks there is one per feature row."""
   b_idx, t_idx = np.nonzero(np.asarray(ids_BT) == token_id)
-  if len(b_idx) != num_features:
+  check_count(len(b_idx), num_features, what)
+  return b_idx.astype(np.int32), t_idx.astype(np.int32)
+
+
+def check_count(num_tokens: int, num_features: int, what: str = "image"):
+  """Raises unless there is one placeholder token per feature row."""
+  if num_tokens != num_features:
     raise ValueError(
-      f"{len(b_idx)} {what} tokens in input_ids but {num_features} {what} features: "
+      f"{num_tokens} {what} tokens in input_ids but {num_features} {what} features: "
       f"the number of {what} tokens must equal the number of {what} features"
     )
-  return b_idx.astype(np.int32), t_idx.astype(np.int32)
 
 
 def modality_rows(

@@ -303,12 +303,7 @@ class Model:
     video_id = self.config.video_token_id if self.is_qwen_vl else None
     for token, counts, what in ((image_id, img_counts, "image"), (video_id, vid_counts, "video")):
       if token is not None:
-        found = sum(int((r == token).sum()) for r in rows)
-        if found != sum(counts):
-          raise ValueError(
-            f"{found} {what} tokens in input_ids but {sum(counts)} {what} features: "
-            f"the number of {what} tokens must equal the number of {what} features"
-          )
+        mm.check_count(sum(int((r == token).sum()) for r in rows), sum(counts), what)
     modality, media_index = mm.modality_rows(rows, image_id, video_id, img_counts, vid_counts)
     return inputs.Batch(tuple(rows), modality, media_index, media)
 
