@@ -37,13 +37,17 @@ def _demo(args) -> int:
     input_ids=[rng.integers(3, model.text_config.vocab_size, n) for n in lengths]
   )
   policy = jmmkv.policies.get(args.policy)
+  budget = None if args.policy == "full" else jmmkv.Budget(ratio=args.budget)
   print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {args.dtype}")
   print(
     f"batch {args.batch}, prompt lengths {lengths}, {args.max_new_tokens} new tokens, policy {args.policy}"
+    + ("" if budget is None else f", budget {args.budget:g}")
   )
   kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=[])
-  first = jmmkv.generate(model, batch, policy, **kw)  # compiles prefill, compression and decode
-  out = jmmkv.generate(model, batch, policy, **kw)  # same bucket: reuses the compiled code
+  first = jmmkv.generate(
+    model, batch, policy, budget, **kw
+  )  # compiles prefill, compression and decode
+  out = jmmkv.generate(model, batch, policy, budget, **kw)  # same bucket: reuses the compiled code
   s, s0 = out.stats, first.stats
   compile_s = sum(s0[k] - s[k] for k in ("prefill_s", "compress_s", "decode_s"))
   print(
@@ -77,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--batch", type=int, default=2)
   demo.add_argument("--prompt-len", type=int, default=500)
   demo.add_argument("--max-new-tokens", type=int, default=64)
-  demo.add_argument("--policy", default="full")
+  demo.add_argument("--policy", default="full", help="a name from jmmkv.policies.NAMES")
+  demo.add_argument(
+    "--budget", type=float, default=0.2, help="kept fraction of each prompt (not for full)"
+  )
   demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(func=_demo)

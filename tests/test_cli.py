@@ -62,3 +62,28 @@ def test_bench_rejects_bad_arguments(capsys):
   assert "unknown policy 'nope'" in capsys.readouterr().err
   assert cli.main(["bench", "--preset", "tiny", "--budgets", "1.5"]) == 2
   assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_demo_with_a_compressing_policy(capsys):
+  assert (
+    cli.main(
+      [
+        "demo",
+        "--preset",
+        "tiny",
+        "--policy",
+        "snapkv",
+        "--budget",
+        "0.25",
+        "--prompt-len",
+        "128",
+        "--max-new-tokens",
+        "4",
+      ]
+    )
+    == 0
+  )
+  out = capsys.readouterr().out
+  assert "budget 0.25" in out and "kept fraction 0.25" in out  # (32 + 31) / (128 + 121), measured
+  assert cli.main(["demo", "--preset", "tiny", "--policy", "h2o", "--budget", "1.5"]) == 2
+  assert capsys.readouterr().err.strip() == "jmmkv: error: Budget ratio must be in (0, 1], got 1.5"
