@@ -7,6 +7,7 @@ call with the same (batch size, prompt bucket, policy, capacity, max_new_tokens,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -231,6 +232,14 @@ def generate(
   )
 
 
+@contextlib.contextmanager
+def _donation_quiet():
+  """A prefix smaller than the prompt cannot reuse the donated buffers: that is expected."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    yield
+
+
 def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_capacity: int):
   if not isinstance(batch, inputs.Batch):
     raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
@@ -259,8 +268,7 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
     spec=policy.stats,  # statistics the policy scores with, computed inside prefill attention
   )
   prefill_s = time.perf_counter() - t0
-  with warnings.catch_warnings():  # a prefix smaller than the prompt cannot reuse its buffers
-    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+  with _donation_quiet():
     cache, compress_s = _timed(
       compress_step,
       *prompt,
@@ -274,8 +282,7 @@ def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_cap
     cache.capacity > 32
   ):  # drop trailing slots no row, layer or head uses (per-layer/-head budgets)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    with _donation_quiet():
       cache = jax.block_until_ready(kv_cache.shrink(cache, kv_cache.compact_capacity(cache)))
     compress_s += time.perf_counter() - t0
   return padded, logits_BV, cache, prefill_s, compress_s

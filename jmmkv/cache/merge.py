@@ -19,6 +19,7 @@ from jmmkv.cache.select import positions_from_mask
 from jmmkv.typing import Array
 
 RULES = ("average", "pivot", "weighted")
+CODE_COMPAT = "code-compat"  # the released MEDA / LOOK-M average merge, see `merge_code_compat`
 
 
 def _unit(x):
@@ -51,6 +52,8 @@ def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 128):
 def merge(k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, rule: str):
   """``k``, ``v`` ``[L, B, K, T, H]`` with every evicted token merged into its nearest kept one
   (values at non-kept positions are left as they were)."""
+  if rule == CODE_COMPAT:
+    return merge_code_compat(k, v, keep_LBKT, evict_LBKT)
   if rule not in RULES:
     raise ValueError(f"merge rule must be one of {', '.join(RULES)}, got {rule!r}")
   shape = k.shape

@@ -37,21 +37,9 @@ def top_positions(
 ) -> Array:
   """Kept positions ``[L, B, K, C]``: per (l, b, k) the first ``n`` candidates by (level desc,
   score desc, position asc), in ascending position order, -1 in unused slots."""
-  l, b, kh, t = scores_LBKT.shape
-  pos_T = jnp.arange(t, dtype=jnp.int32)
-  level = jnp.where(valid_BT[None, :, None, :], level_LBKT.astype(jnp.int32), -1)
-  score = jnp.where(valid_BT[None, :, None, :], scores_LBKT.astype(jnp.float32), -jnp.inf)
-  pos = jnp.broadcast_to(pos_T, scores_LBKT.shape)
-  _, _, order = jax.lax.sort((-level, -score, pos), dimension=-1, num_keys=3)
-  top = order[..., :capacity]
-  count = jnp.minimum(n_LBK, valid_BT.sum(-1)[None, :, None])  # never more than the row has
-  keep = jnp.arange(capacity)[None, None, None, :] < count[..., None]
-  return _ascending(top, keep, t)
-
-
-def _ascending(top_LBKC: Array, keep_LBKC: Array, t: int) -> Array:
-  sorted_ = jnp.sort(jnp.where(keep_LBKC, top_LBKC, t), axis=-1)
-  return jnp.where(sorted_ >= t, -1, sorted_).astype(jnp.int32)
+  rank = own_rank(scores_LBKT, level_LBKT, valid_BT)
+  keep = valid_BT[None, :, None, :] & (rank < n_LBK[..., None])  # padding is never kept
+  return positions_from_mask(keep, capacity)
 
 
 def gather(prompt: PromptKV, idx_LBKC: Array) -> Prefix:

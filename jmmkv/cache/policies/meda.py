@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jmmkv.cache import merge as merging
 from jmmkv.cache import select
 from jmmkv.cache.policies.base import Prefix, PromptKV, uniform_capacity
-from jmmkv.cache.policies.lookm import split_recent, text_prior_keep
+from jmmkv.cache.policies.lookm import finish, split_recent, text_prior_keep
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import Array
 
@@ -108,11 +108,5 @@ class MEDA:
     recent, important = split_recent(s_LB, b1, b2)
     score = select.reduce_heads(prompt.stats.colsum, kh, "mean")
     keep = text_prior_keep(prompt, score, recent, important, text_prior=True)
-    if self.merge:
-      evict = prompt.valid_BT[None, :, None, :] & ~keep
-      if self.variant == "paper":
-        k, v = merging.merge(prompt.k, prompt.v, keep, evict, "average")
-      else:
-        k, v = merging.merge_code_compat(prompt.k, prompt.v, keep, evict)
-      prompt = prompt._replace(k=k, v=v)
-    return select.gather(prompt, select.positions_from_mask(keep, capacity))
+    rule = "average" if self.variant == "paper" else merging.CODE_COMPAT
+    return finish(prompt, keep, rule if self.merge else None, capacity)
