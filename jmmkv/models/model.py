@@ -71,34 +71,30 @@ class Model:
 
   def image_features(self, pixel_values, image_sizes=None, image_grid_thw=None) -> list[np.ndarray]:
     """Per image, the features that replace its placeholder tokens, ``[n_i, D]`` each."""
-    if self.is_llava:
-      pix, pack, counts = llava.layout(self.config, pixel_values, image_sizes)
-      flat = llava.image_features(self.params, pix, pack, cfg=self.config, dtype=self.dtype_name)
-    elif self.is_qwen_vl:
-      grid = qwen2_vl._grid(image_grid_thw)
-      pix = qwen2_vl.check_pixels(self.config, pixel_values, grid, "pixel_values")
-      flat = qwen2_vl.vision_features(
-        self.params, pix, grid=grid, cfg=self.config, dtype=self.dtype_name
-      )
-      counts = qwen2_vl.num_features(self.config, grid)
-    else:
+    if self.is_qwen_vl:
+      return self._qwen_features(pixel_values, image_grid_thw, "pixel_values")
+    if not self.is_llava:
       raise ValueError(
         f"{self.text_config.architecture} is a text-only model: it has no vision tower"
       )
+    pix, pack, counts = llava.layout(self.config, pixel_values, image_sizes)
+    flat = llava.image_features(self.params, pix, pack, cfg=self.config, dtype=self.dtype_name)
     return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])
 
   def video_features(self, pixel_values_videos, video_grid_thw) -> list[np.ndarray]:
     """Per video, ``[n_i, D]`` (Qwen2-VL / Qwen2.5-VL)."""
     if not self.is_qwen_vl:
       raise ValueError("only Qwen2-VL / Qwen2.5-VL models take videos")
-    grid = qwen2_vl._grid(video_grid_thw)
-    pix = qwen2_vl.check_pixels(self.config, pixel_values_videos, grid, "pixel_values_videos")
+    return self._qwen_features(pixel_values_videos, video_grid_thw, "pixel_values_videos")
+
+  def _qwen_features(self, pixel_values, grid_thw, name: str) -> list[np.ndarray]:
+    grid = qwen2_vl._grid(grid_thw)
+    pix = qwen2_vl.check_pixels(self.config, pixel_values, grid, name)
     flat = qwen2_vl.vision_features(
       self.params, pix, grid=grid, cfg=self.config, dtype=self.dtype_name
     )
-    return np.split(
-      np.asarray(flat, np.float32), np.cumsum(qwen2_vl.num_features(self.config, grid))[:-1]
-    )
+    counts = qwen2_vl.num_features(self.config, grid)
+    return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])
 
   def rope_index(
     self,
