@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmkv import inputs
-from jmmkv.cache import kv_cache
+from jmmkv.cache import kv_cache, paged
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.policies.base import PromptKV
 from jmmkv.cache.policies.full import Full
@@ -185,6 +185,7 @@ def generate(
   eos_token_id: int | Sequence[int] | None = None,
   return_cache: bool = False,
   output_scores: bool = False,
+  layout: str = "auto",
 ) -> GenerateOutput:
   """Generates up to ``max_new_tokens`` per prompt of ``batch`` (see `jmmkv.Model.prepare`).
 
@@ -192,7 +193,10 @@ def generate(
   ``eos_token_id`` defaults to the model's EOS ids; pass ``[]`` to never stop early. Sampling with
   ``temperature > 0`` needs an explicit ``rng`` (a `jax.random.key`). Prompts are right-padded to
   a power-of-two bucket; padding is masked everywhere, so each row equals its output alone.
-  ``output_scores`` returns each step's logits; ``return_cache`` the final `KVCache`.
+  ``output_scores`` returns each step's logits; ``return_cache`` the final cache.
+  ``layout``: the decode prefix as a dense `KVCache` (padded to the largest kept count), a
+  `PagedKVCache` (exactly the kept pages; per-layer/-head budgets), or ``"auto"``: paged when it
+  saves more than 10% of the prefix bytes.
   """
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -204,7 +208,7 @@ def generate(
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
 
   padded, logits_BV, cache, prefill_s, compress_s = _prefill_and_compress(
-    model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1)
+    model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
   )
   cfg, dtype, params = model.text_config, model.dtype_name, model.params["text"]
   (tokens_BM, cache, scores), decode_s = _timed(
@@ -240,51 +244,78 @@ def _donation_quiet():
     yield
 
 
-def _prefill_and_compress(model, batch: inputs.Batch, policy, budget, append_capacity: int):
+LAYOUTS = ("auto", "dense", "paged")
+
+
+def _prefill(model, batch: inputs.Batch, spec: StatsSpec):
+  """Host padding + jitted prompt forward with the statistics ``spec`` asks for.
+
+  Returns ``(padded, logits_BV, prompt, rope_start, prefill_s)``.
+  """
   if not isinstance(batch, inputs.Batch):
     raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
-  policy = Full() if policy is None else policy
-  if budget is not None and all(budget.kept(int(n)) >= n for n in batch.lengths):
-    policy = Full()  # the budget keeps every prompt whole: an exact no-op, no statistics needed
   padded = inputs.pad(batch, pad_id=0)
-  capacity = policy.capacity(budget, padded.ids_BT.shape[1])
   t0 = time.perf_counter()
   x_BTD = model.embed(padded.ids_BT, padded.media)  # vision features spliced in
   positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
   # New tokens continue from the last prompt token's position + 1, on each M-RoPE axis (as
   # transformers' generate; with M-RoPE this can be below the prompt length).
   rows, last = np.arange(len(padded.lengths_B)), padded.lengths_B - 1
-  rope_start_B = positions[..., rows, last] + 1  # [B], or [3, B] with M-RoPE
-  (logits_BV, prompt), _ = _timed(
-    prefill_step,
-    model.params["text"],
-    x_BTD,
-    positions.astype(np.int32),
-    padded.valid_BT,
-    padded.modality_BT,
-    padded.lengths_B,
-    cfg=model.text_config,
-    dtype=model.dtype_name,
-    spec=policy.stats,  # statistics the policy scores with, computed inside prefill attention
-  )
-  prefill_s = time.perf_counter() - t0
-  with _donation_quiet():
-    cache, compress_s = _timed(
-      compress_step,
-      *prompt,
-      rope_start_B.astype(np.int32),
-      policy=policy,
-      budget=budget,
-      capacity=capacity,
-      append_capacity=append_capacity,
+  rope_start_B = (positions[..., rows, last] + 1).astype(np.int32)  # [B], or [3, B] with M-RoPE
+  logits_BV, prompt = jax.block_until_ready(
+    prefill_step(
+      model.params["text"],
+      x_BTD,
+      positions.astype(np.int32),
+      padded.valid_BT,
+      padded.modality_BT,
+      padded.lengths_B,
+      cfg=model.text_config,
+      dtype=model.dtype_name,
+      spec=spec,  # statistics the policy scores with, computed inside prefill attention
     )
-  if (
-    cache.capacity > 32
-  ):  # drop trailing slots no row, layer or head uses (per-layer/-head budgets)
-    t0 = time.perf_counter()
-    with _donation_quiet():
-      cache = jax.block_until_ready(kv_cache.shrink(cache, kv_cache.compact_capacity(cache)))
-    compress_s += time.perf_counter() - t0
+  )
+  return padded, logits_BV, prompt, rope_start_B, time.perf_counter() - t0
+
+
+def _compress(prompt: PromptKV, rope_start_B, policy, budget, append_capacity: int, layout: str):
+  """Policy on the (donated) prompt K/V, then the smallest decode layout. Returns the cache and
+  the seconds taken (selection + gather + merge + re-layout)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  capacity = policy.capacity(budget, prompt.k.shape[3])
+  t0 = time.perf_counter()
+  with _donation_quiet():
+    cache = jax.block_until_ready(
+      compress_step(
+        *prompt,
+        rope_start_B,
+        policy=policy,
+        budget=budget,
+        capacity=capacity,
+        append_capacity=append_capacity,
+      )
+    )
+    kept_LBK = cache.kept_LBK()
+    if cache.capacity > 32:  # drop trailing slots no row, layer or head uses
+      cache = kv_cache.shrink(cache, kv_cache.compact_capacity(cache))
+    k = cache.k
+    dense_bytes = 2 * k.size * k.dtype.itemsize
+    paged_bytes = paged.paged_bytes(kept_LBK, k.shape[-1], k.dtype.itemsize)
+    if layout == "paged" or (layout == "auto" and paged_bytes < 0.9 * dense_bytes):
+      cache = paged.to_paged(cache, *paged.page_plan(kept_LBK, cache.capacity))
+    cache = jax.block_until_ready(cache)
+  return cache, time.perf_counter() - t0
+
+
+def _prefill_and_compress(
+  model, batch: inputs.Batch, policy, budget, append_capacity: int, layout: str = "dense"
+):
+  policy = Full() if policy is None else policy
+  if budget is not None and all(budget.kept(int(n)) >= n for n in batch.lengths):
+    policy = Full()  # the budget keeps every prompt whole: an exact no-op, no statistics needed
+  padded, logits_BV, prompt, rope_start_B, prefill_s = _prefill(model, batch, policy.stats)
+  cache, compress_s = _compress(prompt, rope_start_B, policy, budget, append_capacity, layout)
   return padded, logits_BV, cache, prefill_s, compress_s
 
 
@@ -299,8 +330,8 @@ def compress(
   return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[2]
 
 
-def _stats(cache: kv_cache.KVCache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s):
-  kept_LBK = np.asarray(cache.valid).sum(-1)
+def _stats(cache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s):
+  kept_LBK = cache.kept_LBK()
   prompt_tokens = int(padded.lengths_B.sum())
   new_tokens = sum(len(r) for r in tokens)
   decode_steps = max(0, int(cache.index))

@@ -40,6 +40,10 @@ class KVCache:
   def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto
     return jnp.arange(self.append_k.shape[3]) < upto
 
+  def kept_LBK(self) -> np.ndarray:
+    """Kept prompt slots per (layer, row, KV head), from the arrays."""
+    return np.asarray(self.valid).sum(-1)
+
   def kv_bytes_allocated(self) -> int:
     return sum(int(x.nbytes) for x in (self.k, self.v, self.append_k, self.append_v))
 
@@ -47,7 +51,7 @@ class KVCache:
     """Bytes of K/V in valid prefix slots and written append slots, from the arrays."""
     l, b, kh, _, h = self.k.shape
     per_slot = 2 * h * self.k.dtype.itemsize
-    kept = int(np.asarray(self.valid).sum())
+    kept = int(self.kept_LBK().sum())
     return per_slot * (kept + l * b * kh * int(self.index))
 
 
@@ -91,7 +95,7 @@ def write_append(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCa
 def compact_capacity(cache: KVCache, multiple: int = 32) -> int:
   """The smallest capacity, a multiple of ``multiple`` (or the current one), that holds every
   kept slot of ``cache`` (slots are stored first, in ascending position order)."""
-  used = int(np.asarray((cache.positions >= 0).sum(-1)).max(initial=0))
+  used = int(cache.kept_LBK().max(initial=0))
   return min(cache.capacity, max(multiple, -(-used // multiple) * multiple))
 
 

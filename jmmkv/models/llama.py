@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmmkv.cache import kv_cache, stats
+from jmmkv.cache import kv_cache, paged, stats
 from jmmkv.models import attention, rope
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.layers import Einsum, RMSNorm
@@ -56,22 +56,26 @@ class Block(nn.Module):
     o_BTNH, st = stats.attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT, spec)
     return self._finish(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
 
-  def decode(self, x_B1D, cos_B1H, sin_B1H, cache: kv_cache.KVCache, layer: int):
+  def decode(self, x_B1D, cos_B1H, sin_B1H, cache, layer: int):
+    """``cache``: a dense `KVCache` or a `PagedKVCache` (same append buffer, other prefix)."""
     q_B1NH, k_B1KH, v_B1KH = self._qkv(x_B1D, cos_B1H, sin_B1H)
     cache = kv_cache.write_append(cache, layer, k_B1KH[:, 0], v_B1KH[:, 0])
-    b, kh = cache.k.shape[1], cache.k.shape[2]
-    append_valid_BKM = jnp.broadcast_to(
-      cache.append_valid(cache.index + 1), (b, kh, cache.append_k.shape[3])
-    )
-    o_BNH = attention.decode_attention(
-      q_B1NH[:, 0],
-      cache.k[layer],
-      cache.v[layer],
-      cache.valid[layer],
-      cache.append_k[layer],
-      cache.append_v[layer],
-      append_valid_BKM,
-    )
+    b, kh, m = cache.append_k.shape[1:4]
+    append_valid_BKM = jnp.broadcast_to(cache.append_valid(cache.index + 1), (b, kh, m))
+    append = (cache.append_k[layer], cache.append_v[layer], append_valid_BKM)
+    if isinstance(cache, paged.PagedKVCache):
+      o_BNH = attention.paged_decode_attention(
+        q_B1NH[:, 0],
+        cache.k[layer],
+        cache.v[layer],
+        cache.positions[layer] >= 0,
+        cache.owner[layer],
+        *append,
+      )
+    else:
+      o_BNH = attention.decode_attention(
+        q_B1NH[:, 0], cache.k[layer], cache.v[layer], cache.valid[layer], *append
+      )
     return self._finish(x_B1D, o_BNH[:, None]), cache
 
 

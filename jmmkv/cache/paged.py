@@ -1,0 +1,128 @@
+"""The paged decode cache: each layer stores exactly the pages its kept slots need.
+
+Per-layer/per-head budgets (PyramidKV, AdaKV, MEDA, MadaKV) keep different counts in every
+(layer, row, KV head). Padding every head to the largest count wastes memory and decode reads, so
+after compression the prefix can be re-laid out as pages of ``S`` slots: layer l holds ``P_l``
+pages (the sum over (row, head) of ceil(kept / S), rounded up a little), each owned by one
+(row, KV head), ``owner = b * K + kv_head``; padding pages have ``owner = B * K``. Decode attention
+reads only these pages (`jmmkv.kernels.decode_attention.paged_partials`) and merges them with the
+append buffer, which stays dense ``[L, B, K, M, H]``.
+
+``P_l`` is a static shape: decode compiles once per distinct page layout (rounded to a multiple of
+``page_multiple(P_l)``, at most 1/16 of ``P_l``, to bound the number of layouts).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmmkv.cache.kv_cache import KVCache
+from jmmkv.typing import Array
+
+PAGE_SIZE = 32
+
+
+@flax.struct.dataclass
+class PagedKVCache:
+  k: tuple[Array, ...]  # per layer [P_l, S, H] kept keys (after RoPE)
+  v: tuple[Array, ...]  # per layer [P_l, S, H]
+  owner: tuple[Array, ...]  # per layer [P_l] int32 b * K + kv_head (B * K: padding page)
+  positions: tuple[Array, ...]  # per layer [P_l, S] int32 original prompt position, -1 where empty
+  modality: tuple[Array, ...]  # per layer [P_l, S] int32 modality id (0 where empty)
+  append_k: Array  # [L, B, K, M, H] generated tokens' keys
+  append_v: Array  # [L, B, K, M, H]
+  lengths: Array  # [B] int32 prompt length per row
+  rope_start: Array  # [B] (or [3, B] for M-RoPE) int32 RoPE position of the first new token
+  index: Array  # [] int32 number of tokens written to the append buffer
+
+  @property
+  def page_size(self) -> int:  # S
+    return self.k[0].shape[1]
+
+  def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto
+    return jnp.arange(self.append_k.shape[3]) < upto
+
+  def kept_LBK(self) -> np.ndarray:
+    """Kept prompt slots per (layer, row, KV head), from the arrays."""
+    _, b, kh = self.append_k.shape[:3]
+    out = np.zeros((len(self.k), b * kh + 1), np.int64)
+    for layer, (owner, pos) in enumerate(zip(self.owner, self.positions)):
+      np.add.at(out[layer], np.asarray(owner), (np.asarray(pos) >= 0).sum(-1))
+    return out[:, :-1].reshape(len(self.k), b, kh)
+
+  def kv_bytes_allocated(self) -> int:
+    return sum(int(x.nbytes) for x in (*self.k, *self.v, self.append_k, self.append_v))
+
+  def kv_bytes_used(self) -> int:
+    """Bytes of K/V in valid prefix slots and written append slots, from the arrays."""
+    l, b, kh, _, h = self.append_k.shape
+    per_slot = 2 * h * self.append_k.dtype.itemsize
+    return per_slot * (int(self.kept_LBK().sum()) + l * b * kh * int(self.index))
+
+
+def page_multiple(pages: int) -> int:
+  """Granularity of a layer's page count: the largest power of two <= pages / 16 (at least 1)."""
+  return max(1, 1 << max(0, int(pages).bit_length() - 5))
+
+
+def pages_per_layer(kept_LBK: np.ndarray, page_size: int = PAGE_SIZE) -> list[int]:
+  """``P_l``: the pages layer l stores (ceil(kept / S) per (row, head), summed, rounded up)."""
+  need = (-(-np.asarray(kept_LBK) // page_size)).reshape(len(kept_LBK), -1).sum(-1)
+  return [int(-(-max(1, n) // page_multiple(max(1, n))) * page_multiple(max(1, n))) for n in need]
+
+
+def page_plan(kept_LBK: np.ndarray, capacity: int, page_size: int = PAGE_SIZE):
+  """Host-side layout: per layer the source page of every stored page (in the dense prefix viewed
+  as ``[B * K * ceil(C / S)]`` pages) and its owner. Returns two tuples of int32 arrays ``[P_l]``."""
+  per_owner = -(-capacity // page_size)
+  sources, owners = [], []
+  for kept_BK, total in zip(np.asarray(kept_LBK), pages_per_layer(kept_LBK, page_size)):
+    n_O = -(-kept_BK.reshape(-1) // page_size)
+    owner = np.repeat(np.arange(n_O.size), n_O)
+    first = np.cumsum(n_O) - n_O
+    src = owner * per_owner + (np.arange(owner.size) - np.repeat(first, n_O))
+    pad = total - owner.size
+    sources.append(np.concatenate([src, np.zeros(pad, np.int64)]).astype(np.int32))
+    owners.append(np.concatenate([owner, np.full(pad, n_O.size)]).astype(np.int32))
+  return tuple(sources), tuple(owners)
+
+
+def paged_bytes(kept_LBK: np.ndarray, head_dim: int, itemsize: int, page_size: int = PAGE_SIZE):
+  """Prefix K/V bytes the paged layout would allocate for these kept counts."""
+  return sum(pages_per_layer(kept_LBK, page_size)) * page_size * 2 * head_dim * itemsize
+
+
+@functools.partial(jax.jit, static_argnames=("page_size",), donate_argnums=0)
+def to_paged(cache: KVCache, sources, owners, page_size: int = PAGE_SIZE) -> PagedKVCache:
+  """The dense-prefix ``cache`` re-laid out as pages (`page_plan` gives ``sources``/``owners``)."""
+  _, b, kh, c, h = cache.k.shape
+  per_owner = -(-c // page_size)
+  pad = per_owner * page_size - c
+
+  def per_layer(x_LBKC_, fill):  # [L, B, K, C, ...] -> per layer [P_l, S, ...]
+    out = []
+    for layer, (src_P, owner_P) in enumerate(zip(sources, owners)):
+      x = x_LBKC_[layer]
+      x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
+      y = jnp.take(x.reshape(b * kh * per_owner, page_size, *x.shape[3:]), src_P, axis=0)
+      is_pad = (owner_P >= b * kh).reshape((-1,) + (1,) * (y.ndim - 1))
+      out.append(jnp.where(is_pad, jnp.asarray(fill, y.dtype), y))
+    return tuple(out)
+
+  return PagedKVCache(
+    k=per_layer(cache.k, 0),
+    v=per_layer(cache.v, 0),
+    owner=tuple(jnp.asarray(o) for o in owners),
+    positions=per_layer(cache.positions, -1),
+    modality=per_layer(cache.modality, 0),
+    append_k=cache.append_k,
+    append_v=cache.append_v,
+    lengths=cache.lengths,
+    rope_start=cache.rope_start,
+    index=cache.index,
+  )
