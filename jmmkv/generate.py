@@ -299,8 +299,8 @@ def _compress(prompt: PromptKV, rope_start_B, policy, budget, append_capacity: i
     kept_LBK = cache.kept_LBK()
     if cache.capacity > 32:  # drop trailing slots no row, layer or head uses
       cache = kv_cache.shrink(cache, kv_cache.compact_capacity(cache))
-    k = cache.k
-    dense_bytes = 2 * k.size * k.dtype.itemsize
+    k = cache.append_k
+    dense_bytes = sum(2 * x.nbytes for x in cache.layer_k)
     paged_bytes = paged.paged_bytes(kept_LBK, k.shape[-1], k.dtype.itemsize)
     if layout == "paged" or (layout == "auto" and paged_bytes < 0.9 * dense_bytes):
       cache = paged.to_paged(cache, *paged.page_plan(kept_LBK, cache.capacity))

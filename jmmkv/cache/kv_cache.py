@@ -1,8 +1,11 @@
 """The decode cache: a compressed prompt **prefix** plus an **append** buffer for new tokens.
 
-Both are static-shape arrays stacked over layers. Prefix slots hold keys after RoPE with their
-original prompt position and modality id (-1 / 0 where empty); the append buffer has one write
-index shared by all rows (row b's m-th new token sits at RoPE position ``rope_start[b] + m``).
+The prefix is one static-shape array per layer (a tuple: slicing a layer out of a stacked
+``[L, ...]`` array is a copy on XLA CPU, every decode step); ``k``/``v``/``positions``/``modality``
+give the stacked ``[L, B, K, C, ...]`` views. Prefix slots hold keys after RoPE with their
+original prompt position and modality id (-1 / 0 where empty); the append buffer ``[L, B, K, M, H]``
+has one write index shared by all rows (row b's m-th new token sits at RoPE position
+``rope_start[b] + m``).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from jmmkv.typing import Array
 
 @flax.struct.dataclass
 class KVCache:
-  k: Array  # [L, B, K, C, H] compressed prompt keys (after RoPE)
-  v: Array  # [L, B, K, C, H]
-  positions: Array  # [L, B, K, C] int32 original prompt position of each slot, -1 where empty
-  modality: Array  # [L, B, K, C] int32 modality id per slot (0 where empty)
+  layer_k: tuple[Array, ...]  # per layer [B, K, C, H] compressed prompt keys (after RoPE)
+  layer_v: tuple[Array, ...]  # per layer [B, K, C, H]
+  layer_positions: tuple[Array, ...]  # per layer [B, K, C] int32 prompt position, -1 where empty
+  layer_modality: tuple[Array, ...]  # per layer [B, K, C] int32 modality id (0 where empty)
   append_k: Array  # [L, B, K, M, H] generated tokens' keys
   append_v: Array  # [L, B, K, M, H]
   lengths: Array  # [B] int32 prompt length per row
@@ -30,12 +33,28 @@ class KVCache:
   index: Array  # [] int32 number of tokens written to the append buffer
 
   @property
+  def k(self) -> Array:  # [L, B, K, C, H]
+    return jnp.stack(self.layer_k)
+
+  @property
+  def v(self) -> Array:  # [L, B, K, C, H]
+    return jnp.stack(self.layer_v)
+
+  @property
+  def positions(self) -> Array:  # [L, B, K, C]
+    return jnp.stack(self.layer_positions)
+
+  @property
+  def modality(self) -> Array:  # [L, B, K, C]
+    return jnp.stack(self.layer_modality)
+
+  @property
   def valid(self) -> Array:  # [L, B, K, C]
     return self.positions >= 0
 
   @property
   def capacity(self) -> int:  # C
-    return self.k.shape[3]
+    return self.layer_k[0].shape[2]
 
   def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto
     return jnp.arange(self.append_k.shape[3]) < upto
@@ -45,12 +64,12 @@ class KVCache:
     return np.asarray(self.valid).sum(-1)
 
   def kv_bytes_allocated(self) -> int:
-    return sum(int(x.nbytes) for x in (self.k, self.v, self.append_k, self.append_v))
+    return sum(int(x.nbytes) for x in (*self.layer_k, *self.layer_v, self.append_k, self.append_v))
 
   def kv_bytes_used(self) -> int:
     """Bytes of K/V in valid prefix slots and written append slots, from the arrays."""
-    l, b, kh, _, h = self.k.shape
-    per_slot = 2 * h * self.k.dtype.itemsize
+    l, b, kh, _, h = self.append_k.shape
+    per_slot = 2 * h * self.append_k.dtype.itemsize
     kept = int(self.kept_LBK().sum())
     return per_slot * (kept + l * b * kh * int(self.index))
 
@@ -68,10 +87,10 @@ def from_prefix(
   l, b, kh, _, h = k_LBKCH.shape
   empty = jnp.zeros((l, b, kh, append_capacity, h), k_LBKCH.dtype)
   return KVCache(
-    k=k_LBKCH,
-    v=v_LBKCH,
-    positions=positions_LBKC.astype(jnp.int32),
-    modality=modality_LBKC.astype(jnp.int32),
+    layer_k=tuple(k_LBKCH),
+    layer_v=tuple(v_LBKCH),
+    layer_positions=tuple(positions_LBKC.astype(jnp.int32)),
+    layer_modality=tuple(modality_LBKC.astype(jnp.int32)),
     append_k=empty,
     append_v=empty,
     lengths=lengths_B.astype(jnp.int32),
@@ -102,7 +121,10 @@ def compact_capacity(cache: KVCache, multiple: int = 32) -> int:
 @functools.partial(jax.jit, static_argnames=("capacity",), donate_argnums=0)
 def shrink(cache: KVCache, capacity: int) -> KVCache:
   """The same cache with the prefix cut to ``capacity`` slots (all cut slots must be empty)."""
-  cut = lambda x: x[:, :, :, :capacity]
+  cut = lambda xs: tuple(x[:, :, :capacity] for x in xs)
   return cache.replace(
-    k=cut(cache.k), v=cut(cache.v), positions=cut(cache.positions), modality=cut(cache.modality)
+    layer_k=cut(cache.layer_k),
+    layer_v=cut(cache.layer_v),
+    layer_positions=cut(cache.layer_positions),
+    layer_modality=cut(cache.layer_modality),
   )

@@ -100,14 +100,13 @@ def paged_bytes(kept_LBK: np.ndarray, head_dim: int, itemsize: int, page_size: i
 @functools.partial(jax.jit, static_argnames=("page_size",), donate_argnums=0)
 def to_paged(cache: KVCache, sources, owners, page_size: int = PAGE_SIZE) -> PagedKVCache:
   """The dense-prefix ``cache`` re-laid out as pages (`page_plan` gives ``sources``/``owners``)."""
-  _, b, kh, c, h = cache.k.shape
+  b, kh, c = cache.layer_k[0].shape[:3]
   per_owner = -(-c // page_size)
   pad = per_owner * page_size - c
 
-  def per_layer(x_LBKC_, fill):  # [L, B, K, C, ...] -> per layer [P_l, S, ...]
+  def per_layer(layers, fill):  # per layer [B, K, C, ...] -> [P_l, S, ...]
     out = []
-    for layer, (src_P, owner_P) in enumerate(zip(sources, owners)):
-      x = x_LBKC_[layer]
+    for x, src_P, owner_P in zip(layers, sources, owners, strict=True):
       x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
       y = jnp.take(x.reshape(b * kh * per_owner, page_size, *x.shape[3:]), src_P, axis=0)
       is_pad = (owner_P >= b * kh).reshape((-1,) + (1,) * (y.ndim - 1))
@@ -115,11 +114,11 @@ def to_paged(cache: KVCache, sources, owners, page_size: int = PAGE_SIZE) -> Pag
     return tuple(out)
 
   return PagedKVCache(
-    k=per_layer(cache.k, 0),
-    v=per_layer(cache.v, 0),
+    k=per_layer(cache.layer_k, 0),
+    v=per_layer(cache.layer_v, 0),
     owner=tuple(jnp.asarray(o) for o in owners),
-    positions=per_layer(cache.positions, -1),
-    modality=per_layer(cache.modality, 0),
+    positions=per_layer(cache.layer_positions, -1),
+    modality=per_layer(cache.layer_modality, 0),
     append_k=cache.append_k,
     append_v=cache.append_v,
     lengths=cache.lengths,

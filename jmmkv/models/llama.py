@@ -74,7 +74,11 @@ class Block(nn.Module):
       )
     else:
       o_BNH = attention.decode_attention(
-        q_B1NH[:, 0], cache.k[layer], cache.v[layer], cache.valid[layer], *append
+        q_B1NH[:, 0],
+        cache.layer_k[layer],
+        cache.layer_v[layer],
+        cache.layer_positions[layer] >= 0,
+        *append,
       )
     return self._finish(x_B1D, o_BNH[:, None]), cache
 
