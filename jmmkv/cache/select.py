@@ -1,4 +1,4 @@
-"""The shared score -> select -> gather path of every eviction policy (plain jnp reference path).
+"""The shared score -> select -> gather path of every eviction policy.
 
 Selection is deterministic: candidates are ordered by (priority level desc, score desc, position
 asc) and the first n of each (layer, row, KV head) are kept; kept slots are stored in ascending
@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.cache.policies.base import Prefix, PromptKV
+from jmmkv.kernels import gather as kernel_gather
+from jmmkv.kernels import select as kernel_select
 from jmmkv.typing import Array
 
 
@@ -36,28 +38,27 @@ def top_positions(
   scores_LBKT: Array, level_LBKT: Array, valid_BT: Array, n_LBK: Array, capacity: int
 ) -> Array:
   """Kept positions ``[L, B, K, C]``: per (l, b, k) the first ``n`` candidates by (level desc,
-  score desc, position asc), in ascending position order, -1 in unused slots."""
-  rank = own_rank(scores_LBKT, level_LBKT, valid_BT)
-  keep = valid_BT[None, :, None, :] & (rank < n_LBK[..., None])  # padding is never kept
-  return positions_from_mask(keep, capacity)
+  score desc, position asc), in ascending position order, -1 in unused slots. Padding is never a
+  candidate. Runs `jmmkv.kernels.select.top_positions` (a sort-free kernel on TPU/GPU)."""
+  shape = jnp.broadcast_shapes(scores_LBKT.shape, level_LBKT.shape)
+  return kernel_select.top_positions(
+    jnp.broadcast_to(scores_LBKT.astype(jnp.float32), shape),
+    jnp.broadcast_to(level_LBKT.astype(jnp.int32), shape),
+    jnp.broadcast_to(valid_BT[None, :, None, :], shape),
+    jnp.broadcast_to(n_LBK, shape[:-1]),
+    capacity,
+  )
 
 
 def gather(prompt: PromptKV, idx_LBKC: Array) -> Prefix:
-  """The prefix holding the prompt K/V, positions and modality at ``idx`` (-1: empty slot)."""
+  """The prefix holding the prompt K/V, positions and modality at ``idx`` (-1: empty slot). K/V go
+  through `jmmkv.kernels.gather.gather` (a DMA kernel on TPU)."""
+  k, v = kernel_gather.gather(prompt.k, prompt.v, idx_LBKC)
   safe = jnp.maximum(idx_LBKC, 0)
-  k = jnp.take_along_axis(prompt.k, safe[..., None], axis=3)
-  v = jnp.take_along_axis(prompt.v, safe[..., None], axis=3)
   mod_LBKC = jnp.take_along_axis(
     jnp.broadcast_to(prompt.modality_BT[None, :, None, :], prompt.k.shape[:4]), safe, axis=3
   )
-  empty = idx_LBKC < 0
-  zero = jnp.zeros((), k.dtype)
-  return Prefix(
-    jnp.where(empty[..., None], zero, k),
-    jnp.where(empty[..., None], zero, v),
-    idx_LBKC,
-    jnp.where(empty, 0, mod_LBKC),
-  )
+  return Prefix(k, v, idx_LBKC, jnp.where(idx_LBKC < 0, 0, mod_LBKC))
 
 
 def largest_remainder(real_LB: Array, total_B: Array) -> Array:
@@ -86,11 +87,9 @@ def own_rank(scores_LBKT: Array, level_LBKT: Array, valid_BT: Array) -> Array:
 
 
 def positions_from_mask(keep_LBKT: Array, capacity: int) -> Array:
-  """Kept positions ``[L, B, K, C]`` (ascending, -1 last) of a boolean keep mask."""
-  t = keep_LBKT.shape[-1]
-  pos = jnp.where(keep_LBKT, jnp.arange(t, dtype=jnp.int32), t)
-  first = jnp.sort(pos, axis=-1)[..., :capacity]
-  return jnp.where(first >= t, -1, first).astype(jnp.int32)
+  """Kept positions ``[..., C]`` (ascending, -1 last) of a boolean keep mask ``[..., T]`` (the
+  first C where more are kept); `jmmkv.kernels.select.positions`, sort-free on TPU/GPU."""
+  return kernel_select.positions(keep_LBKT, capacity)
 
 
 def rank_within(scores_LBKT: Array, members_LBKT: Array) -> Array:
