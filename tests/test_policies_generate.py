@@ -43,6 +43,7 @@ def test_generate_with_every_policy(setup, name):
     eos_token_id=[],
     return_cache=True,
     output_scores=True,
+    layout="dense",  # tests/cache/test_paged.py checks the paged layout holds the same slots
   )
   assert [len(t) for t in out.tokens] == [6, 6]
   assert np.isfinite(out.scores).all()
