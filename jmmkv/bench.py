@@ -20,7 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmmkv
+import jmmkv.inputs
+from jmmkv.generate import _compress, _prefill, decode_loop, prefill_step
+from jmmkv.cache.paged import PagedKVCache
 from jmmkv.inputs import Batch
+from jmmkv.sampling import Sampling
 from jmmkv.models.configs import tiny_decoder
 from jmmkv.typing import IMAGE, TEXT
 
@@ -49,17 +53,23 @@ SMALL_WINDOW = {"snapkv": dict(window=32), "pyramidkv": dict(window=32), "adakv"
 
 
 def prompt(
-  length: int, vocab: int, image_tokens: int = 576, text_run: int = 64, seed: int = 0
+  length: int,
+  vocab: int,
+  image_tokens: int = 576,
+  text_run: int = 64,
+  seed: int = 0,
+  batch_size: int = 1,
 ) -> Batch:
-  """One prompt of ``length`` tokens: text runs and image spans alternating, text at the end."""
-  rng = np.random.default_rng(seed)
+  """``batch_size`` prompts of ``length`` tokens: text runs and image spans alternating, text at
+  the end (random ids; one seed per row)."""
   mod = np.full(length, TEXT, np.int32)
   pos = text_run
   while pos + image_tokens + text_run <= length:
     mod[pos : pos + image_tokens] = IMAGE
     pos += image_tokens + text_run
-  ids = rng.integers(3, vocab, length).astype(np.int32)
-  return Batch((ids,), (mod,), (np.where(mod == IMAGE, 0, -1).astype(np.int32),))
+  rows = [np.random.default_rng(seed + i).integers(3, vocab, length) for i in range(batch_size)]
+  media = np.where(mod == IMAGE, 0, -1).astype(np.int32)
+  return Batch(tuple(r.astype(np.int32) for r in rows), (mod,) * batch_size, (media,) * batch_size)
 
 
 def read_bandwidth(nbytes: int = 256 << 20) -> float:
@@ -75,43 +85,117 @@ def read_bandwidth(nbytes: int = 256 << 20) -> float:
   return nbytes / statistics.median(times)
 
 
+def _copy(tree):
+  return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+def _prefill_once(model, batch, spec):
+  """Compile the prompt forward ahead of time, then run it once (timed, compile excluded)."""
+  padded = jmmkv.inputs.pad(batch, pad_id=0)
+  x_BTD = model.embed(padded.ids_BT, padded.media)
+  positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media).astype(np.int32)
+  args = (
+    model.params["text"],
+    x_BTD,
+    positions,
+    padded.valid_BT,
+    padded.modality_BT,
+    padded.lengths_B,
+  )
+  kw = dict(cfg=model.text_config, dtype=model.dtype_name, spec=spec)
+  prefill_step.lower(*args, **kw).compile()  # fills the jit cache
+  return _prefill(model, batch, spec)
+
+
+def _decode_ms(model, logits_BV, cache, max_new_tokens: int, repeats: int):
+  """Median decode ms per step over ``repeats`` runs after a warm-up (each on a copy of the
+  cache). The first new token comes from the prefill logits: ``max_new_tokens - 1`` steps."""
+  kw = dict(
+    cfg=model.text_config,
+    dtype=model.dtype_name,
+    sampling=Sampling(),
+    max_new_tokens=max_new_tokens,
+  )
+  eos = jnp.zeros((0,), jnp.int32)
+  times = []
+  for i in range(repeats + 1):
+    c = jax.block_until_ready(_copy(cache))
+    t0 = time.perf_counter()
+    jax.block_until_ready(
+      decode_loop(model.params["text"], logits_BV, c, jax.random.key(0), eos, **kw)
+    )
+    if i:  # the first run compiles
+      times.append((time.perf_counter() - t0) / max(1, max_new_tokens - 1))
+  return statistics.median(times) * 1e3
+
+
 def run(
-  preset: str, lengths, policies, budgets, max_new_tokens: int, repeats: int, dtype: str = "float32"
+  preset: str,
+  lengths,
+  policies,
+  budgets,
+  max_new_tokens: int,
+  repeats: int,
+  dtype: str = "float32",
+  batch_size: int = 1,
+  compare_hf: bool = False,
 ):
+  """Every policy x budget at every length. Prefill runs once per statistics spec (compiled
+  ahead of time); compression runs after a warm-up on a copy of the prompt K/V; decode is the
+  median over ``repeats`` after a warm-up. Ratios are to Full at the same length."""
   cfg = tiny_decoder(**PRESETS[preset])
   model = jmmkv.random_model(cfg, seed=0, dtype=dtype)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
   bandwidth = read_bandwidth()
+  hf_model = None
+  if compare_hf:
+    from jmmkv import bench_hf
+
+    hf_model = bench_hf.hf_llama_from_jmmkv(model)
   rows = []
   for length in lengths:
-    batch = prompt(length, cfg.vocab_size)
-    full_ref = None
+    batch = prompt(length, cfg.vocab_size, batch_size=batch_size)
+    prefills, full_ref = {}, None
     for name in policies:
       for ratio in budgets if name != "full" else [1.0]:
         policy = jmmkv.policies.get(name, **SMALL_WINDOW.get(name, {}))
         budget = None if name == "full" else jmmkv.Budget(ratio=ratio)
-        kw = dict(max_new_tokens=max_new_tokens, eos_token_id=[])
-        jmmkv.generate(model, batch, policy, budget, **kw)  # warm-up: compile everything
-        stats = [jmmkv.generate(model, batch, policy, budget, **kw).stats for _ in range(repeats)]
-        med = lambda key: statistics.median(s[key] for s in stats)
-        decode_ms = (
-          statistics.median(s["decode_s"] / max(1, s["decode_steps"]) for s in stats) * 1e3
-        )
-        s0 = stats[0]
+        if policy.stats not in prefills:
+          prefills[policy.stats] = _prefill_once(model, batch, policy.stats)
+        padded, logits_BV, prompt_kv, rope_start, prefill_s = prefills[policy.stats]
+        compress_s = []
+        for _ in range(2):  # warm-up (compiles), then the timed run
+          cache, seconds = _compress(
+            _copy(prompt_kv), rope_start, policy, budget, max(1, max_new_tokens - 1), "auto"
+          )
+          compress_s.append(seconds)
+        decode_ms = _decode_ms(model, logits_BV, cache, max_new_tokens, repeats)
+        kept = cache.kept_LBK()
         row = dict(
           length=length,
+          batch=batch_size,
           policy=name,
           budget=ratio,
-          prefill_ms=med("prefill_s") * 1e3,
-          compress_ms=med("compress_s") * 1e3,
+          layout="paged" if isinstance(cache, PagedKVCache) else "dense",
+          prefill_ms=prefill_s * 1e3,
+          compress_ms=compress_s[-1] * 1e3,
           decode_ms_per_token=decode_ms,
-          kv_bytes_allocated=s0["kv_bytes_allocated"],
-          kv_bytes_used=s0["kv_bytes_used"],
-          kept_fraction=s0["kept_fraction"],
-          floor_ms_per_token=(param_bytes + s0["kv_bytes_allocated"]) / bandwidth * 1e3,
+          kv_bytes_allocated=cache.kv_bytes_allocated(),
+          kv_bytes_used=cache.kv_bytes_used(),
+          kept_fraction=float(
+            kept.sum() / (int(padded.lengths_B.sum()) * kept.shape[0] * kept.shape[2])
+          ),
+          floor_ms_per_token=(param_bytes + cache.kv_bytes_allocated()) / bandwidth * 1e3,
         )
+        row["compress_vs_prefill"] = row["compress_ms"] / row["prefill_ms"]
         if name == "full":
           full_ref = row
+          if hf_model is not None:
+            steps = max(1, max_new_tokens - 1)  # as many decode forwards as jmmkv runs
+            hf = bench_hf.hf_decode_ms(hf_model, batch.input_ids[0], steps, repeats)
+            row["hf_decode_ms_per_token"] = hf["decode_ms_per_token"]
+            row["hf_prefill_ms"] = hf["prefill_ms"]
+            row["hf_threads"] = hf["threads"]
         if full_ref is not None:
           for key in ("decode_ms_per_token", "kv_bytes_allocated", "kv_bytes_used", "prefill_ms"):
             row[f"{key}_vs_full"] = row[key] / full_ref[key]
@@ -120,6 +204,7 @@ def run(
   meta = dict(
     preset=preset,
     config=PRESETS[preset],
+    batch=batch_size,
     dtype=dtype,
     max_new_tokens=max_new_tokens,
     repeats=repeats,
@@ -135,14 +220,16 @@ def run(
 
 
 HEADER = (
-  f"{'T':>6} {'policy':>10} {'budget':>6} {'prefill ms':>10} {'compr ms':>8} {'decode ms/tok':>13} "
-  f"{'x full':>7} {'floor ms':>8} {'KV alloc MiB':>12} {'x full':>7} {'KV used MiB':>11} {'kept':>5}"
+  f"{'T':>6} {'policy':>10} {'budget':>6} {'layout':>6} {'prefill ms':>10} {'compr ms':>8} "
+  f"{'/prefill':>8} {'decode ms/tok':>13} {'x full':>7} {'floor ms':>8} {'KV alloc MiB':>12} "
+  f"{'x full':>7} {'KV used MiB':>11} {'kept':>5}"
 )
 
 
 def _line(r) -> str:
   return (
-    f"{r['length']:6d} {r['policy']:>10} {r['budget']:6.2f} {r['prefill_ms']:10.1f} {r['compress_ms']:8.1f} "
+    f"{r['length']:6d} {r['policy']:>10} {r['budget']:6.2f} {r['layout']:>6} "
+    f"{r['prefill_ms']:10.1f} {r['compress_ms']:8.1f} {r['compress_vs_prefill']:8.3f} "
     f"{r['decode_ms_per_token']:13.2f} {r.get('decode_ms_per_token_vs_full', float('nan')):7.3f} "
     f"{r['floor_ms_per_token']:8.2f} {r['kv_bytes_allocated'] / 2**20:12.2f} "
     f"{r.get('kv_bytes_allocated_vs_full', float('nan')):7.3f} {r['kv_bytes_used'] / 2**20:11.2f} "
@@ -168,7 +255,16 @@ def main(args) -> int:
     args.max_new_tokens,
     args.repeats,
     args.dtype,
+    batch_size=args.batch,
+    compare_hf=args.compare_hf,
   )
+  for r in result["rows"]:
+    if "hf_decode_ms_per_token" in r:
+      print(
+        f"T={r['length']}: Full decode ms/token jmmkv {r['decode_ms_per_token']:.2f} vs "
+        f"transformers (SDPA, DynamicCache, {r['hf_threads']} threads) "
+        f"{r['hf_decode_ms_per_token']:.2f}"
+      )
   with open(args.out, "w") as fh:
     json.dump(result, fh, indent=1)
   print(

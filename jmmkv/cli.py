@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--max-new-tokens", type=int, default=32)
   bench.add_argument("--repeats", type=int, default=3)
   bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  bench.add_argument("--batch", type=int, default=1, help="prompts per batch (same length)")
+  bench.add_argument(
+    "--compare-hf",
+    action="store_true",
+    help="also time transformers (PyTorch, SDPA, DynamicCache) full-cache decoding",
+  )
   bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
   bench.set_defaults(func=_bench)
   return parser

@@ -38,9 +38,10 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
       "--lengths",
       "128",
       "--policies",
-      "snapkv,full",
+      "snapkv,full,pyramidkv",
       "--budgets",
       "0.25",
+      "--compare-hf",
       "--repeats",
       "1",
       "--max-new-tokens",
@@ -52,9 +53,12 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
   assert code == 0
   result = json.loads(out.read_text())
   rows = {r["policy"]: r for r in result["rows"]}
-  assert set(rows) == {"full", "snapkv"} and rows["full"]["kv_bytes_allocated_vs_full"] == 1.0
+  assert set(rows) == {"full", "snapkv", "pyramidkv"}
+  assert rows["full"]["kv_bytes_allocated_vs_full"] == 1.0
   assert rows["snapkv"]["kv_bytes_allocated_vs_full"] < 0.3  # 25% of a 128-token prompt, measured
-  assert "decode ms/tok" in capsys.readouterr().out
+  assert rows["full"]["hf_decode_ms_per_token"] > 0  # transformers timed in the same run
+  printed = capsys.readouterr().out
+  assert "decode ms/tok" in printed and "transformers (SDPA, DynamicCache" in printed
 
 
 def test_bench_rejects_bad_arguments(capsys):
