@@ -59,11 +59,6 @@ class Stats(NamedTuple):
   cross: Array | None = None  # [B, 2]: (text->visual, visual->text)
 
 
-def _entropy(p):
-  """-sum p log p over the last axis, with 0 log 0 = 0."""
-  return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
-
-
 def _window_rows(valid_BT: Array, window: int) -> Array:
   """True for the last ``window`` valid tokens of each row (left or right padding)."""
   from_end = jnp.cumsum(valid_BT[:, ::-1], axis=1)[:, ::-1]  # valid tokens at slots >= t
@@ -95,6 +90,33 @@ def _last_valid_slots(valid_BT: Array, w: int) -> Array:
   slots = jnp.where(in_window, jnp.arange(t)[None], t)
   first = jnp.sort(slots, axis=1)[:, :w]
   return jnp.where(first >= t, -1, first)
+
+
+def _cross_block(raw_BKGQS, text_BQ, vis_BQ, text_BS, vis_BS) -> Array:
+  """``[B, 2]``: summed entropies of the head-averaged, non-causal text->visual rows (text
+  queries, softmax over visual keys) and visual->text rows. One exp pass: each key is shifted by
+  its own modality's row max, so both softmaxes come out of the same exponentials."""
+  s = einops.rearrange(raw_BKGQS, "B K G Q S -> B (K G) Q S")
+  n = s.shape[1]
+  vis_key, text_key = vis_BS[:, None, None, :], text_BS[:, None, None, :]
+  m_vis = jnp.max(jnp.where(vis_key, s, MASK_VALUE), axis=-1)  # [B, N, Q]
+  m_text = jnp.max(jnp.where(text_key, s, MASK_VALUE), axis=-1)
+  e = jnp.exp(s - jnp.where(vis_key, m_vis[..., None], m_text[..., None]))
+  e = jnp.where(vis_key | text_key, e, 0.0)
+  z_vis = jnp.einsum("BNQS,BS->BNQ", e, vis_BS.astype(jnp.float32))
+  z_text = jnp.einsum("BNQS,BS->BNQ", e, text_BS.astype(jnp.float32))
+  inv = lambda z: jnp.where(z > 0, 1.0 / jnp.where(z > 0, z, 1.0), 0.0) / n
+  # Head-averaged probabilities: visual columns hold text->visual rows, text columns the reverse.
+  pbar_vis = jnp.einsum("BNQS,BNQ->BQS", e, inv(z_vis))
+  pbar_text = jnp.einsum("BNQS,BNQ->BQS", e, inv(z_text))
+  pbar = jnp.where(vis_BS[:, None, :], pbar_vis, jnp.where(text_BS[:, None, :], pbar_text, 0.0))
+  plogp = pbar * jnp.log(jnp.where(pbar > 0, pbar, 1.0))  # 0 log 0 = 0
+  ent_tv = -jnp.einsum("BQS,BS->BQ", plogp, vis_BS.astype(jnp.float32))
+  ent_vt = -jnp.einsum("BQS,BS->BQ", plogp, text_BS.astype(jnp.float32))
+  f32 = lambda x: x.astype(jnp.float32)
+  return jnp.stack(
+    [jnp.einsum("BQ,BQ->B", ent_tv, f32(text_BQ)), jnp.einsum("BQ,BQ->B", ent_vt, f32(vis_BQ))], -1
+  )
 
 
 def attention(
@@ -132,26 +154,35 @@ def attention(
     rows_Q = start + jnp.arange(block)
     take = lambda x_BT: jax.lax.dynamic_slice_in_dim(x_BT, start, block, axis=1)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh)
-    s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKTH, preferred_element_type=jnp.float32) * scale
+    raw = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKTH, preferred_element_type=jnp.float32)
+    raw = raw * scale
     mask_BQS = (rows_Q[:, None] >= slots[None, :])[None] & valid_BT[:, None, :]
-    p = jax.nn.softmax(jnp.where(mask_BQS[:, None, None], s, MASK_VALUE), axis=-1)
+    s = jnp.where(mask_BQS[:, None, None], raw, MASK_VALUE)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / l
+    qv_BQ = take(valid_BT)
+    if spec.colsum:  # padding queries get p = 0 (their outputs are never used)
+      p = jnp.where(qv_BQ[:, None, None, :, None], p, 0.0)
     o_BKGQH = jnp.einsum("BKGQS,BKSH->BKGQH", p.astype(v_BKTH.dtype), v_BKTH)
     out = einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H")
-    p_BNQS = einops.rearrange(p, "B K G Q S -> B (K G) Q S")
-    qv_BQ = take(valid_BT).astype(jnp.float32)
     new = dict(carry)
+    # XLA CPU: reductions of a materialised array and einsums are fast; fused multiply-reduce
+    # (sum(p * x)) is an order of magnitude slower, so every weighted sum below is an einsum.
     if spec.colsum:
-      new["colsum"] = carry["colsum"] + jnp.einsum("BNQS,BQ->BNS", p_BNQS, qv_BQ)
-    if spec.entropy:
-      new["entropy"] = carry["entropy"] + jnp.einsum("BNQ,BQ->BN", _entropy(p_BNQS), qv_BQ)
+      new["colsum"] = carry["colsum"] + einops.rearrange(p.sum(axis=3), "B K G S -> B (K G) S")
+    if spec.entropy:  # row entropy = lse - sum_s p s (no log of every p)
+      ps = jnp.einsum("BKGQS,BKGQS->BKGQ", p, s)
+      ent_BKGQ = m[..., 0] + jnp.log(l[..., 0]) - ps
+      ent_BN = einops.rearrange(
+        jnp.einsum("BKGQ,BQ->BKG", ent_BKGQ, qv_BQ.astype(jnp.float32)), "B K G -> B (K G)"
+      )
+      new["entropy"] = carry["entropy"] + ent_BN
     if spec.cross:
-      s_BNQS = einops.rearrange(s, "B K G Q S -> B (K G) Q S")
-      ents = []
-      for rows, keys in ((take(is_text), is_vis), (take(is_vis), is_text)):
-        pm = jax.nn.softmax(jnp.where(keys[:, None, None, :], s_BNQS, MASK_VALUE), axis=-1)
-        pbar_BQS = jnp.where(keys[:, None, :], jnp.mean(pm, axis=1), 0.0)  # head-averaged rows
-        ents.append(jnp.sum(_entropy(pbar_BQS) * rows, axis=1))
-      new["cross"] = carry["cross"] + jnp.stack(ents, axis=-1)
+      new["cross"] = carry["cross"] + _cross_block(
+        raw, take(is_text), take(is_vis), is_text, is_vis
+      )
     return new, out
 
   zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
