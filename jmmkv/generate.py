@@ -301,9 +301,11 @@ def _compress(prompt: PromptKV, rope_start_B, policy, budget, append_capacity: i
       cache = kv_cache.shrink(cache, kv_cache.compact_capacity(cache))
     k = cache.append_k
     dense_bytes = sum(2 * x.nbytes for x in cache.layer_k)
-    paged_bytes = paged.paged_bytes(kept_LBK, k.shape[-1], k.dtype.itemsize)
+    size = paged.page_size_for(kept_LBK)
+    paged_bytes = paged.paged_bytes(kept_LBK, k.shape[-1], k.dtype.itemsize, size)
     if layout == "paged" or (layout == "auto" and paged_bytes < 0.9 * dense_bytes):
-      cache = paged.to_paged(cache, *paged.page_plan(kept_LBK, cache.capacity))
+      plan = paged.page_plan(kept_LBK, cache.capacity, size)
+      cache = paged.to_paged(cache, *plan, page_size=size)
     cache = jax.block_until_ready(cache)
   return cache, time.perf_counter() - t0
 

@@ -8,8 +8,9 @@ pages (the sum over (row, head) of ceil(kept / S), rounded up a little), each ow
 reads only these pages (`jmmkv.kernels.decode_attention.paged_partials`) and merges them with the
 append buffer, which stays dense ``[L, B, K, M, H]``.
 
-``P_l`` is a static shape: decode compiles once per distinct page layout (rounded to a multiple of
-``page_multiple(P_l)``, at most 1/16 of ``P_l``, to bound the number of layouts).
+``S`` (`page_size_for`) and ``P_l`` are static shapes: decode compiles once per distinct page
+layout (``P_l`` rounded up to a multiple of ``page_multiple(P_l)``, at most 1/32 of ``P_l``, to
+bound the number of layouts).
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ import numpy as np
 from jmmkv.cache.kv_cache import KVCache
 from jmmkv.typing import Array
 
-PAGE_SIZE = 32
+PAGE_SIZE = 32  # the smallest page; `page_size_for` picks larger ones for long prompts
+MAX_PAGE_SIZE = 512
+
+
+def page_size_for(kept_LBK: np.ndarray) -> int:
+  """Slots per page: the largest power of two <= 1/8 of the mean kept count per (layer, row,
+  head), within [32, 512]. Pages waste under S / 2 slots per head on average (< 1/16 of what is
+  kept), and long prompts get few large pages, which XLA CPU reads near its bandwidth (many
+  32-slot pages cost about 2x the bytes' time)."""
+  mean = float(np.mean(kept_LBK)) if np.size(kept_LBK) else 0.0
+  size = 1 << max(0, int(mean / 8).bit_length() - 1)
+  return int(min(MAX_PAGE_SIZE, max(PAGE_SIZE, size)))
 
 
 @flax.struct.dataclass
@@ -66,8 +78,8 @@ class PagedKVCache:
 
 
 def page_multiple(pages: int) -> int:
-  """Granularity of a layer's page count: the largest power of two <= pages / 16 (at least 1)."""
-  return max(1, 1 << max(0, int(pages).bit_length() - 5))
+  """Granularity of a layer's page count: the largest power of two <= pages / 32 (at least 1)."""
+  return max(1, 1 << max(0, int(pages).bit_length() - 6))
 
 
 def pages_per_layer(kept_LBK: np.ndarray, page_size: int = PAGE_SIZE) -> list[int]:
@@ -92,7 +104,7 @@ def page_plan(kept_LBK: np.ndarray, capacity: int, page_size: int = PAGE_SIZE):
   return tuple(sources), tuple(owners)
 
 
-def paged_bytes(kept_LBK: np.ndarray, head_dim: int, itemsize: int, page_size: int = PAGE_SIZE):
+def paged_bytes(kept_LBK: np.ndarray, head_dim: int, itemsize: int, page_size: int):
   """Prefix K/V bytes the paged layout would allocate for these kept counts."""
   return sum(pages_per_layer(kept_LBK, page_size)) * page_size * 2 * head_dim * itemsize
 

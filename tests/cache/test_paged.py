@@ -76,13 +76,15 @@ def test_paged_cache_holds_exactly_the_kept_slots(model, name, seed):
     assert np.all(np.diff(own) >= 0)
     assert np.all(pos[own == 2 * CFG.num_kv_heads] < 0)
   # Allocated prefix bytes: the kept slots rounded up to pages, per (layer, row, head), plus the
-  # page-count rounding (at most 1/16 of a layer's pages, or one page).
+  # page-count rounding (at most 1/32 of a layer's pages, or one page).
   slot_bytes = 2 * CFG.head_dim * 4
   kept = d.kept_LBK()
-  needed = (-(-kept // paged.PAGE_SIZE)).reshape(len(kept), -1).sum(-1)
+  size = p.page_size
+  assert size == paged.page_size_for(kept) and size & (size - 1) == 0
+  needed = (-(-kept // size)).reshape(len(kept), -1).sum(-1)
   prefix = sum(x.nbytes for x in (*p.k, *p.v))
-  assert prefix >= needed.sum() * paged.PAGE_SIZE * slot_bytes
-  assert prefix <= sum(n + max(1, n // 16) for n in needed) * paged.PAGE_SIZE * slot_bytes
+  assert prefix >= needed.sum() * size * slot_bytes
+  assert prefix <= sum(n + max(1, n // 32) for n in needed) * size * slot_bytes
   assert p.kv_bytes_used() == d.kv_bytes_used() == kept.sum() * slot_bytes
 
 
@@ -151,5 +153,9 @@ def test_page_plan_counts():
   np.testing.assert_array_equal(sources[0], [3, 4, 6, 7, 9])
   np.testing.assert_array_equal(owners[1], [0])
   np.testing.assert_array_equal(sources[1], [0])
-  assert paged.page_multiple(31) == 1 and paged.page_multiple(32) == 2
-  assert paged.page_multiple(1000) == 32
+  assert paged.page_multiple(63) == 1 and paged.page_multiple(64) == 2
+  assert paged.page_multiple(1000) == 16
+  # Page size: a power of two near 1/8 of the mean kept count, within [32, 512].
+  assert paged.page_size_for(np.full((2, 1, 4), 100)) == 32
+  assert paged.page_size_for(np.full((2, 1, 4), 3277)) == 256
+  assert paged.page_size_for(np.full((2, 1, 4), 10**6)) == 512
