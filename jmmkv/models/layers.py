@@ -35,8 +35,12 @@ class Einsum(nn.Module):
   dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, eqn: str, x: Array) -> Array:
+  def __call__(self, eqn: str, x: Array, merge_leading: int = 0) -> Array:
+    """``merge_leading`` > 1 views the first dims of ``w`` as one (e.g. o_proj's ``[N, H, D]`` as
+    ``[N*H, D]``): a row-major reshape, which spares XLA a transposed copy of ``w`` per call."""
     w = self.param("w", nn.initializers.normal(0.02), tuple(self.shape), self.dtype)
+    if merge_leading > 1:
+      w = w.reshape(-1, *w.shape[merge_leading:])
     y = jnp.einsum(eqn, x, w)
     if self.bias_shape is not None:
       y = y + self.param("b", nn.initializers.normal(0.02), tuple(self.bias_shape), self.dtype)

@@ -44,7 +44,8 @@ class Block(nn.Module):
     return q_BTNH, k_BTKH, v_BTKH
 
   def _finish(self, x_BTD, o_BTNH):
-    x_BTD = x_BTD + self.o_proj("BTNH,NHD->BTD", o_BTNH)
+    o_BTA = o_BTNH.reshape(*o_BTNH.shape[:2], -1)  # A = N * H (heads merged)
+    x_BTD = x_BTD + self.o_proj("BTA,AD->BTD", o_BTA, merge_leading=2)
     h_BTD = self.post_norm(x_BTD)
     gate_BTF = nn.silu(self.gate_proj("BTD,DF->BTF", h_BTD))
     up_BTF = self.up_proj("BTD,DF->BTF", h_BTD)
