@@ -108,3 +108,14 @@ def jmmkv_model(tiny_model):
     return cache[key]
 
   return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Drop JAX's compiled executables after each test module. Every CPU executable holds its own
+  memory mappings; a whole suite's worth (tens of thousands) passes the kernel's vm.max_map_count
+  (65530) and the next compilation segfaults."""
+  yield
+  import jax
+
+  jax.clear_caches()
