@@ -3,6 +3,7 @@
 from jmmkv.cache import policies
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.kv_cache import KVCache
+from jmmkv.ckpt import save
 from jmmkv.generate import GenerateOutput, compress, generate
 from jmmkv.inputs import Batch
 from jmmkv.models.model import Model, load, random_model
@@ -19,4 +20,5 @@ __all__ = [
   "load",
   "policies",
   "random_model",
+  "save",
 ]

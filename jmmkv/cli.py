@@ -69,6 +69,22 @@ def _demo(args) -> int:
   return 0
 
 
+def _convert(args) -> int:
+  import time
+
+  import jmmkv
+
+  t0 = time.perf_counter()
+  model = jmmkv.load(args.hf_dir, dtype=args.dtype)
+  out = jmmkv.save(model, args.out_dir)
+  n = sum(x.size for x in __import__("jax").tree.leaves(model.params))
+  print(
+    f"converted {args.hf_dir} -> {out}: {n / 1e6:.1f} M parameters, {model.dtype_name}, "
+    f"{time.perf_counter() - t0:.1f} s"
+  )
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="jmmkv", description="Multimodal LLMs in JAX with a compressible KV cache."
@@ -88,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(func=_demo)
+  convert = sub.add_parser(
+    "convert", help="an HF model directory -> a jmmkv (orbax) checkpoint that jmmkv.load reads"
+  )
+  convert.add_argument("hf_dir", help="config.json + *.safetensors (+ tokenizer/processor files)")
+  convert.add_argument("out_dir", help="a new (or empty) directory")
+  convert.add_argument(
+    "--dtype", choices=["float32", "bfloat16", "bf16", "fp32"], default="float32"
+  )
+  convert.set_defaults(func=_convert)
   bench = sub.add_parser(
     "bench", help="KV memory and latency of each policy x budget vs Full (random weights)"
   )
@@ -128,7 +153,7 @@ def main(argv=None) -> int:
       return 2
   try:
     return args.func(args)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"jmmkv: error: {e}", file=sys.stderr)
     return 2
 

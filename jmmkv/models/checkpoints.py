@@ -57,8 +57,20 @@ def _qwen_tables(cfg: qwen2_vl.QwenVLConfig):
   return table
 
 
+def load_config(model_dir: str | Path):
+  """The jmmkv config of an HF model directory (its config.json and generation_config.json)."""
+  return _config_and_table(model_dir)[0]
+
+
 def load_checkpoint(model_dir: str | Path, dtype=jnp.float32):
   """Config and params of an HF model directory (any of `convert.SUPPORTED_ARCHITECTURES`)."""
+  cfg, table, rename, tied = _config_and_table(model_dir)
+  # A tied checkpoint may still carry the head; like transformers, the embedding wins.
+  ignore = lambda k: tied and k.endswith("lm_head.weight")
+  return cfg, convert.read_tensors(model_dir, table, dtype, ignore=ignore, rename=rename)
+
+
+def _config_and_table(model_dir: str | Path):
   hf_cfg, arch = convert.read_config(model_dir)
   eos = convert.generation_eos_ids(model_dir)
   if arch in convert.DECODER_ARCHITECTURES:
@@ -78,7 +90,4 @@ def load_checkpoint(model_dir: str | Path, dtype=jnp.float32):
     )
     cfg = dataclasses.replace(cfg, text=text_cfg)
     table, rename = tables(cfg), convert.prefix_renamer(rules)
-  # A tied checkpoint may still carry the head; like transformers, the embedding wins.
-  tied = text_cfg.tie_word_embeddings
-  ignore = lambda k: tied and k.endswith("lm_head.weight")
-  return cfg, convert.read_tensors(model_dir, table, dtype, ignore=ignore, rename=rename)
+  return cfg, table, rename, text_cfg.tie_word_embeddings

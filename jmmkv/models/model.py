@@ -17,7 +17,7 @@ import numpy as np
 
 from jmmkv import inputs
 from jmmkv.models import llava, mm, qwen2_vl
-from jmmkv.models.checkpoints import load_checkpoint
+from jmmkv.models.checkpoints import load_checkpoint, load_config
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.llama import Decoder, init_params
 from jmmkv.models.processing import load_processor, prompts_to_arrays
@@ -319,7 +319,8 @@ def _load_tokenizer(model_dir: Path):
 
 
 def load(path: str | Path, dtype="float32") -> Model:
-  """Loads an HF directory: config.json + *.safetensors (sharded or not) + tokenizer/processor files.
+  """Loads an HF directory (config.json + *.safetensors, sharded or not, + tokenizer/processor
+  files) or a checkpoint written by `jmmkv.save` (orbax params + the same config files).
 
   Architectures: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``LlavaForConditionalGeneration``,
   ``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
@@ -329,7 +330,12 @@ def load(path: str | Path, dtype="float32") -> Model:
   if not path.is_dir():
     raise FileNotFoundError(f"model directory {path} does not exist")
   name = dtype_name(dtype)
-  cfg, params = load_checkpoint(path, jnp.dtype(name))
+  from jmmkv import ckpt  # orbax is imported only for checkpoints
+
+  if ckpt.is_checkpoint(path):  # written by jmmkv.save: orbax params + the HF config files
+    cfg, params = load_config(path), ckpt.restore_params(path, jnp.dtype(name))
+  else:
+    cfg, params = load_checkpoint(path, jnp.dtype(name))
   tokenizer = _load_tokenizer(path)
   multimodal = not isinstance(cfg, DecoderConfig)
   processor = (
