@@ -85,6 +85,70 @@ def _convert(args) -> int:
   return 0
 
 
+def _read_image(path: str):
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(path) as im:
+      return im.convert("RGB")
+  except FileNotFoundError:
+    raise FileNotFoundError(f"image {path} does not exist") from None
+  except (UnidentifiedImageError, OSError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def _read_video(path: str):
+  """Frames of a directory of images (sorted by name) or of a multi-frame image (GIF, WebP)."""
+  from pathlib import Path
+
+  from PIL import Image, ImageSequence
+
+  p = Path(path)
+  if p.is_dir():
+    return [_read_image(str(f)) for f in sorted(p.iterdir()) if f.is_file()]
+  if not p.exists():
+    raise FileNotFoundError(f"video {path} does not exist")
+  try:
+    with Image.open(p) as im:
+      return [f.convert("RGB") for f in ImageSequence.Iterator(im)]
+  except OSError:
+    raise ValueError(
+      f"cannot read video {path}: give a directory of frames or an animated GIF/WebP "
+      "(no video decoder is installed)"
+    ) from None
+
+
+def _generate(args) -> int:
+  import jmmkv
+
+  policy = jmmkv.policies.get(args.policy)  # bad names and budgets fail before loading anything
+  budget = None if args.policy == "full" else jmmkv.Budget(ratio=args.budget)
+  images = [_read_image(p) for p in args.image]
+  videos = [_read_video(p) for p in args.video]
+  model = jmmkv.load(args.model, dtype=args.dtype)
+  if model.tokenizer is None:
+    raise ValueError(f"{args.model} has no tokenizer files: jmmkv generate needs one")
+  prompt = args.prompt
+  missing_images = len(images) - prompt.count("<image>")
+  missing_videos = len(videos) - prompt.count("<video>")
+  prompt = "<image> " * max(0, missing_images) + "<video> " * max(0, missing_videos) + prompt
+  batch = model.prepare(
+    prompts=[prompt], images=[images] if images else None, videos=[videos] if videos else None
+  )
+  out = jmmkv.generate(model, batch, policy, budget, max_new_tokens=args.max_new_tokens)
+  s = out.stats
+  print(out.texts[0])
+  print(
+    f"[{args.policy}{'' if budget is None else f' {args.budget:g}'}] prompt {s['prompt_tokens']} "
+    f"tokens, kept {s['kept_fraction']:.2f}; KV {s['kv_bytes_allocated'] / 2**20:.2f} MiB "
+    f"allocated, {s['kv_bytes_used'] / 2**20:.2f} MiB used; prefill {s['prefill_s'] * 1e3:.0f} ms, "
+    f"compress {s['compress_s'] * 1e3:.0f} ms, decode "
+    f"{s['decode_s'] / max(1, s['decode_steps']) * 1e3:.1f} ms/token (first call: with compilation)",
+    file=sys.stderr,
+  )
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="jmmkv", description="Multimodal LLMs in JAX with a compressible KV cache."
@@ -113,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     "--dtype", choices=["float32", "bfloat16", "bf16", "fp32"], default="float32"
   )
   convert.set_defaults(func=_convert)
+  gen = sub.add_parser(
+    "generate", help="answer one prompt (with images / video) from a model directory"
+  )
+  gen.add_argument("--model", required=True, help="an HF model directory or a jmmkv checkpoint")
+  gen.add_argument("--prompt", required=True, help='text; "<image>" marks where an image goes')
+  gen.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+  gen.add_argument(
+    "--video", action="append", default=[], help="a directory of frames or an animated GIF"
+  )
+  gen.add_argument("--policy", default="full", help="a name from jmmkv.policies.NAMES")
+  gen.add_argument("--budget", type=float, default=0.2, help="kept fraction (not for full)")
+  gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument("--dtype", choices=["float32", "bfloat16", "bf16", "fp32"], default="float32")
+  gen.set_defaults(func=_generate)
   bench = sub.add_parser(
     "bench", help="KV memory and latency of each policy x budget vs Full (random weights)"
   )
