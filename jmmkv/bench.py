@@ -21,7 +21,7 @@ import numpy as np
 
 import jmmkv
 import jmmkv.inputs
-from jmmkv.generate import _compress, _prefill, decode_loop, prefill_step
+from jmmkv.generate import _compress, _prefill, decode_loop
 from jmmkv.cache.paged import PagedKVCache
 from jmmkv.inputs import Batch
 from jmmkv.sampling import Sampling
@@ -89,24 +89,6 @@ def _copy(tree):
   return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
 
 
-def _prefill_once(model, batch, spec):
-  """Compile the prompt forward ahead of time, then run it once (timed, compile excluded)."""
-  padded = jmmkv.inputs.pad(batch, pad_id=0)
-  x_BTD = model.embed(padded.ids_BT, padded.media)
-  positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media).astype(np.int32)
-  args = (
-    model.params["text"],
-    x_BTD,
-    positions,
-    padded.valid_BT,
-    padded.modality_BT,
-    padded.lengths_B,
-  )
-  kw = dict(cfg=model.text_config, dtype=model.dtype_name, spec=spec)
-  prefill_step.lower(*args, **kw).compile()  # fills the jit cache
-  return _prefill(model, batch, spec)
-
-
 def _decode_ms(model, logits_BV, cache, max_new_tokens: int, repeats: int):
   """Median decode ms per step over ``repeats`` runs after a warm-up (each on a copy of the
   cache). The first new token comes from the prefill logits: ``max_new_tokens - 1`` steps."""
@@ -161,7 +143,7 @@ def run(
         policy = jmmkv.policies.get(name, **SMALL_WINDOW.get(name, {}))
         budget = None if name == "full" else jmmkv.Budget(ratio=ratio)
         if policy.stats not in prefills:
-          prefills[policy.stats] = _prefill_once(model, batch, policy.stats)
+          prefills[policy.stats] = _prefill(model, batch, policy.stats, compile_first=True)
         padded, logits_BV, prompt_kv, rope_start, prefill_s = prefills[policy.stats]
         compress_s = []
         for _ in range(2):  # warm-up (compiles), then the timed run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+DTYPES = ["float32", "bfloat16", "bf16", "fp32"]  # what jmmkv.load accepts
 PRESETS = {
   # name: (DecoderConfig overrides, description)
   "tiny": (dict(), "4 layers, D=256, 8 heads / 2 KV heads, head dim 32, vocab 1024"),
@@ -72,12 +73,14 @@ def _demo(args) -> int:
 def _convert(args) -> int:
   import time
 
+  import jax
+
   import jmmkv
 
   t0 = time.perf_counter()
   model = jmmkv.load(args.hf_dir, dtype=args.dtype)
   out = jmmkv.save(model, args.out_dir)
-  n = sum(x.size for x in __import__("jax").tree.leaves(model.params))
+  n = sum(x.size for x in jax.tree.leaves(model.params))
   print(
     f"converted {args.hf_dir} -> {out}: {n / 1e6:.1f} M parameters, {model.dtype_name}, "
     f"{time.perf_counter() - t0:.1f} s"
@@ -173,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   convert.add_argument("hf_dir", help="config.json + *.safetensors (+ tokenizer/processor files)")
   convert.add_argument("out_dir", help="a new (or empty) directory")
-  convert.add_argument(
-    "--dtype", choices=["float32", "bfloat16", "bf16", "fp32"], default="float32"
-  )
+  convert.add_argument("--dtype", choices=DTYPES, default="float32")
   convert.set_defaults(func=_convert)
   gen = sub.add_parser(
     "generate", help="answer one prompt (with images / video) from a model directory"
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--policy", default="full", help="a name from jmmkv.policies.NAMES")
   gen.add_argument("--budget", type=float, default=0.2, help="kept fraction (not for full)")
   gen.add_argument("--max-new-tokens", type=int, default=64)
-  gen.add_argument("--dtype", choices=["float32", "bfloat16", "bf16", "fp32"], default="float32")
+  gen.add_argument("--dtype", choices=DTYPES, default="float32")
   gen.set_defaults(func=_generate)
   bench = sub.add_parser(
     "bench", help="KV memory and latency of each policy x budget vs Full (random weights)"

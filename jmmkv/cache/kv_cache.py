@@ -67,11 +67,20 @@ class KVCache:
     return sum(int(x.nbytes) for x in (*self.layer_k, *self.layer_v, self.append_k, self.append_v))
 
   def kv_bytes_used(self) -> int:
-    """Bytes of K/V in valid prefix slots and written append slots, from the arrays."""
-    l, b, kh, _, h = self.append_k.shape
-    per_slot = 2 * h * self.append_k.dtype.itemsize
-    kept = int(self.kept_LBK().sum())
-    return per_slot * (kept + l * b * kh * int(self.index))
+    return used_bytes(self)
+
+
+def slot_bytes(append_k_LBKMH: Array) -> int:
+  """Bytes of one cache slot: a key and a value of one KV head."""
+  return 2 * append_k_LBKMH.shape[-1] * append_k_LBKMH.dtype.itemsize
+
+
+def used_bytes(cache) -> int:
+  """Bytes of K/V in valid prefix slots and written append slots of a dense or paged cache, from
+  the arrays."""
+  l, b, kh = cache.append_k.shape[:3]
+  kept = int(cache.kept_LBK().sum())
+  return slot_bytes(cache.append_k) * (kept + l * b * kh * int(cache.index))
 
 
 def from_prefix(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmmkv.cache.kv_cache import KVCache
+from jmmkv.cache.kv_cache import KVCache, used_bytes
 from jmmkv.typing import Array
 
 PAGE_SIZE = 32  # the smallest page; `page_size_for` picks larger ones for long prompts
@@ -71,10 +71,7 @@ class PagedKVCache:
     return sum(int(x.nbytes) for x in (*self.k, *self.v, self.append_k, self.append_v))
 
   def kv_bytes_used(self) -> int:
-    """Bytes of K/V in valid prefix slots and written append slots, from the arrays."""
-    l, b, kh, _, h = self.append_k.shape
-    per_slot = 2 * h * self.append_k.dtype.itemsize
-    return per_slot * (int(self.kept_LBK().sum()) + l * b * kh * int(self.index))
+    return used_bytes(self)
 
 
 def page_multiple(pages: int) -> int:
@@ -104,9 +101,9 @@ def page_plan(kept_LBK: np.ndarray, capacity: int, page_size: int = PAGE_SIZE):
   return tuple(sources), tuple(owners)
 
 
-def paged_bytes(kept_LBK: np.ndarray, head_dim: int, itemsize: int, page_size: int):
+def paged_bytes(kept_LBK: np.ndarray, slot_bytes: int, page_size: int):
   """Prefix K/V bytes the paged layout would allocate for these kept counts."""
-  return sum(pages_per_layer(kept_LBK, page_size)) * page_size * 2 * head_dim * itemsize
+  return sum(pages_per_layer(kept_LBK, page_size)) * page_size * slot_bytes
 
 
 @functools.partial(jax.jit, static_argnames=("page_size",), donate_argnums=0)
