@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
   )
   bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
   bench.set_defaults(func=_bench)
+  from jmmkv.eval import cli as eval_cli
+
+  eval_cli.register(sub)
   return parser
 
 

@@ -1,0 +1,1 @@
+"""Evaluation harnesses (MileBench; synthetic tasks)."""
