@@ -48,8 +48,9 @@ def save(model, path: str | Path) -> Path:
   return out
 
 
-def restore_params(path: str | Path, dtype):
-  """The param tree of checkpoint ``path``, every array read as ``dtype``."""
+def restore_params(path: str | Path, dtype, mesh=None):
+  """The param tree of checkpoint ``path``, every array read as ``dtype`` (and, given a mesh,
+  straight into the shards `jmmkv.sharding` assigns)."""
   path = Path(path).absolute()
   meta = json.loads((path / MARKER).read_text())
   if meta.get("format") != FORMAT:
@@ -57,4 +58,12 @@ def restore_params(path: str | Path, dtype):
   checkpointer = ocp.StandardCheckpointer()
   tree = checkpointer.metadata(path / "params").item_metadata.tree
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, jnp.dtype(dtype)), tree)
+  if mesh is not None:
+    from jmmkv import sharding
+
+    target = jax.tree.map(
+      lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
+      target,
+      sharding.param_shardings(target, mesh),
+    )
   return checkpointer.restore(path / "params", target)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmmkv import inputs
+from jmmkv import inputs, sharding
 from jmmkv.cache import kv_cache, paged
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.policies.base import PromptKV
@@ -74,6 +74,7 @@ def prefill_step(
   )
   h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
   logits_BV = dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
+  k, v = sharding.constrain_BK(k, lead=1), sharding.constrain_BK(v, lead=1)  # [L, B, K, T, H]
   return logits_BV, PromptKV(k, v, valid_BT, modality_BT, lengths_B, st)
 
 
@@ -196,7 +197,8 @@ def generate(
   ``output_scores`` returns each step's logits; ``return_cache`` the final cache.
   ``layout``: the decode prefix as a dense `KVCache` (padded to the largest kept count), a
   `PagedKVCache` (exactly the kept pages; per-layer/-head budgets), or ``"auto"``: paged when it
-  saves more than 10% of the prefix bytes.
+  saves more than 10% of the prefix bytes. A model loaded with a ``mesh`` runs everything under
+  it, with the cache split over batch and KV heads (dense layout: pages mix heads).
   """
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -207,23 +209,25 @@ def generate(
   eos = model.text_config.eos_token_ids if eos_token_id is None else eos_token_id
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
 
-  padded, logits_BV, cache, prefill_s, compress_s = _prefill_and_compress(
-    model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
-  )
-  cfg, dtype, params = model.text_config, model.dtype_name, model.params["text"]
-  (tokens_BM, cache, scores), decode_s = _timed(
-    decode_loop,
-    params,
-    logits_BV,
-    cache,
-    rng,
-    eos_E,
-    cfg=cfg,
-    dtype=dtype,
-    sampling=sampling,
-    max_new_tokens=max_new_tokens,
-    output_scores=output_scores,
-  )
+  mesh = getattr(model, "mesh", None)
+  with sharding.context(mesh):
+    padded, logits_BV, cache, prefill_s, compress_s = _prefill_and_compress(
+      model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
+    )
+    cfg, dtype, params = model.text_config, model.dtype_name, model.params["text"]
+    (tokens_BM, cache, scores), decode_s = _timed(
+      decode_loop,
+      params,
+      logits_BV,
+      cache,
+      rng,
+      eos_E,
+      cfg=cfg,
+      dtype=dtype,
+      sampling=sampling,
+      max_new_tokens=max_new_tokens,
+      output_scores=output_scores,
+    )
   tokens = [[int(x) for x in row if x >= 0] for row in np.asarray(tokens_BM)]
   texts = model.decode_text(tokens) if model.tokenizer is not None else None
   stats = _stats(cache, padded, tokens, prefill_s, compress_s, decode_s)
@@ -263,13 +267,14 @@ def _prefill(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bool = 
   # transformers' generate; with M-RoPE this can be below the prompt length).
   rows, last = np.arange(len(padded.lengths_B)), padded.lengths_B - 1
   rope_start_B = (positions[..., rows, last] + 1).astype(np.int32)  # [B], or [3, B] with M-RoPE
+  mesh = getattr(model, "mesh", None)
   args = (
     model.params["text"],
-    x_BTD,
-    positions.astype(np.int32),
-    padded.valid_BT,
-    padded.modality_BT,
-    padded.lengths_B,
+    sharding.put_batch(x_BTD, mesh),
+    sharding.put_batch(positions.astype(np.int32), mesh, axis=positions.ndim - 2),
+    sharding.put_batch(padded.valid_BT, mesh),
+    sharding.put_batch(padded.modality_BT, mesh),
+    sharding.put_batch(padded.lengths_B, mesh),
   )
   # spec: the statistics the policy scores with, computed inside prefill attention
   kw = dict(cfg=model.text_config, dtype=model.dtype_name, spec=spec)
@@ -286,6 +291,10 @@ def _compress(prompt: PromptKV, rope_start_B, policy, budget, append_capacity: i
   the seconds taken (selection + gather + merge + re-layout)."""
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  if not jax.sharding.get_abstract_mesh().empty:  # pages mix KV heads: no head split
+    if layout == "paged":
+      raise ValueError("layout='paged' is not supported under a mesh; use 'dense' or 'auto'")
+    layout = "dense"
   capacity = policy.capacity(budget, prompt.k.shape[3])
   t0 = time.perf_counter()
   with _donation_quiet():
@@ -331,7 +340,8 @@ def compress(
   ``cache.positions`` / ``cache.modality`` ``[L, B, K, C]`` say what was kept (-1 / 0 where empty);
   ``cache.k`` / ``cache.v`` ``[L, B, K, C, H]`` hold it.
   """
-  return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[2]
+  with sharding.context(getattr(model, "mesh", None)):
+    return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[2]
 
 
 def _stats(cache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmmkv import sharding
 from jmmkv.typing import Array
 
 
@@ -95,7 +96,7 @@ def from_prefix(
   """Builds a decode cache from a (compressed) prefix and an empty append buffer of M slots."""
   l, b, kh, _, h = k_LBKCH.shape
   empty = jnp.zeros((l, b, kh, append_capacity, h), k_LBKCH.dtype)
-  return KVCache(
+  cache = KVCache(
     layer_k=tuple(k_LBKCH),
     layer_v=tuple(v_LBKCH),
     layer_positions=tuple(positions_LBKC.astype(jnp.int32)),
@@ -105,6 +106,20 @@ def from_prefix(
     lengths=lengths_B.astype(jnp.int32),
     rope_start=rope_start_B.astype(jnp.int32),
     index=jnp.zeros((), jnp.int32),
+  )
+  return constrain(cache)
+
+
+def constrain(cache: KVCache) -> KVCache:
+  """The cache split over batch and KV heads on the current mesh (a no-op without one)."""
+  per_layer = lambda xs: tuple(sharding.constrain_BK(x) for x in xs)
+  return cache.replace(
+    layer_k=per_layer(cache.layer_k),
+    layer_v=per_layer(cache.layer_v),
+    layer_positions=per_layer(cache.layer_positions),
+    layer_modality=per_layer(cache.layer_modality),
+    append_k=sharding.constrain_BK(cache.append_k, lead=1),
+    append_v=sharding.constrain_BK(cache.append_v, lead=1),
   )
 
 
@@ -131,9 +146,11 @@ def compact_capacity(cache: KVCache, multiple: int = 32) -> int:
 def shrink(cache: KVCache, capacity: int) -> KVCache:
   """The same cache with the prefix cut to ``capacity`` slots (all cut slots must be empty)."""
   cut = lambda xs: tuple(x[:, :, :capacity] for x in xs)
-  return cache.replace(
-    layer_k=cut(cache.layer_k),
-    layer_v=cut(cache.layer_v),
-    layer_positions=cut(cache.layer_positions),
-    layer_modality=cut(cache.layer_modality),
+  return constrain(
+    cache.replace(
+      layer_k=cut(cache.layer_k),
+      layer_v=cut(cache.layer_v),
+      layer_positions=cut(cache.layer_positions),
+      layer_modality=cut(cache.layer_modality),
+    )
   )

@@ -12,6 +12,7 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from jmmkv import sharding
 from jmmkv.cache.policies.base import Prefix, PromptKV
 from jmmkv.kernels import gather as kernel_gather
 from jmmkv.kernels import select as kernel_select
@@ -53,7 +54,7 @@ def top_positions(
 def gather(prompt: PromptKV, idx_LBKC: Array) -> Prefix:
   """The prefix holding the prompt K/V, positions and modality at ``idx`` (-1: empty slot). K/V go
   through `jmmkv.kernels.gather.gather` (a DMA kernel on TPU)."""
-  k, v = kernel_gather.gather(prompt.k, prompt.v, idx_LBKC)
+  k, v = sharding.per_head(kernel_gather.gather, prompt.k, prompt.v, idx_LBKC)  # shard-local
   safe = jnp.maximum(idx_LBKC, 0)
   mod_LBKC = jnp.take_along_axis(
     jnp.broadcast_to(prompt.modality_BT[None, :, None, :], prompt.k.shape[:4]), safe, axis=3

@@ -150,6 +150,8 @@ class Decoder(nn.Module):
     for layer, block in enumerate(self.layers):
       x_B1D, cache = block.decode(x_B1D, cos_B1H, sin_B1H, cache, layer)
     logits_B1V = self.unembed(self.norm(x_B1D))
+    if isinstance(cache, kv_cache.KVCache):
+      cache = kv_cache.constrain(cache)  # stays split over batch and KV heads on a mesh
     return logits_B1V[:, 0], cache.replace(index=cache.index + 1)
 
 

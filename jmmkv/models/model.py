@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmmkv import inputs
+from jmmkv import inputs, sharding
 from jmmkv.models import llava, mm, qwen2_vl
 from jmmkv.models.checkpoints import load_checkpoint, load_config
 from jmmkv.models.configs import DecoderConfig
@@ -54,6 +54,7 @@ class Model:
   tokenizer: Any = dataclasses.field(default=None, repr=False)  # transformers tokenizer, if any
   path: str | None = None
   processor: Any = dataclasses.field(default=None, repr=False)  # HF processor (multimodal)
+  mesh: Any = dataclasses.field(default=None, repr=False)  # jax.sharding.Mesh, when sharded
 
   @property
   def text_config(self) -> DecoderConfig:
@@ -318,13 +319,16 @@ def _load_tokenizer(model_dir: Path):
   return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def load(path: str | Path, dtype="float32") -> Model:
+def load(path: str | Path, dtype="float32", mesh=None) -> Model:
   """Loads an HF directory (config.json + *.safetensors, sharded or not, + tokenizer/processor
   files) or a checkpoint written by `jmmkv.save` (orbax params + the same config files).
 
   Architectures: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``LlavaForConditionalGeneration``,
   ``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
-  ``Qwen2_5_VLForConditionalGeneration``. ``dtype``: "float32" or "bfloat16".
+  ``Qwen2_5_VLForConditionalGeneration``. ``dtype``: "float32" or "bfloat16". ``mesh``: a
+  `jax.sharding.Mesh` with axes ``"data"`` and/or ``"model"``; params are placed split over
+  heads and MLP width (`jmmkv.sharding`; orbax checkpoints are restored straight onto it) and
+  `jmmkv.generate` keeps the cache split over batch and KV heads.
   """
   path = Path(path)
   if not path.is_dir():
@@ -332,16 +336,20 @@ def load(path: str | Path, dtype="float32") -> Model:
   name = dtype_name(dtype)
   from jmmkv import ckpt  # orbax is imported only for checkpoints
 
+  if mesh is not None:
+    mesh = sharding.check_mesh(mesh)
   if ckpt.is_checkpoint(path):  # written by jmmkv.save: orbax params + the HF config files
-    cfg, params = load_config(path), ckpt.restore_params(path, jnp.dtype(name))
+    cfg, params = load_config(path), ckpt.restore_params(path, jnp.dtype(name), mesh)
   else:
     cfg, params = load_checkpoint(path, jnp.dtype(name))
+    if mesh is not None:
+      params = sharding.shard_params(params, mesh)
   tokenizer = _load_tokenizer(path)
   multimodal = not isinstance(cfg, DecoderConfig)
   processor = (
     load_processor(path, cfg.architecture) if tokenizer is not None and multimodal else None
   )
-  return Model(cfg, params, name, tokenizer, str(path), processor)
+  return Model(cfg, params, name, tokenizer, str(path), processor, mesh)
 
 
 def random_model(cfg: DecoderConfig, seed: int = 0, dtype="float32") -> Model:

@@ -19,6 +19,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from jmmkv import sharding
 from jmmkv.cache import merge as merging
 from jmmkv.cache import select
 from jmmkv.cache.policies.base import Prefix, PromptKV, uniform_capacity
@@ -95,6 +96,7 @@ def finish(prompt: PromptKV, keep_LBKT: Array, rule: str | None, capacity: int) 
   """Merge the evicted tokens into the kept ones (``rule`` None: evict only), then gather."""
   if rule is not None:
     evict = prompt.valid_BT[None, :, None, :] & ~keep_LBKT
-    k, v = merging.merge(prompt.k, prompt.v, keep_LBKT, evict, rule)
+    merge = lambda *xs: merging.merge(*xs, rule)
+    k, v = sharding.per_head(merge, prompt.k, prompt.v, keep_LBKT, evict)  # shard-local
     prompt = prompt._replace(k=k, v=v)
   return select.gather(prompt, select.positions_from_mask(keep_LBKT, capacity))

@@ -1,0 +1,119 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 emulated CPU devices (XLA_FLAGS must be
+set before jax starts). Prints one JSON object: per (family, policy) the single-device and
+sharded results, the shardings seen, and the compiled compression's all-gathers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import importlib
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax
+import numpy as np
+
+import jmmkv
+from mm_models import build_mm_model, make_case
+
+G = importlib.import_module("jmmkv.generate")
+POLICIES = {"llava": ("madakv", "meda"), "qwen2_vl": ("snapkv", "madakv")}
+ROWS = {  # four rows: the batch splits over the 4-way "data" axis
+  "llava": dict(
+    rows=[[3, "image", 5, "image", 2], [2, "image", 6], [7, "image", 3], [5, 4]], images=4
+  ),
+  "qwen2_vl": dict(
+    rows=[[3, "image", 4, "video", 3], [2, "image", 6], [7, "image", 3], [5, 4]],
+    images=[(1, 4, 6), (1, 2, 2), (1, 4, 4)],
+    videos=[(2, 4, 4)],
+  ),
+}
+
+
+def spec(x) -> list:
+  return [None if d is None else str(d) for d in x.sharding.spec]
+
+
+def kv_all_gathers(model, batch, policy, budget) -> list[str]:
+  """Result shapes of the all-gathers in the compiled compression that are as large as K/V."""
+  with jax.set_mesh(model.mesh):
+    _, _, prompt, rope_start, _ = G._prefill(model, batch, policy.stats)
+    capacity = policy.capacity(budget, prompt.k.shape[3])
+    hlo = (
+      G.compress_step.lower(
+        *prompt, rope_start, policy=policy, budget=budget, capacity=capacity, append_capacity=5
+      )
+      .compile()
+      .as_text()
+    )
+  per_layer = int(np.prod(prompt.k.shape[1:])) // 8  # one device's share of a layer's K
+  big = []
+  for shape in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo):
+    if int(np.prod([int(n) for n in shape.split(",") if n])) > per_layer:
+      big.append(shape)
+  return big
+
+
+def main() -> None:
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  out = {"devices": len(jax.devices())}
+  for family, policies in POLICIES.items():
+    hf = build_mm_model(family, 0)
+    path = Path(tempfile.mkdtemp()) / family
+    hf.save_pretrained(path)
+    single, sharded = jmmkv.load(path), jmmkv.load(path, mesh=mesh)
+    ckpt = jmmkv.save(single, Path(tempfile.mkdtemp()) / "ckpt")
+    restored = jmmkv.load(ckpt, mesh=mesh)
+    r = ROWS[family]
+    case = make_case(
+      hf, family, np.random.default_rng(5), r["rows"], r["images"], r.get("videos", ())
+    )
+    res = {"params": {}}
+    for name in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"):
+      res["params"][name] = spec(sharded.params["text"]["params"]["layers_0"][name]["w"])
+    res["params"]["lm_head"] = spec(sharded.params["text"]["params"]["lm_head"]["w"])
+    res["restored_q_proj"] = spec(restored.params["text"]["params"]["layers_0"]["q_proj"]["w"])
+    logits = [
+      m.logits(input_ids=case.ids, attention_mask=case.mask, **case.arrays)
+      for m in (single, sharded, restored)
+    ]
+    mask = case.mask.astype(bool)
+    res["logits_max_diff"] = float(np.abs(logits[1] - logits[0])[mask].max())
+    res["restored_logits_max_diff"] = float(np.abs(logits[2] - logits[0])[mask].max())
+    res["logits_scale"] = float(np.abs(logits[0][mask]).max())
+    for name in policies:
+      policy, budget = jmmkv.policies.get(name), jmmkv.Budget(ratio=0.5)
+      kw = dict(max_new_tokens=6, eos_token_id=[], output_scores=True, return_cache=True)
+      got = {}
+      for label, m in (("single", single), ("sharded", sharded)):
+        batch = m.prepare(input_ids=[list(x) for x in case.rows], **case.arrays)
+        o = jmmkv.generate(m, batch, policy, budget, **kw)
+        got[label] = o
+      c = got["sharded"].cache
+      res[name] = {
+        "tokens_single": got["single"].tokens,
+        "tokens_sharded": got["sharded"].tokens,
+        "scores_max_diff": float(np.abs(got["single"].scores - got["sharded"].scores).max()),
+        "kept_equal": bool(
+          np.array_equal(got["single"].stats["kept_tokens_per_layer_head"], c.kept_LBK())
+        ),
+        "cache_layer_k": spec(c.layer_k[0]),
+        "cache_append_k": spec(c.append_k),
+        "cache_type": type(c).__name__,
+        "kv_all_gathers": kv_all_gathers(sharded, batch, policy, budget),
+      }
+    out[family] = res
+  print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
