@@ -1,4 +1,5 @@
-"""Policy registry: ``get(name, **hyperparameters)`` builds any policy; ``NAMES`` lists them."""
+"""Policy registry: ``get(name, **hyperparameters)`` builds any policy; ``NAMES`` lists them;
+``register(name, cls)`` adds one of your own (docs/adding_a_policy.md)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,31 @@ POLICIES = {
   "meda": MEDA,
   "madakv": MadaKV,
 }
-NAMES = tuple(POLICIES)
+NAMES = tuple(POLICIES)  # the built-in policies
+
+
+def register(name: str, cls, *, replace: bool = False):
+  """Makes ``get(name)`` build ``cls`` (a frozen dataclass with ``stats``, ``capacity`` and
+  ``compress``; see `jmmkv.cache.policies.base`). Returns ``cls``, so it works as a decorator
+  factory's target: ``register("mine", Mine)``."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"a policy name must be a non-empty string, got {name!r}")
+  if name in POLICIES and not replace:
+    raise ValueError(f"policy {name!r} already exists; pass replace=True to override it")
+  missing = [a for a in ("stats", "capacity", "compress") if not hasattr(cls, a)]
+  if missing:
+    raise TypeError(f"{getattr(cls, '__name__', cls)} lacks {', '.join(missing)}: not a policy")
+  params = getattr(cls, "__dataclass_params__", None)
+  if params is None or not params.frozen:
+    raise TypeError(f"{cls.__name__} must be a frozen dataclass (policies are static under jit)")
+  POLICIES[name] = cls
+  return cls
 
 
 def get(name: str, **hyperparameters):
   """Builds the policy ``name`` with the given hyperparameters (the paper defaults otherwise)."""
   if name not in POLICIES:
-    raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(NAMES)}")
+    raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
   cls = POLICIES[name]
   build = getattr(cls, "from_kwargs", cls)  # wrappers route their scorer's settings
   return build(**hyperparameters)

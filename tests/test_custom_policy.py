@@ -1,0 +1,78 @@
+"""docs/adding_a_policy.md's example runs as written and keeps what it says; register() errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+
+import jmmkv
+from jmmkv.cache import policies
+
+
+@pytest.fixture
+def knorm():
+  text = (REPO_ROOT / "docs" / "adding_a_policy.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+  assert len(blocks) == 1
+  namespace: dict = {}
+  exec(compile(blocks[0], "adding_a_policy.md", "exec"), namespace)
+  yield namespace["KNorm"]
+  policies.POLICIES.pop("knorm", None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_documented_policy_keeps_the_smallest_key_norms(knorm, jmmkv_model, seed):
+  model = jmmkv_model("llama_gqa", seed)
+  rng = np.random.default_rng(seed)
+  rows = [rng.integers(3, 200, n).tolist() for n in (37, 29)]
+  batch = model.prepare(input_ids=rows)
+  full = jmmkv.compress(model, batch)  # every prompt key, in position order
+  cache = jmmkv.compress(model, batch, jmmkv.policies.get("knorm"), jmmkv.Budget(ratio=0.25))
+  keys = np.asarray(full.k, np.float64)  # [L, B, K, C, H]
+  l, _, kh = keys.shape[:3]
+  for b, row in enumerate(rows):
+    n, keep = len(row), int(np.ceil(0.25 * len(row)))
+    norms = np.linalg.norm(keys[:, b, :, :n], axis=-1)  # [L, K, n]
+    for layer in range(l):
+      for h in range(kh):
+        got = np.asarray(cache.positions[layer, b, h])
+        kept = got[got >= 0]
+        assert len(kept) == keep and np.all(np.diff(kept) > 0)  # ascending, no repeats
+        evicted = np.setdiff1d(np.arange(n), kept)
+        nk = norms[layer, h]  # near-ties (fp32 vs fp64 norms) may go either way
+        assert nk[kept].max() <= nk[evicted].min() + 1e-5 * nk.max()
+  out = jmmkv.generate(
+    model,
+    batch,
+    jmmkv.policies.get("knorm"),
+    jmmkv.Budget(ratio=0.25),
+    max_new_tokens=3,
+    eos_token_id=[],
+  )
+  assert [len(t) for t in out.tokens] == [3, 3]
+
+
+def test_register_rejects_what_is_not_a_policy():
+  @dataclasses.dataclass  # not frozen
+  class Loose:
+    stats = None
+
+    def capacity(self, budget, t):
+      return t
+
+    def compress(self, prompt, budget, c):
+      return None
+
+  with pytest.raises(TypeError, match="frozen dataclass"):
+    policies.register("loose", Loose)
+  with pytest.raises(TypeError, match="lacks compress"):
+    policies.register(
+      "nothing", dataclasses.dataclass(frozen=True)(type("N", (), {"stats": 0, "capacity": 0}))
+    )
+  with pytest.raises(ValueError, match="already exists"):
+    policies.register("snapkv", policies.POLICIES["h2o"])
+  assert "loose" not in policies.POLICIES
