@@ -122,12 +122,7 @@ def prompts_to_arrays(
     prompts = [p.replace(IMAGE_MARK, image_text).replace(VIDEO_MARK, video_text) for p in prompts]
   templated = chat_template and bool(getattr(tok, "chat_template", None))
   if templated:
-    prompts = [
-      tok.apply_chat_template(
-        [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-      )
-      for p in prompts
-    ]
+    prompts = [_apply_chat_template(tok, p) for p in prompts]
   if not multimodal:
     rows = [tok(p, add_special_tokens=not templated)["input_ids"] for p in prompts]
     return {"input_ids": rows}
@@ -146,6 +141,22 @@ def prompts_to_arrays(
       arrays.pop("input_ids"), arrays.pop("attention_mask"), counts, model.config
     )
   return {**arrays, **video}
+
+
+def _apply_chat_template(tok, prompt: str) -> str:
+  """The prompt as one user turn. Templates differ in what a message's content is (a string, or
+  a list of typed parts as llava-hf's): try both, and never return a rendering that lost the
+  prompt text."""
+  for content in (prompt, [{"type": "text", "text": prompt}]):
+    rendered = tok.apply_chat_template(
+      [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    if prompt.strip() in rendered:
+      return rendered
+  raise ValueError(
+    "the tokenizer's chat template drops the prompt text (with string or typed-part content): "
+    "pass chat_template=False and format the prompt yourself"
+  )
 
 
 def qwen_tokens(grid_thw, merge: int) -> list[int]:
