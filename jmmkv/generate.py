@@ -28,7 +28,7 @@ from jmmkv.cache.stats import NONE, StatsSpec
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.llama import Decoder
 from jmmkv.sampling import Sampling
-from jmmkv.typing import Array
+from jmmkv.typing import IMAGE, TEXT, VIDEO, Array
 
 
 @dataclasses.dataclass
@@ -277,6 +277,11 @@ def _prefill(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bool = 
     sharding.put_batch(padded.lengths_B, mesh),
   )
   # spec: the statistics the policy scores with, computed inside prefill attention
+  if spec.cross:  # bound the text x visual pairs MEDA's cross-modal entropies score
+    mod_BT, valid_BT = np.asarray(padded.modality_BT), np.asarray(padded.valid_BT)
+    spec = spec.with_cross_bounds(
+      (mod_BT == TEXT) & valid_BT, ((mod_BT == IMAGE) | (mod_BT == VIDEO)) & valid_BT
+    )
   kw = dict(cfg=model.text_config, dtype=model.dtype_name, spec=spec)
   if compile_first:
     seconds = time.perf_counter() - t0

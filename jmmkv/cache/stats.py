@@ -35,10 +35,16 @@ class StatsSpec:
   colsum: bool = False
   entropy: bool = False
   cross: bool = False
+  # Static upper bounds on any row's text / visual token count (0: the prompt length). The
+  # cross-modal entropies then cost n_text x n_visual score pairs instead of T x T.
+  cross_text: int = 0
+  cross_visual: int = 0
 
   def __post_init__(self):
     if self.window < 0:
       raise ValueError(f"window must be >= 0, got {self.window}")
+    if self.cross_text < 0 or self.cross_visual < 0:
+      raise ValueError("cross_text / cross_visual must be >= 0")
 
   def __or__(self, other: "StatsSpec") -> "StatsSpec":
     return StatsSpec(
@@ -46,7 +52,19 @@ class StatsSpec:
       self.colsum or other.colsum,
       self.entropy or other.entropy,
       self.cross or other.cross,
+      max(self.cross_text, other.cross_text),
+      max(self.cross_visual, other.cross_visual),
     )
+
+  def with_cross_bounds(self, text_BT, visual_BT, multiple: int = 128) -> "StatsSpec":
+    """This spec with `cross_text` / `cross_visual` set from host masks ``[B, T]``, rounded up
+    to ``multiple`` (fewer distinct compilations)."""
+    if not self.cross:
+      return self
+    up = lambda n: max(multiple, -(-int(n) // multiple) * multiple)
+    n_text = max((int(r.sum()) for r in text_BT), default=0)
+    n_vis = max((int(r.sum()) for r in visual_BT), default=0)
+    return dataclasses.replace(self, cross_text=up(n_text), cross_visual=up(n_vis))
 
 
 NONE = StatsSpec()
@@ -92,31 +110,59 @@ def _last_valid_slots(valid_BT: Array, w: int) -> Array:
   return jnp.where(first >= t, -1, first)
 
 
-def _cross_block(raw_BKGQS, text_BQ, vis_BQ, text_BS, vis_BS) -> Array:
-  """``[B, 2]``: summed entropies of the head-averaged, non-causal text->visual rows (text
-  queries, softmax over visual keys) and visual->text rows. One exp pass: each key is shifted by
-  its own modality's row max, so both softmaxes come out of the same exponentials."""
-  s = einops.rearrange(raw_BKGQS, "B K G Q S -> B (K G) Q S")
-  n = s.shape[1]
-  vis_key, text_key = vis_BS[:, None, None, :], text_BS[:, None, None, :]
-  m_vis = jnp.max(jnp.where(vis_key, s, MASK_VALUE), axis=-1)  # [B, N, Q]
-  m_text = jnp.max(jnp.where(text_key, s, MASK_VALUE), axis=-1)
-  e = jnp.exp(s - jnp.where(vis_key, m_vis[..., None], m_text[..., None]))
-  e = jnp.where(vis_key | text_key, e, 0.0)
-  z_vis = jnp.einsum("BNQS,BS->BNQ", e, vis_BS.astype(jnp.float32))
-  z_text = jnp.einsum("BNQS,BS->BNQ", e, text_BS.astype(jnp.float32))
-  inv = lambda z: jnp.where(z > 0, 1.0 / jnp.where(z > 0, z, 1.0), 0.0) / n
-  # Head-averaged probabilities: visual columns hold text->visual rows, text columns the reverse.
-  pbar_vis = jnp.einsum("BNQS,BNQ->BQS", e, inv(z_vis))
-  pbar_text = jnp.einsum("BNQS,BNQ->BQS", e, inv(z_text))
-  pbar = jnp.where(vis_BS[:, None, :], pbar_vis, jnp.where(text_BS[:, None, :], pbar_text, 0.0))
-  plogp = pbar * jnp.log(jnp.where(pbar > 0, pbar, 1.0))  # 0 log 0 = 0
-  ent_tv = -jnp.einsum("BQS,BS->BQ", plogp, vis_BS.astype(jnp.float32))
-  ent_vt = -jnp.einsum("BQS,BS->BQ", plogp, text_BS.astype(jnp.float32))
-  f32 = lambda x: x.astype(jnp.float32)
-  return jnp.stack(
-    [jnp.einsum("BQ,BQ->B", ent_tv, f32(text_BQ)), jnp.einsum("BQ,BQ->B", ent_vt, f32(vis_BQ))], -1
+def _compact(mask_BT: Array, n: int) -> Array:
+  """``[B, n]``: the slots where ``mask`` is set, ascending, -1 after the last."""
+  t = mask_BT.shape[1]
+  first = jnp.sort(jnp.where(mask_BT, jnp.arange(t)[None], t), axis=1)[:, :n]
+  if first.shape[1] < n:
+    first = jnp.pad(first, ((0, 0), (0, n - first.shape[1])), constant_values=t)
+  return jnp.where(first >= t, -1, first)
+
+
+def _entropy_sum(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BS, block: int) -> Array:
+  """``[B]``: summed over the valid queries, the entropy of the head-averaged softmax of each
+  query's (non-causal) scores over the valid keys; 0 for a row without valid keys."""
+  b, nq, n, h = q_BQNH.shape
+  kh = k_BKSH.shape[1]
+  block = min(block, nq)
+  pad = -nq % block
+  q_BQNH = jnp.pad(q_BQNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qvalid_BQ = jnp.pad(qvalid_BQ, ((0, 0), (0, pad)))
+  has_keys_B = kvalid_BS.any(axis=1)
+
+  def step(total_B, i):
+    q = jax.lax.dynamic_slice_in_dim(q_BQNH, i * block, block, axis=1)
+    qv_BQ = jax.lax.dynamic_slice_in_dim(qvalid_BQ, i * block, block, axis=1)
+    q_BKGQH = einops.rearrange(q, "B Q (K G) H -> B K G Q H", K=kh)
+    s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
+    s = jnp.where(kvalid_BS[:, None, None, None, :], s * h**-0.5, MASK_VALUE)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # exactly 0 at invalid keys
+    z_BKGQ = jnp.einsum("BKGQS,BS->BKGQ", e, kvalid_BS.astype(jnp.float32))
+    w_BKGQ = jnp.where(has_keys_B[:, None, None, None], 1.0 / z_BKGQ, 0.0) / n
+    pbar_BQS = jnp.einsum("BKGQS,BKGQ->BQS", e, w_BKGQ)  # head-averaged probabilities
+    plogp = pbar_BQS * jnp.log(jnp.where(pbar_BQS > 0, pbar_BQS, 1.0))  # 0 log 0 = 0
+    ent_BQ = -jnp.einsum("BQS,BS->BQ", plogp, kvalid_BS.astype(jnp.float32))
+    return total_B + jnp.einsum("BQ,BQ->B", ent_BQ, qv_BQ.astype(jnp.float32)), None
+
+  total_B, _ = jax.lax.scan(
+    step, jnp.zeros((b,), jnp.float32), jnp.arange(q_BQNH.shape[1] // block)
   )
+  return total_B
+
+
+def cross_entropies(
+  q_BTNH, k_BKTH, is_text_BT, is_vis_BT, n_text: int, n_vis: int, block: int = 128
+) -> Array:
+  """``[B, 2]``: summed row entropies of the head-averaged, non-causal text->visual attention
+  (text queries, softmax over visual keys only) and visual->text attention. Text and visual
+  tokens are first compacted (at most ``n_text`` / ``n_vis`` per row), so the cost is
+  ``2 n_text n_vis`` scores per head, not ``T^2``."""
+  text_BX, vis_BY = _compact(is_text_BT, n_text), _compact(is_vis_BT, n_vis)
+  take_q = lambda idx: jnp.take_along_axis(q_BTNH, jnp.maximum(idx, 0)[:, :, None, None], axis=1)
+  take_k = lambda idx: jnp.take_along_axis(k_BKTH, jnp.maximum(idx, 0)[:, None, :, None], axis=2)
+  tv = _entropy_sum(take_q(text_BX), text_BX >= 0, take_k(vis_BY), vis_BY >= 0, block)
+  vt = _entropy_sum(take_q(vis_BY), vis_BY >= 0, take_k(text_BX), text_BX >= 0, block)
+  return jnp.stack([tv, vt], axis=-1)
 
 
 def attention(
@@ -181,10 +227,6 @@ def attention(
         jnp.einsum("BKGQ,BQ->BKG", ent_BKGQ, qv_BQ.astype(jnp.float32)), "B K G -> B (K G)"
       )
       new["entropy"] = carry["entropy"] + ent_BN
-    if spec.cross:
-      new["cross"] = carry["cross"] + _cross_block(
-        raw, take(is_text), take(is_vis), is_text, is_vis
-      )
     return new, out
 
   zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
@@ -193,13 +235,14 @@ def attention(
     carry["colsum"] = zeros(b, n, t)
   if spec.entropy:
     carry["entropy"] = zeros(b, n)
-  if spec.cross:
-    carry["cross"] = zeros(b, 2)
   carry, out_CBQNH = jax.lax.scan(step, carry, jnp.arange(t // block))
   out_BTNH = einops.rearrange(out_CBQNH, "C B Q N H -> B (C Q) N H")
   if "entropy" in carry:
     carry["entropy"] = carry["entropy"] / jnp.maximum(valid_BT.sum(1), 1)[:, None]
-  if "cross" in carry:
+  if spec.cross:
+    carry["cross"] = cross_entropies(
+      q_BTNH, k_BKTH, is_text, is_vis, spec.cross_text or t, spec.cross_visual or t, block
+    )
     counts = jnp.stack([is_text.sum(1), is_vis.sum(1)], axis=-1)
     both = (is_text.any(1) & is_vis.any(1))[:, None]
     carry["cross"] = jnp.where(both, carry["cross"] / jnp.maximum(counts, 1), 0.0)
