@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 import jmmkv
 import jmmkv.inputs
@@ -135,6 +137,8 @@ def run(
 
     hf_model = bench_hf.hf_llama_from_jmmkv(model)
   rows = []
+  runs = len(lengths) * sum(1 if name == "full" else len(budgets) for name in policies)
+  bar = tqdm.tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, leave=False)
   for length in lengths:
     batch = prompt(length, cfg.vocab_size, batch_size=batch_size)
     prefills, full_ref = {}, None
@@ -182,7 +186,9 @@ def run(
           for key in ("decode_ms_per_token", "kv_bytes_allocated", "kv_bytes_used", "prefill_ms"):
             row[f"{key}_vs_full"] = row[key] / full_ref[key]
         rows.append(row)
-        print(_line(row), flush=True)
+        tqdm.tqdm.write(_line(row), file=sys.stdout)
+        bar.update()
+  bar.close()
   meta = dict(
     preset=preset,
     config=PRESETS[preset],

@@ -1,3 +1,4 @@
+import pytest
 import subprocess
 import sys
 
@@ -91,3 +92,16 @@ def test_demo_with_a_compressing_policy(capsys):
   assert "budget 0.25" in out and "kept fraction 0.25" in out  # (32 + 31) / (128 + 121), measured
   assert cli.main(["demo", "--preset", "tiny", "--policy", "h2o", "--budget", "1.5"]) == 2
   assert capsys.readouterr().err.strip() == "jmmkv: error: Budget ratio must be in (0, 1], got 1.5"
+
+
+@pytest.mark.parametrize(
+  "command",
+  [[], ["demo"], ["convert"], ["generate"], ["bench"], ["eval"], ["eval", "milebench"]],
+)
+def test_every_command_has_help(command, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.build_parser().parse_args(command + ["--help"])
+  assert exit_.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: jmmkv" + "".join(f" {c}" for c in command))
+  assert "show this help message" in out
