@@ -38,7 +38,8 @@ def _demo(args) -> int:
     input_ids=[rng.integers(3, model.text_config.vocab_size, n) for n in lengths]
   )
   policy = jmmkv.policies.get(args.policy)
-  budget = None if args.policy == "full" else jmmkv.Budget(ratio=args.budget)
+  budget = jmmkv.Budget(ratio=args.budget)  # checked even where full ignores it
+  budget = None if args.policy == "full" else budget
   print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {args.dtype}")
   print(
     f"batch {args.batch}, prompt lengths {lengths}, {args.max_new_tokens} new tokens, policy {args.policy}"
@@ -125,7 +126,8 @@ def _generate(args) -> int:
   import jmmkv
 
   policy = jmmkv.policies.get(args.policy)  # bad names and budgets fail before loading anything
-  budget = None if args.policy == "full" else jmmkv.Budget(ratio=args.budget)
+  budget = jmmkv.Budget(ratio=args.budget)  # checked even where full ignores it
+  budget = None if args.policy == "full" else budget
   images = [_read_image(p) for p in args.image]
   videos = [_read_video(p) for p in args.video]
   model = jmmkv.load(args.model, dtype=args.dtype)
@@ -228,6 +230,10 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
+  import os
+
+  # jmmkv needs no PyTorch: hide transformers' "PyTorch was not found" advice
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   args = build_parser().parse_args(argv)
   for name in ("batch", "prompt_len", "max_new_tokens", "repeats"):
     if getattr(args, name, 1) < 1:

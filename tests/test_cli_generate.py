@@ -57,6 +57,7 @@ def test_generate_answers_a_two_image_prompt(llava_dir, capsys):
   [
     (["--policy", "nope"], "unknown policy"),
     (["--policy", "snapkv", "--budget", "1.5"], "ratio"),
+    (["--budget", "0"], "ratio"),  # full ignores the budget, but a bad one is still an error
     (["--image", "MISSING.png"], "does not exist"),
     (["--image", "NOTANIMAGE"], "cannot read image"),
     (["--video", "MISSING.gif"], "does not exist"),
