@@ -61,7 +61,8 @@ class StatsSpec:
     to ``multiple`` (fewer distinct compilations)."""
     if not self.cross:
       return self
-    up = lambda n: max(multiple, -(-int(n) // multiple) * multiple)
+    t = text_BT.shape[1]  # never more than the prompt bucket
+    up = lambda n: min(t, max(multiple, -(-int(n) // multiple) * multiple))
     n_text = max((int(r.sum()) for r in text_BT), default=0)
     n_vis = max((int(r.sum()) for r in visual_BT), default=0)
     return dataclasses.replace(self, cross_text=up(n_text), cross_visual=up(n_vis))

@@ -25,6 +25,10 @@ CASES = [
   ("adakv", adakv, dict(window=8)),
   ("adakv", adakv, dict(window=8, alpha_safeguard=0.5, pooling="max", kernel=3)),
 ]
+def _case_id(x) -> str:  # stable across processes (no function addresses): pytest-xdist
+  return x if isinstance(x, str) else getattr(x, "__name__", None) or str(x)
+
+
 BUDGETS = [dict(ratio=0.2), dict(ratio=0.5), dict(tokens=6)]
 
 
@@ -59,7 +63,7 @@ def llava(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-  "name, ref_fn, kw", CASES, ids=lambda x: x if isinstance(x, str) else str(x)
+  "name, ref_fn, kw", CASES, ids=_case_id
 )
 @pytest.mark.parametrize("budget", BUDGETS, ids=str)
 def test_text_model(text, name, ref_fn, kw, budget):
@@ -67,7 +71,7 @@ def test_text_model(text, name, ref_fn, kw, budget):
 
 
 @pytest.mark.parametrize(
-  "name, ref_fn, kw", CASES, ids=lambda x: x if isinstance(x, str) else str(x)
+  "name, ref_fn, kw", CASES, ids=_case_id
 )
 def test_llava_with_images(llava, name, ref_fn, kw):
   _check(llava, name, ref_fn, kw, dict(ratio=0.25))
