@@ -24,6 +24,14 @@ PRESETS = {
 }
 
 
+def _budget(args):
+  """``Budget(ratio=args.budget)``, checked even for ``full`` (which gets None: it ignores it)."""
+  import jmmkv
+
+  budget = jmmkv.Budget(ratio=args.budget)
+  return None if args.policy == "full" else budget
+
+
 def _demo(args) -> int:
   import numpy as np
 
@@ -38,8 +46,7 @@ def _demo(args) -> int:
     input_ids=[rng.integers(3, model.text_config.vocab_size, n) for n in lengths]
   )
   policy = jmmkv.policies.get(args.policy)
-  budget = jmmkv.Budget(ratio=args.budget)  # checked even where full ignores it
-  budget = None if args.policy == "full" else budget
+  budget = _budget(args)
   print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {args.dtype}")
   print(
     f"batch {args.batch}, prompt lengths {lengths}, {args.max_new_tokens} new tokens, policy {args.policy}"
@@ -126,8 +133,7 @@ def _generate(args) -> int:
   import jmmkv
 
   policy = jmmkv.policies.get(args.policy)  # bad names and budgets fail before loading anything
-  budget = jmmkv.Budget(ratio=args.budget)  # checked even where full ignores it
-  budget = None if args.policy == "full" else budget
+  budget = _budget(args)
   images = [_read_image(p) for p in args.image]
   videos = [_read_video(p) for p in args.video]
   model = jmmkv.load(args.model, dtype=args.dtype)

@@ -209,8 +209,7 @@ def generate(
   eos = model.text_config.eos_token_ids if eos_token_id is None else eos_token_id
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
 
-  mesh = getattr(model, "mesh", None)
-  with sharding.context(mesh):
+  with sharding.context(model.mesh):
     padded, logits_BV, cache, prefill_s, compress_s = _prefill_and_compress(
       model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
     )
@@ -267,7 +266,7 @@ def _prefill(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bool = 
   # transformers' generate; with M-RoPE this can be below the prompt length).
   rows, last = np.arange(len(padded.lengths_B)), padded.lengths_B - 1
   rope_start_B = (positions[..., rows, last] + 1).astype(np.int32)  # [B], or [3, B] with M-RoPE
-  mesh = getattr(model, "mesh", None)
+  mesh = model.mesh
   args = (
     model.params["text"],
     sharding.put_batch(x_BTD, mesh),
@@ -345,7 +344,7 @@ def compress(
   ``cache.positions`` / ``cache.modality`` ``[L, B, K, C]`` say what was kept (-1 / 0 where empty);
   ``cache.k`` / ``cache.v`` ``[L, B, K, C, H]`` hold it.
   """
-  with sharding.context(getattr(model, "mesh", None)):
+  with sharding.context(model.mesh):
     return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[2]
 
 

@@ -13,6 +13,7 @@ one device and a mesh.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import jax
@@ -122,8 +123,6 @@ def put_batch(x, mesh: Mesh | None, axis: int = 0):
 
 def context(mesh: Mesh | None):
   """``jax.set_mesh(mesh)``, or a no-op context without a mesh."""
-  import contextlib
-
   return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 

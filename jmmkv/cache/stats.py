@@ -23,6 +23,7 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from jmmkv.kernels import select as kernel_select
 from jmmkv.models.attention import MASK_VALUE
 from jmmkv.typing import IMAGE, TEXT, VIDEO, Array
 
@@ -92,7 +93,7 @@ def window_sums(q_BTNH: Array, k_BKTH: Array, valid_BT: Array, window: int) -> A
   b, t, n, h = q_BTNH.shape
   kh = k_BKTH.shape[1]
   w = min(window, t)
-  rows_BW = _last_valid_slots(valid_BT, w)  # [B, W] slots, -1 where the row is shorter
+  rows_BW = kernel_select.positions(_window_rows(valid_BT, w), w)  # [B, W] slots, -1: short row
   q_BWNH = jnp.take_along_axis(q_BTNH, jnp.maximum(rows_BW, 0)[:, :, None, None], axis=1)
   q_BKGWH = einops.rearrange(q_BWNH, "B W (K G) H -> B K G W H", K=kh)
   s = jnp.einsum("BKGWH,BKSH->BKGWS", q_BKGWH, k_BKTH, preferred_element_type=jnp.float32) * h**-0.5
@@ -100,24 +101,6 @@ def window_sums(q_BTNH: Array, k_BKTH: Array, valid_BT: Array, window: int) -> A
   p = jax.nn.softmax(jnp.where(mask_BWS[:, None, None], s, MASK_VALUE), axis=-1)
   p = jnp.where((rows_BW >= 0)[:, None, None, :, None], p, 0.0)
   return einops.rearrange(p.sum(axis=3), "B K G S -> B (K G) S")
-
-
-def _last_valid_slots(valid_BT: Array, w: int) -> Array:
-  """``[B, w]``: the slots of each row's last w valid tokens (ascending), -1 for missing ones."""
-  t = valid_BT.shape[1]
-  in_window = _window_rows(valid_BT, w)
-  slots = jnp.where(in_window, jnp.arange(t)[None], t)
-  first = jnp.sort(slots, axis=1)[:, :w]
-  return jnp.where(first >= t, -1, first)
-
-
-def _compact(mask_BT: Array, n: int) -> Array:
-  """``[B, n]``: the slots where ``mask`` is set, ascending, -1 after the last."""
-  t = mask_BT.shape[1]
-  first = jnp.sort(jnp.where(mask_BT, jnp.arange(t)[None], t), axis=1)[:, :n]
-  if first.shape[1] < n:
-    first = jnp.pad(first, ((0, 0), (0, n - first.shape[1])), constant_values=t)
-  return jnp.where(first >= t, -1, first)
 
 
 def _entropy_sum(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BS, block: int) -> Array:
@@ -158,7 +141,8 @@ def cross_entropies(
   (text queries, softmax over visual keys only) and visual->text attention. Text and visual
   tokens are first compacted (at most ``n_text`` / ``n_vis`` per row), so the cost is
   ``2 n_text n_vis`` scores per head, not ``T^2``."""
-  text_BX, vis_BY = _compact(is_text_BT, n_text), _compact(is_vis_BT, n_vis)
+  text_BX = kernel_select.positions(is_text_BT, n_text)  # ascending slots, -1 after
+  vis_BY = kernel_select.positions(is_vis_BT, n_vis)
   take_q = lambda idx: jnp.take_along_axis(q_BTNH, jnp.maximum(idx, 0)[:, :, None, None], axis=1)
   take_k = lambda idx: jnp.take_along_axis(k_BKTH, jnp.maximum(idx, 0)[:, None, :, None], axis=2)
   tv = _entropy_sum(take_q(text_BX), text_BX >= 0, take_k(vis_BY), vis_BY >= 0, block)
