@@ -7,23 +7,16 @@ written on the HF tensors themselves (names and ``[out, in]`` layouts of ``save_
 saving is writing them out; the tests check that jmmkv and transformers load the result and
 answer alike.
 
-Training: JAX + optax AdamW, a curriculum of stages (`STAGES`; the optimizer restarts at each
-stage), rows of every task in each batch (`Stage.mix`), several questions per training context
-(loss on each answer and the EOS after it), an optional auxiliary colour/shape loss on the image
-features (`Stage.aux`; its heads are not saved). Everything is seeded (parameters, data; a
-stage's data by its index in `STAGES`), so a rerun gives the same model up to XLA's
-floating-point nondeterminism, whether the stages run in one invocation or one per invocation
-with ``--init`` from the previous output. Run it under ``nice`` on a shared machine::
+Training (`Recipe`): JAX + optax AdamW on this machine's CPU, in two phases: the vision tower
+learns colour and shape from linear heads on its tokens, then the whole model learns the four
+tasks (several questions per training context, loss on each reply ``: ANSWER </s>``) under a
+curriculum of more and more images. Everything is seeded (parameters; step ``i``'s data from
+(seed, i)), so a rerun gives the same model up to XLA's floating-point nondeterminism. Run it
+under ``nice`` on a shared machine::
 
   nice -n 19 python scripts/train_tiny_llava.py --out jmmkv/synthetic/model
 
-STATUS: `STAGES` is the curriculum that produced the shipped model (about 16 minutes on 2 shared
-cores). It is a partial model: it solves the passkey task on short prompts but is near chance
-on the image tasks beyond a few images (see ``training.json``). Lessons so far: the passkey copy
-circuit only formed on text-only prompts (stages 2-4); shape is not learned by the ViT from the
-answer loss alone (a ridge probe on mean-pooled image features: colour 100%, shape 46%);
-counting stayed at chance; restarting AdamW at lr 2e-3 made each stage forget (lr 5e-4 did not).
-``--stages 0,8 --steps-scale 0.05`` is a smoke run.
+``--steps 20 --vision-steps 20 --eval-n 4`` is a smoke run.
 """
 
 from __future__ import annotations
@@ -49,7 +42,7 @@ from jmmkv.synthetic import tasks, vocab
 class Arch:
   vocab_size: int = len(vocab.VOCAB)
   hidden: int = 128  # D
-  intermediate: int = 512  # F
+  intermediate: int = 256  # F
   layers: int = 4
   heads: int = 4
   kv_heads: int = 2
@@ -74,36 +67,35 @@ class Arch:
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage:
-  """``steps`` steps of ``batch`` rows of ``length`` tokens; each episode draws n_images and
-  filler uniformly from the given inclusive ranges."""
+class Recipe:
+  """Two phases. (1) Vision: the ViT and projector learn colour and shape from linear heads on
+  every image token (the colour and shape words' embeddings are the heads). (2) Tasks: the whole model learns the four
+  tasks from the answer loss (plus ``aux`` times the vision loss), one AdamW run with warmup and
+  cosine decay. The most images per episode grows linearly from 2 to ``max_images`` over the
+  first ``ramp`` of the steps (a curriculum); the filler setting is drawn from 0..``max_filler``.
+  Each row of a batch is padded to the smallest of ``buckets`` that holds the longest row."""
 
-  steps: int
-  batch: int
-  length: int
-  n_images: tuple[int, int]
-  filler: tuple[int, int]
-  lr: float
-  mix: tuple[int, ...] = (1, 1, 1, 1)  # rows per task (tasks.TASKS order) in each cycle of rows
-  aux: float = 0.0  # weight of the auxiliary colour/shape loss on each image's mean feature
+  vision_steps: int = 2500
+  vision_batch: int = 128
+  vision_lr: float = 2e-3
+  steps: int = 2000
+  batch: int = 16
+  lr: float = 2e-3
+  warmup: int = 100
+  ramp: float = 0.5
+  max_images: int = 16
+  max_filler: int = 8
+  buckets: tuple[int, ...] = (96, 192, 320, 512)
+  aux: float = 0.3
+  # Most questions per training context, per task (tasks.TASKS order).
+  questions: tuple[int, ...] = (3, 4, 8, 4)
 
-  def row_tasks(self) -> list[str]:
-    cycle = [t for t, k in zip(tasks.TASKS, self.mix) for _ in range(k)]
-    return [cycle[r % len(cycle)] for r in range(self.batch)]
+  def images_at(self, step: int) -> int:
+    frac = min(1.0, step / max(1.0, self.ramp * self.steps))
+    return int(round(2 + frac * (self.max_images - 2)))
 
 
-STAGES = (
-  Stage(steps=300, batch=32, length=64, n_images=(0, 2), filler=(0, 2), lr=2e-3),
-  Stage(steps=500, batch=32, length=64, n_images=(0, 2), filler=(0, 2), lr=2e-3, mix=(1, 3, 1, 2)),
-  Stage(steps=150, batch=32, length=48, n_images=(0, 0), filler=(0, 3), lr=2e-3, mix=(0, 1, 0, 0)),
-  Stage(steps=150, batch=32, length=48, n_images=(0, 0), filler=(0, 3), lr=2e-3, mix=(0, 1, 0, 0)),
-  Stage(steps=150, batch=32, length=48, n_images=(0, 0), filler=(0, 3), lr=2e-3, mix=(0, 1, 0, 0)),
-  Stage(steps=400, batch=32, length=80, n_images=(0, 3), filler=(0, 2), lr=2e-3, mix=(1, 1, 1, 3)),
-  Stage(steps=400, batch=16, length=160, n_images=(1, 5), filler=(0, 4), lr=5e-4),
-  Stage(steps=600, batch=32, length=80, n_images=(2, 3), filler=(0, 2), lr=5e-4, mix=(4, 1, 1, 1)),
-  Stage(steps=400, batch=32, length=80, n_images=(2, 3), filler=(0, 2), lr=5e-4, aux=1.0),
-)
-EVAL_SETTINGS = tasks.DEFAULTS
+RECIPE = Recipe()
 
 
 # ---- parameters (HF names and layouts) ------------------------------------------------------
@@ -159,6 +151,15 @@ def init_params(a: Arch, seed: int) -> dict[str, jax.Array]:
       p + "mlp.fc2.bias": (e,),
     }
   params, key = {}, jax.random.key(seed)
+  # Words of one kind (colours, shapes, digits, passkeys, filler, ...) share a random direction
+  # in their initial embeddings, so "attend to the passkey" or "copy a colour" need not first be
+  # learned token by token from rare gradients.
+  group = np.zeros(a.vocab_size, np.int32)
+  for g, words in enumerate(vocab.GROUPS, 1):
+    group[[vocab.VOCAB[w] for w in words]] = g
+  shared = 0.02 * jax.random.normal(
+    jax.random.fold_in(key, 10_000), (len(vocab.GROUPS) + 1, a.hidden)
+  )
   for i, (name, shape) in enumerate(sorted(shapes.items())):
     if name.endswith(
       ("norm.weight", "layernorm.weight", "layrnorm.weight", "_norm1.weight", "_norm2.weight")
@@ -168,6 +169,7 @@ def init_params(a: Arch, seed: int) -> dict[str, jax.Array]:
       params[name] = jnp.zeros(shape, jnp.float32)
     else:
       params[name] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+  params[TEXT + "embed_tokens.weight"] += jnp.where((group > 0)[:, None], shared[group], 0.0)
   return params
 
 
@@ -251,21 +253,31 @@ def logits(p, a: Arch, ids_BT, pix_MCHW, feat_BT, feats_MPD=None):
 
 
 def encode_episode(ep: tasks.Episode, a: Arch, train: bool):
-  """(ids, targets, weights): questions after the context, each answer followed by EOS
-  (training); or the first question only, prompt ids, no targets (evaluation)."""
+  """(ids, targets): the context, then each question followed by the reply ``ECHO ANSWER </s>``
+  with targets on the reply tokens (training); or the first question and the echo, no targets
+  (evaluation: the answer is predicted at the last position)."""
   ids = vocab.encode(ep.context, a.patches)
   tgt = [-1] * len(ids)
-  for j, (q, ans) in enumerate(ep.qa if train else ep.qa[:1]):
+  for q, ans in ep.qa if train else ep.qa[:1]:
     ids += vocab.encode(q, bos=False)
     tgt += [-1] * (len(ids) - len(tgt))
+    reply = [vocab.VOCAB[w] for w in tasks.echo(ep.task, q).split()]
     if not train:
+      ids += reply
+      tgt += [-1] * len(reply)
       break
-    tgt[-1] = vocab.VOCAB[ans]  # predicted at the question's last token
-    ids.append(vocab.VOCAB[ans])
-    tgt.append(vocab.EOS)
+    reply += [vocab.VOCAB[ans], vocab.EOS]
+    tgt[-1] = reply[0]
+    ids += reply[:-1]
+    tgt += reply[1:]
     ids.append(vocab.EOS)
     tgt.append(-1)
   return ids, tgt
+
+
+def max_images_for(length: int, batch: int, a: Arch) -> int:
+  """Static image-slot count of a batch of rows of ``length`` tokens."""
+  return batch * max(1, min(RECIPE.max_images, length // a.patches))
 
 
 def make_batch(eps: list[tasks.Episode], a: Arch, length: int, max_images: int, train=True):
@@ -289,41 +301,61 @@ def make_batch(eps: list[tasks.Episode], a: Arch, length: int, max_images: int, 
       for k, (colour, shape) in enumerate(ep.contents):
         labels[:, m + k] = tasks.COLOURS.index(colour), tasks.SHAPES.index(shape)
     m += len(ep.images)
-  return dict(ids=ids, tgt=tgt, feat=feat, pix=pix, last=last, labels=labels)
+  # The answer target sits just before the EOS target (after the echo targets).
+  answer = np.zeros_like(tgt)
+  answer[:, :-1] = tgt[:, 1:] == vocab.EOS
+  return dict(ids=ids, tgt=tgt, feat=feat, pix=pix, last=last, labels=labels, answer=answer)
 
 
-def _n_questions(task: str, rng: np.random.Generator, n_images: int) -> tuple[int, int]:
-  """(questions, passkey sentences) for a training episode."""
-  if task == "text_needle":  # the bundled model is trained for one passkey per prompt
-    return 1, 1
-  cap = {"temporal": n_images - 1}.get(task, n_images)
-  cap = min(3, cap)
-  return int(rng.integers(1, cap + 1)), 2
-
-
-def train_episode(rng: np.random.Generator, stage: Stage, task: str) -> tasks.Episode:
-  n = int(rng.integers(stage.n_images[0], stage.n_images[1] + 1))
-  if task != "text_needle":  # only the passkey task may have no image at all
-    n = max(n, 2 if task == "temporal" else 1)  # temporal: one frame has no successor
-  f = int(rng.integers(stage.filler[0], stage.filler[1] + 1))
-  q, keys = _n_questions(task, rng, n)
+def train_episode(rng: np.random.Generator, r: Recipe, task: str, most: int) -> tasks.Episode:
+  """A training context of ``task`` with up to ``most`` images and several questions."""
+  lo = {"text_needle": 0, "temporal": 2}.get(task, 1)
+  n = int(rng.integers(lo, max(lo, most) + 1))
+  f = int(rng.integers(0, r.max_filler + 1))
+  cap = r.questions[tasks.TASKS.index(task)]
+  if task == "temporal":
+    cap = min(cap, n - 1)
+  elif task == "image_needle":
+    cap = min(cap, n)
+  elif task == "counting":
+    cap = min(cap, max(1, n // 2))
+  q = int(rng.integers(1, cap + 1))
+  if task == "text_needle":  # mostly one passkey (as evaluated), sometimes several to tell apart
+    q = 1 if rng.random() < 0.6 else q
+  keys = q if task == "text_needle" else 1
   return tasks.episode(task, rng, tasks.TaskSettings(n, f, keys), q)
 
 
-def batches(stage: Stage, a: Arch, seed: int, stage_index: int):
-  """Yields training batches forever (episodes that do not fit ``length`` are redrawn)."""
-  rng = np.random.default_rng([seed, stage_index])
-  max_images = stage.batch * stage.n_images[1]
-  row_tasks = stage.row_tasks()
-  while True:
-    eps = []
-    while len(eps) < stage.batch:
-      task = row_tasks[len(eps)]
-      ep = train_episode(rng, stage, task)
-      ids, _ = encode_episode(ep, a, True)
-      if len(ids) <= stage.length:
+def batches(r: Recipe, a: Arch, seed: int, start: int = 0):
+  """Yields (step, batch) from ``start`` on; rows cycle through the tasks; episodes longer than
+  the largest bucket are redrawn. Step ``i``'s data depends only on (seed, i)."""
+  for i in range(start, r.steps):
+    rng = np.random.default_rng([seed, 1, i])
+    most = r.images_at(i)
+    eps, rows = [], []
+    while len(eps) < r.batch:
+      task = tasks.TASKS[len(eps) % len(tasks.TASKS)]
+      ep = train_episode(rng, r, task, most)
+      n = len(encode_episode(ep, a, True)[0])
+      if n <= r.buckets[-1]:
         eps.append(ep)
-    yield make_batch(eps, a, stage.length, max_images)
+        rows.append(n)
+    length = min(b for b in r.buckets if b >= max(rows))
+    yield i, make_batch(eps, a, length, max_images_for(length, r.batch, a))
+
+
+def vision_batches(r: Recipe, a: Arch, seed: int):
+  """(pixels, labels) batches of single shape images for the vision phase."""
+  for i in range(r.vision_steps):
+    rng = np.random.default_rng([seed, 0, i])
+    lab = np.stack(
+      [
+        rng.integers(0, len(tasks.COLOURS), r.vision_batch),
+        rng.integers(0, len(tasks.SHAPES), r.vision_batch),
+      ]
+    ).astype(np.int32)
+    imgs = [tasks.draw.shape_image(tasks.SHAPES[s], tasks.COLOURS[c], rng) for c, s in lab.T]
+    yield vocab.pixels(imgs), lab
 
 
 def prefetch(gen, size: int = 3):
@@ -333,12 +365,15 @@ def prefetch(gen, size: int = 3):
     try:
       for item in gen:
         q.put(item)
+      q.put(StopIteration())
     except BaseException as e:  # re-raised in the consumer
       q.put(e)
 
   threading.Thread(target=work, daemon=True).start()
   while True:
     item = q.get()
+    if isinstance(item, StopIteration):
+      return
     if isinstance(item, BaseException):
       raise item
     yield item
@@ -347,22 +382,56 @@ def prefetch(gen, size: int = 3):
 # ---- training -------------------------------------------------------------------------------
 
 
-AUX = {"aux.colour": len(tasks.COLOURS), "aux.shape": len(tasks.SHAPES)}  # dropped when saved
+EMBED = TEXT + "embed_tokens.weight"
+# The vision loss classifies every image token's projected feature with the word embeddings of
+# the colour and shape words as the linear heads: image features are grounded in the words (as a
+# LLaVA projector maps into the word-embedding space), so "find the image of the asked shape" and
+# "say its colour" start as near-identity attention circuits.
+AUX_WORDS = (tasks.COLOURS, tasks.SHAPES)
+
+
+def _aux_heads(p):
+  return [p[EMBED][np.array([vocab.VOCAB[w] for w in words])] for words in AUX_WORDS]
 
 
 def _aux_loss(p, feats_MPD, labels_2M):
-  """Cross-entropy of linear colour / shape heads on each image's mean projected feature."""
-  pooled = feats_MPD.mean(1)
+  """Cross-entropy of the colour / shape word heads on every image token's projected feature."""
   total = 0.0
-  for (name, _), lab in zip(AUX.items(), labels_2M):
-    lp = jax.nn.log_softmax(pooled @ p[name].T, -1)
+  for head, lab in zip(_aux_heads(p), labels_2M):
+    lp = jax.nn.log_softmax(feats_MPD @ head.T, -1)  # [M, P, classes]
     w = (lab >= 0).astype(jnp.float32)
-    nll = -jnp.take_along_axis(lp, jnp.maximum(lab, 0)[:, None], -1)[:, 0]
+    nll = -jnp.take_along_axis(lp, jnp.maximum(lab, 0)[:, None, None], -1)[..., 0].mean(1)
     total = total + (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
   return total
 
 
-def make_step(a: Arch, opt, aux: float = 0.0):
+def _aux_accuracy(p, feats_MPD, labels_2M):
+  return [
+    (jnp.argmax(feats_MPD @ head.T, -1) == lab[:, None]).mean()
+    for head, lab in zip(_aux_heads(p), labels_2M)
+  ]
+
+
+def _optimizer(lr: float, warmup: int, steps: int):
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.05)
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.01))
+
+
+def make_vision_step(a: Arch, opt):
+  def loss_fn(p, pix, labels):
+    feats = vision_features(p, a, pix)
+    return _aux_loss(p, feats, labels), _aux_accuracy(p, feats, labels)
+
+  @jax.jit
+  def step(p, s, pix, labels):
+    (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(p, pix, labels)
+    updates, s = opt.update(g, s, p)
+    return optax.apply_updates(p, updates), s, loss, acc
+
+  return step
+
+
+def make_step(a: Arch, opt, aux: float):
   def loss_fn(p, batch):
     feats = vision_features(p, a, batch["pix"])
     lg = logits(p, a, batch["ids"], batch["pix"], batch["feat"], feats)
@@ -370,8 +439,8 @@ def make_step(a: Arch, opt, aux: float = 0.0):
     w = (tgt >= 0).astype(jnp.float32)
     lp = jax.nn.log_softmax(lg, -1)
     nll = -jnp.take_along_axis(lp, jnp.maximum(tgt, 0)[..., None], -1)[..., 0]
-    # Answer accuracy per row (EOS targets excluded): rows cycle through the tasks.
-    is_answer = w * (tgt != vocab.EOS)
+    # Answer accuracy per row (echo and EOS targets excluded): rows cycle through the tasks.
+    is_answer = w * (tgt != vocab.EOS) * (batch["answer"] > 0)
     correct = (jnp.argmax(lg, -1) == tgt).astype(jnp.float32) * is_answer
     loss = (nll * w).sum() / w.sum()
     if aux:
@@ -394,7 +463,8 @@ def _predict(p, ids, pix, feat, last, a: Arch):
 
 
 def evaluate(p, a: Arch, n: int, settings: tasks.TaskSettings, batch: int = 8) -> dict[str, float]:
-  """Greedy first-token accuracy per task on the first ``n`` held-out samples (training forward)."""
+  """Greedy answer accuracy per task on the first ``n`` held-out samples (training forward, full
+  context: the prompt and the reply token, answer predicted at the last position)."""
   out = {}
   for task in tasks.TASKS:
     eps = tasks.episodes(task, n, settings=settings, split="heldout")
@@ -412,44 +482,46 @@ def evaluate(p, a: Arch, n: int, settings: tasks.TaskSettings, batch: int = 8) -
   return out
 
 
-def train(a: Arch, stages, seed: int, log_every: int, eval_n: int, init=None):
-  params = init if init is not None else init_params(a, seed)
+def train_vision(params, a: Arch, r: Recipe, seed: int, log_every: int):
+  """Trains the vision tower, the projector and the word embeddings (only the colour and shape
+  rows get gradients); the rest of the decoder is left as it is."""
+  rest = {k: v for k, v in params.items() if not k.startswith((VISION, PROJ, EMBED))}
+  params = {k: v for k, v in params.items() if k not in rest}
+  opt = _optimizer(r.vision_lr, min(50, r.vision_steps // 5), r.vision_steps)
+  state, step = opt.init(params), make_vision_step(a, opt)
   t0 = time.time()
-  for si, st in stages:
-    warm = min(100, st.steps // 5)
-    sched = optax.warmup_cosine_decay_schedule(0.0, st.lr, warm, st.steps, st.lr * 0.05)
-    opt = optax.chain(
-      optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.01)
-    )
-    for name, k in AUX.items():
-      if st.aux and name not in params:
-        params[name] = jnp.zeros((k, a.hidden), jnp.float32)
-    state = opt.init(params)
-    step = make_step(a, opt, st.aux)
-    data = prefetch(batches(st, a, seed, si))
-    nt = len(tasks.TASKS)
-    row_task = np.array([tasks.TASKS.index(t) for t in st.row_tasks()])
-    losses, right, count = [], np.zeros(nt), np.zeros(nt)
-    for i in range(st.steps):
-      params, state, loss, r, c = step(params, state, next(data))
-      losses.append(float(loss))
-      np.add.at(right, row_task, np.asarray(r))
-      np.add.at(count, row_task, np.asarray(c))
-      if (i + 1) % log_every == 0 or i + 1 == st.steps:
-        accs = " ".join(f"{t[:5]} {r / c:.2f}" for t, r, c in zip(tasks.TASKS, right, count) if c)
-        print(
-          f"stage {si} step {i + 1}/{st.steps} loss {np.mean(losses):.3f} train acc: {accs} "
-          f"[{time.time() - t0:.0f} s]",
-          flush=True,
-        )
-        losses, right, count = [], np.zeros(nt), np.zeros(nt)
-    if eval_n and si == stages[-1][0]:
-      res = evaluate(params, a, eval_n, EVAL_SETTINGS)
+  for i, (pix, lab) in enumerate(prefetch(vision_batches(r, a, seed))):
+    params, state, loss, acc = step(params, state, pix, lab)
+    if (i + 1) % log_every == 0 or i + 1 == r.vision_steps:
       print(
-        f"stage {si} held-out ({eval_n}/task, {EVAL_SETTINGS}): {res} [{time.time() - t0:.0f} s]",
+        f"vision step {i + 1}/{r.vision_steps} loss {float(loss):.3f} token accuracy: colour "
+        f"{float(acc[0]):.3f} shape {float(acc[1]):.3f} [{time.time() - t0:.0f} s]",
         flush=True,
       )
-  return params, time.time() - t0
+  return params | rest
+
+
+def train_tasks(params, a: Arch, r: Recipe, seed: int, log_every: int):
+  """Trains everything on the tasks (plus ``aux`` times the vision loss)."""
+  opt = _optimizer(r.lr, min(r.warmup, r.steps // 5), r.steps)
+  state, step = opt.init(params), make_step(a, opt, r.aux)
+  nt = len(tasks.TASKS)
+  row_task = np.arange(r.batch) % nt
+  losses, right, count, t0 = [], np.zeros(nt), np.zeros(nt), time.time()
+  for i, batch in prefetch(batches(r, a, seed)):
+    params, state, loss, rt, c = step(params, state, batch)
+    losses.append(float(loss))
+    np.add.at(right, row_task, np.asarray(rt))
+    np.add.at(count, row_task, np.asarray(c))
+    if (i + 1) % log_every == 0 or i + 1 == r.steps:
+      accs = " ".join(f"{t[:5]} {x / c:.2f}" for t, x, c in zip(tasks.TASKS, right, count) if c)
+      print(
+        f"step {i + 1}/{r.steps} images<={r.images_at(i)} len {batch['ids'].shape[1]} loss "
+        f"{np.mean(losses):.3f} train acc: {accs} [{time.time() - t0:.0f} s]",
+        flush=True,
+      )
+      losses, right, count = [], np.zeros(nt), np.zeros(nt)
+  return params
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -507,9 +579,7 @@ def save(params, a: Arch, out: Path, meta: dict):
   GenerationConfig(
     bos_token_id=vocab.BOS, eos_token_id=vocab.EOS, pad_token_id=vocab.PAD, do_sample=False
   ).save_pretrained(out)
-  tensors = {
-    k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in params.items() if k not in AUX
-  }
+  tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in params.items()}
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   vocab.build_processor().save_pretrained(out)
   (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -519,42 +589,58 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", type=Path, default=Path("jmmkv/synthetic/model"))
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--quick", action="store_true", help="first stage, 150 steps")
-  ap.add_argument("--stages", type=str, default=None, help="comma-separated stage indices")
-  ap.add_argument("--steps-scale", type=float, default=1.0)
-  ap.add_argument("--eval-n", type=int, default=32, help="held-out samples per task per eval")
-  ap.add_argument("--log-every", type=int, default=25)
+  ap.add_argument("--steps", type=int, default=RECIPE.steps, help="task-phase steps")
+  ap.add_argument("--vision-steps", type=int, default=RECIPE.vision_steps)
+  ap.add_argument("--eval-n", type=int, default=50, help="held-out samples per task")
+  ap.add_argument("--log-every", type=int, default=50)
   ap.add_argument("--init", type=Path, default=None, help="start from this model directory")
+  ap.add_argument(
+    "--vision-init",
+    type=Path,
+    default=None,
+    help="skip the vision phase: take its parameters (vision tower, projector, embeddings) from a "
+    "model directory",
+  )
   args = ap.parse_args()
   a = Arch()
-  stages = list(enumerate(STAGES))  # (index, stage): the index seeds the stage's data
-  if args.stages is not None:
-    stages = [stages[int(i)] for i in args.stages.split(",")]
-  if args.quick:
-    stages = [(0, dataclasses.replace(STAGES[0], steps=150))]
-  if args.steps_scale != 1.0:
-    stages = [
-      (i, dataclasses.replace(s, steps=max(1, round(s.steps * args.steps_scale))))
-      for i, s in stages
-    ]
-  init = None
-  if args.init is not None:
+  r = dataclasses.replace(RECIPE, steps=args.steps, vision_steps=args.vision_steps)
+  if args.vision_init is not None:  # the decoder from init_params, the vision side from a file
     from safetensors.numpy import load_file
 
-    init = {k: jnp.asarray(v) for k, v in load_file(str(args.init / "model.safetensors")).items()}
-  n_params = sum(int(np.prod(v.shape)) for v in init_params(a, 0).values())
-  print(f"{a}\n{n_params / 1e6:.2f}M parameters; stages {stages}", flush=True)
-  params, wall = train(a, stages, args.seed, args.log_every, args.eval_n, init)
+    params = init_params(a, args.seed)
+    loaded = load_file(str(args.vision_init / "model.safetensors"))
+    params |= {k: jnp.asarray(v) for k, v in loaded.items() if k.startswith((VISION, PROJ, EMBED))}
+    r = dataclasses.replace(r, vision_steps=0)
+  elif args.init is not None:
+    from safetensors.numpy import load_file
+
+    params = {k: jnp.asarray(v) for k, v in load_file(str(args.init / "model.safetensors")).items()}
+  else:
+    params = init_params(a, args.seed)
+  n_params = sum(int(np.prod(v.shape)) for v in params.values())
+  print(f"{a}\n{r}\n{n_params / 1e6:.2f}M parameters", flush=True)
+  t0 = time.time()
+  if r.vision_steps:
+    params = train_vision(params, a, r, args.seed, args.log_every)
+  t1 = time.time()
+  if r.steps:
+    params = train_tasks(params, a, r, args.seed, args.log_every)
+  wall = time.time() - t0
+  acc = evaluate(params, a, args.eval_n, tasks.DEFAULTS) if args.eval_n else {}
+  print(f"held-out ({args.eval_n}/task, {tasks.DEFAULTS}): {acc}", flush=True)
   meta = dict(
     seed=args.seed,
-    wall_time_s=round(wall, 1),
-    stages={i: dataclasses.asdict(s) for i, s in stages},
+    wall_time_s=dict(
+      vision=round(t1 - t0, 1), tasks=round(wall - (t1 - t0), 1), total=round(wall, 1)
+    ),
+    recipe=dataclasses.asdict(r),
     arch=dataclasses.asdict(a),
+    heldout=dict(n=args.eval_n, settings=dataclasses.asdict(tasks.DEFAULTS), accuracy=acc),
     jax=jax.__version__,
     cpu_devices=len(jax.devices("cpu")),
   )
   save(params, a, args.out, meta)
-  print(f"saved {args.out} in {wall:.0f} s of training", flush=True)
+  print(f"saved {args.out} after {wall:.0f} s of training", flush=True)
 
 
 if __name__ == "__main__":

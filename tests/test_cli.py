@@ -6,7 +6,19 @@ from jmmkv import cli
 
 
 def test_demo_runs_and_reports(capsys):
-  code = cli.main(["demo", "--preset", "tiny", "--prompt-len", "40", "--max-new-tokens", "8"])
+  code = cli.main(
+    [
+      "demo",
+      "--preset",
+      "tiny",
+      "--policies",
+      "full",
+      "--prompt-len",
+      "40",
+      "--max-new-tokens",
+      "8",
+    ]
+  )
   out = capsys.readouterr().out
   assert code == 0
   assert "new tokens/s" in out and "MiB allocated" in out and "kept fraction 1.00" in out
@@ -16,7 +28,7 @@ def test_bad_arguments_give_one_line(capsys):
   assert cli.main(["demo", "--batch", "0"]) == 2
   err = capsys.readouterr().err.strip()
   assert err == "jmmkv: error: --batch must be >= 1"
-  assert cli.main(["demo", "--preset", "tiny", "--policy", "nope", "--prompt-len", "8"]) == 2
+  assert cli.main(["demo", "--preset", "tiny", "--policies", "nope", "--prompt-len", "8"]) == 2
   assert "unknown policy 'nope'" in capsys.readouterr().err
 
 
@@ -76,7 +88,7 @@ def test_demo_with_a_compressing_policy(capsys):
         "demo",
         "--preset",
         "tiny",
-        "--policy",
+        "--policies",
         "snapkv",
         "--budget",
         "0.25",
@@ -90,13 +102,22 @@ def test_demo_with_a_compressing_policy(capsys):
   )
   out = capsys.readouterr().out
   assert "budget 0.25" in out and "kept fraction 0.25" in out  # (32 + 31) / (128 + 121), measured
-  assert cli.main(["demo", "--preset", "tiny", "--policy", "h2o", "--budget", "1.5"]) == 2
+  assert cli.main(["demo", "--preset", "tiny", "--policies", "h2o", "--budget", "1.5"]) == 2
   assert capsys.readouterr().err.strip() == "jmmkv: error: Budget ratio must be in (0, 1], got 1.5"
 
 
 @pytest.mark.parametrize(
   "command",
-  [[], ["demo"], ["convert"], ["generate"], ["bench"], ["eval"], ["eval", "milebench"]],
+  [
+    [],
+    ["demo"],
+    ["convert"],
+    ["generate"],
+    ["bench"],
+    ["eval"],
+    ["eval", "milebench"],
+    ["eval", "synthetic"],
+  ],
 )
 def test_every_command_has_help(command, capsys):
   with pytest.raises(SystemExit) as exit_:

@@ -104,7 +104,8 @@ def _check_eos_run(name, prompts, eos, tiny_model, jmmkv_model):
   return got
 
 
-@pytest.mark.parametrize("name", GENERATE_CONFIG_NAMES)
+# Stopping is model-independent (generate's loop): one config each keeps the suite short.
+@pytest.mark.parametrize("name", ["llama_gqa"])
 def test_greedy_stops_per_row_at_eos(name, hf_reference, tiny_model, jmmkv_model):
   prompts, free = hf_reference(name)
   step = _first_new_token_step(free[0], 5)
@@ -113,7 +114,7 @@ def test_greedy_stops_per_row_at_eos(name, hf_reference, tiny_model, jmmkv_model
   assert got[0] == free[0][: step + 1] and got[0][-1] == eos
 
 
-@pytest.mark.parametrize("name", GENERATE_CONFIG_NAMES)
+@pytest.mark.parametrize("name", ["qwen2_bias"])
 def test_greedy_stops_at_any_of_several_eos(name, hf_reference, tiny_model, jmmkv_model):
   prompts, free = hf_reference(name)
   s1 = _first_new_token_step(free[1], 3)

@@ -12,7 +12,7 @@ import pytest
 
 from mm_models import FAMILIES, QWEN, build_mm_model, hf_mm_greedy_generate, make_case
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1)
 MAX_NEW = 16
 MIN_MARGIN = 1e-4  # a top-2 logit gap below this makes greedy parity fragile in fp32
 CASES = {  # per family kind: batch of one (unpadded rows) and batch of two (left-padded)

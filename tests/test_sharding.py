@@ -69,7 +69,8 @@ def test_generate_equals_single_device_and_cache_stays_split(result, family, pol
   assert r["cache_type"] == "KVCache"  # pages mix heads: dense under a mesh
   assert r["cache_layer_k"] == ["data", "model"]  # [B, K, C, H]
   assert r["cache_append_k"] == [None, "data", "model"]  # [L, B, K, M, H]
-  assert r["kv_all_gathers"] == []  # compression never gathers K/V to every device
+  if policy in ("meda", "snapkv"):  # the HLO is compiled for one policy per family
+    assert r["kv_all_gathers"] == []  # compression never gathers K/V to every device
 
 
 def test_param_specs_only_split_what_divides():

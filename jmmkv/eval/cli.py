@@ -67,8 +67,47 @@ def _add_milebench(benchmarks) -> None:
   mb.set_defaults(func=_milebench)
 
 
+def _synthetic(args) -> int:
+  from jmmkv.eval import synthetic
+
+  return synthetic.run(args)
+
+
+def _add_synthetic(benchmarks) -> None:
+  from jmmkv.synthetic import tasks
+
+  sy = benchmarks.add_parser(
+    "synthetic",
+    help="accuracy of every policy x budget on the synthetic tasks (bundled model)",
+    description=(
+      "Answers the fixed held-out set of jmmkv.synthetic's tasks (image needle, text needle, "
+      "temporal order, counting) with the full cache and every policy x budget, prints a "
+      "per-task accuracy table, writes a JSON and an accuracy-vs-budget plot."
+    ),
+  )
+  sy.add_argument("--model", default=None, help="a model directory (default: the bundled model)")
+  sy.add_argument("--policies", default="all", help="comma-separated names, or 'all'")
+  sy.add_argument(
+    "--budgets", default="1,0.5,0.2,0.1,0.05", help="comma-separated ratios in (0, 1]"
+  )
+  sy.add_argument(
+    "--tasks", default=None, help=f"comma-separated, default all: {', '.join(tasks.TASKS)}"
+  )
+  sy.add_argument("--n", type=int, default=50, help="held-out samples per task (default 50)")
+  sy.add_argument("--images", type=int, default=tasks.DEFAULTS.n_images, help="images per prompt")
+  sy.add_argument(
+    "--filler", type=int, default=tasks.DEFAULTS.filler, help="mean filler words per gap"
+  )
+  sy.add_argument("--batch-size", type=int, default=16)
+  sy.add_argument("--out", default="synthetic.json", help="where to write the JSON results")
+  sy.add_argument("--plot", default="synthetic.png", help="accuracy-vs-budget PNG ('' for none)")
+  sy.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  sy.set_defaults(func=_synthetic)
+
+
 def register(sub) -> None:
   """Add the ``eval`` command (with its own sub-commands) to the ``jmmkv`` parser's subparsers."""
   ev = sub.add_parser("eval", help="evaluate a policy x budget on a benchmark")
   benchmarks = ev.add_subparsers(dest="benchmark", required=True)
   _add_milebench(benchmarks)
+  _add_synthetic(benchmarks)

@@ -1,14 +1,10 @@
 """Accuracy of a model on synthetic samples under a KV-cache policy and budget.
 
-Each answer is one token; a prediction is right when the first word that greedy decoding
-produces equals it (exact match). Samples are batched in order of prompt length, so rows of a
-batch need little padding.
-
-Caution: `jmmkv.generate` takes the first new token from the prefill logits, before the cache
-is compressed, so an answer that is the FIRST generated token cannot be changed by any policy
-(checked: streaming at 30% keeps the bundled model's passkey answers). To measure policies the
-answer must come later, e.g. a model trained to reply ``: red </s>`` (the ":" from the prefill,
-"red" decoded from the compressed cache); the bundled partial model answers at once.
+The bundled model replies ``ECHO ANSWER </s>`` (`Sample.echo`: what was asked about, e.g.
+"star red"). A prediction is right when greedy decoding produces the echo and then exactly the
+answer. The first reply token comes from the prefill logits (before compression), the answer from
+a decode step over the compressed cache, which is what makes the policy matter. Samples are batched in order of prompt length, so rows of a batch need
+little padding.
 """
 
 from __future__ import annotations
@@ -33,15 +29,22 @@ def _budget(budget):
   return jmmkv.Budget(ratio=float(budget))
 
 
-def predictions(
+def reply_answer(text: str, echo: str) -> str:
+  """The answer in a generated reply: the word after ``echo``, or ``""`` when the reply does not
+  start with it."""
+  words, n = text.split(), len(echo.split())
+  return words[n] if len(words) > n and words[:n] == echo.split() else ""
+
+
+def run(
   model,
   samples: Sequence[Sample],
   policy="full",
   budget=None,
   batch_size: int = 8,
-  max_new_tokens: int = 2,
-) -> list[str]:
-  """The first generated word for every sample (in the order given).
+  max_new_tokens: int = 4,
+) -> tuple[list[str], float]:
+  """(the answer generated for every sample, in the order given; the mean kept fraction).
 
   ``policy``: a name for `jmmkv.policies.get` or a policy object; ``budget``: None (full
   cache), a `jmmkv.Budget`, or a float (a ratio of each prompt).
@@ -51,6 +54,7 @@ def predictions(
   pol, bud = _policy(policy), _budget(budget)
   order = sorted(range(len(samples)), key=lambda i: num_tokens(samples[i].prompt))
   out: list[str] = [""] * len(samples)
+  kept = []
   for start in range(0, len(order), batch_size):
     idx = order[start : start + batch_size]
     batch = model.prepare(
@@ -59,27 +63,30 @@ def predictions(
       chat_template=False,
     )
     gen = jmmkv.generate(model, batch, pol, bud, max_new_tokens=max_new_tokens)
+    kept.append((gen.stats["kept_fraction"], len(idx)))
     for i, text in zip(idx, gen.texts):
-      words = text.split()
-      out[i] = words[0] if words else ""
-  return out
+      out[i] = reply_answer(text, samples[i].echo)
+  return out, sum(k * n for k, n in kept) / max(1, len(samples))
 
 
-def accuracy(
-  model,
-  samples: Sequence[Sample],
-  policy="full",
-  budget=None,
-  batch_size: int = 8,
-  max_new_tokens: int = 2,
-) -> dict[str, float]:
-  """Exact-match accuracy per task (and ``"mean"`` over tasks) under ``policy`` / ``budget``."""
-  preds = predictions(model, samples, policy, budget, batch_size, max_new_tokens)
+def predictions(model, samples: Sequence[Sample], policy="full", budget=None, **kw) -> list[str]:
+  """The answer generated for every sample (in the order given); ``kw`` as `run`'s."""
+  return run(model, samples, policy, budget, **kw)[0]
+
+
+def score(samples: Sequence[Sample], answers: Sequence[str]) -> dict[str, float]:
+  """Exact-match accuracy per task and ``"mean"`` over tasks."""
   right, total = defaultdict(int), defaultdict(int)
-  for s, p in zip(samples, preds):
+  for s, p in zip(samples, answers):
     right[s.task] += int(p == s.answer)
     total[s.task] += 1
   acc = {t: right[t] / total[t] for t in total}
   if acc:
     acc["mean"] = sum(acc.values()) / len(acc)
   return acc
+
+
+def accuracy(model, samples: Sequence[Sample], policy="full", budget=None, **kw) -> dict:
+  """Exact-match accuracy per task (and ``"mean"`` over tasks) under ``policy`` / ``budget``;
+  ``kw`` as `run`'s."""
+  return score(samples, predictions(model, samples, policy, budget, **kw))

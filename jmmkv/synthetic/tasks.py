@@ -1,8 +1,12 @@
 """Synthetic long-context multimodal tasks (in the spirit of MileBench's categories).
 
 Every sample is a long interleaved prompt: filler text, ``<image>`` markers (one per image) and a
-question at the end, whose one-token answer can only be found by attending to one or a few
-specific images or sentences far back in the context:
+question at the end, whose one-word answer can only be found by attending to one or a few
+specific images or sentences far back in the context. The model replies by first naming what was
+asked about, then the answer (`echo`): "what colour is the star ?" -> "star red </s>". Two
+reasons: `jmmkv.generate` takes the first new token from the prefill logits, before the cache is
+compressed, so the answer must come later for a policy to matter; and the echoed word is a query
+the answer can be looked up with in one attention hop, which a tiny model learns much faster:
 
   image_needle  N coloured shapes; exactly one shows the queried shape.
                 "what colour is the star ?" -> "red"
@@ -34,7 +38,7 @@ IMAGE = "<image>"
 IMAGE_TOKENS = 16  # tokens per image of the bundled model ((32 / 8) ** 2, CLS dropped)
 COLOURS = tuple(draw.COLOURS)
 SHAPES = draw.SHAPES
-MAX_COUNT = 5
+MAX_COUNT = 3
 PASSKEYS = tuple(str(n) for n in range(10, 100))
 FILLER = tuple(
   """time year people way day man thing child world school state family student group country
@@ -42,7 +46,7 @@ FILLER = tuple(
   water room mother area money story fact month lot study book eye job word business issue side
   kind head house service friend father power hour game line end member law car city""".split()
 )
-QUESTION_WORDS = tuple("what colour is the comes after how many images are passkey ? .".split())
+QUESTION_WORDS = tuple("what colour is the comes after how many images are passkey ? . :".split())
 _SPLITS = {"train": 0, "heldout": 1}
 
 
@@ -51,8 +55,8 @@ class TaskSettings:
   """Prompt size: ``n_images`` images (frames for temporal), ``filler`` mean filler words per
   gap between images; ``keys`` passkey sentences (text_needle)."""
 
-  n_images: int = 24
-  filler: int = 12
+  n_images: int = 16
+  filler: int = 6
   keys: int = 1
 
 
@@ -63,8 +67,12 @@ DEFAULTS = TaskSettings()
 class Sample:
   prompt: str  # text with one IMAGE marker per image, ending with the question
   images: list[Image.Image]
-  answer: str  # one token
+  answer: str  # one token (the model's reply is `echo`, answer, EOS)
   task: str
+
+  @property
+  def echo(self) -> str:
+    return echo(self.task, self.prompt)
 
 
 @dataclasses.dataclass
@@ -81,6 +89,16 @@ class Episode:
   def sample(self, i: int = 0) -> Sample:
     q, a = self.qa[i]
     return Sample(f"{self.context} {q}", self.images, a, self.task)
+
+
+def echo(task: str, question: str) -> str:
+  """The words a reply starts with (taken from the end of ``question``): the shape (image
+  needle), the passkey's colour (text needle), the colour and shape (temporal), the colour
+  (counting)."""
+  w = question.split()
+  return {"image_needle": w[-2], "text_needle": w[-3], "temporal": " ".join(w[-3:-1])}.get(
+    task, w[-2]
+  )
 
 
 def num_tokens(prompt: str, image_tokens: int = IMAGE_TOKENS) -> int:
@@ -171,8 +189,8 @@ def _temporal(rng, s: TaskSettings, n_questions: int) -> Episode:
 
 
 def _counting(rng, s: TaskSettings, n_questions: int) -> Episode:
-  if not 1 <= n_questions <= 3:
-    raise ValueError("counting: 1 <= n_questions <= 3")
+  if not 1 <= n_questions <= 4:
+    raise ValueError("counting: 1 <= n_questions <= 4")
   targets = [COLOURS[i] for i in rng.permutation(len(COLOURS))[:n_questions]]
   cap = min(MAX_COUNT, s.n_images // n_questions)  # short (curriculum) contexts count less
   counts = [int(c) for c in rng.integers(0, cap + 1, n_questions)]

@@ -20,18 +20,20 @@ IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
+GROUPS = (  # the words by kind, in id order after the specials
+  tasks.QUESTION_WORDS,
+  tasks.COLOURS,
+  tasks.SHAPES,
+  tuple(str(d) for d in range(10)),
+  tasks.PASSKEYS,
+  tasks.FILLER,
+)
+
+
 def words() -> list[str]:
   """Every token, in id order."""
   out = list(SPECIALS)
-  groups = (
-    tasks.QUESTION_WORDS,
-    tasks.COLOURS,
-    tasks.SHAPES,
-    tuple(str(d) for d in range(10)),
-    tasks.PASSKEYS,
-    tasks.FILLER,
-  )
-  for group in groups:
+  for group in GROUPS:
     out += [w for w in group if w not in out]
   return out
 

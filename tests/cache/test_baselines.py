@@ -25,6 +25,8 @@ CASES = [
   ("adakv", adakv, dict(window=8)),
   ("adakv", adakv, dict(window=8, alpha_safeguard=0.5, pooling="max", kernel=3)),
 ]
+
+
 def _case_id(x) -> str:  # stable across processes (no function addresses): pytest-xdist
   return x if isinstance(x, str) else getattr(x, "__name__", None) or str(x)
 
@@ -62,16 +64,12 @@ def llava(request, tmp_path_factory):
   return mm_setup(tmp_path_factory.mktemp(family), seed, family)
 
 
-@pytest.mark.parametrize(
-  "name, ref_fn, kw", CASES, ids=_case_id
-)
+@pytest.mark.parametrize("name, ref_fn, kw", CASES, ids=_case_id)
 @pytest.mark.parametrize("budget", BUDGETS, ids=str)
 def test_text_model(text, name, ref_fn, kw, budget):
   _check(text, name, ref_fn, kw, budget)
 
 
-@pytest.mark.parametrize(
-  "name, ref_fn, kw", CASES, ids=_case_id
-)
+@pytest.mark.parametrize("name, ref_fn, kw", CASES, ids=_case_id)
 def test_llava_with_images(llava, name, ref_fn, kw):
   _check(llava, name, ref_fn, kw, dict(ratio=0.25))

@@ -1,0 +1,150 @@
+"""``jmmkv eval synthetic``: accuracy of every policy x budget on the synthetic held-out set.
+
+Runs `jmmkv.synthetic.evaluate` for each (policy, budget) on the same ``n`` held-out samples per
+task (the full cache once), prints a per-task accuracy table, writes a JSON with the run's
+metadata and an accuracy-vs-budget plot (one panel per task, one line per policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
+
+
+def _floats(text: str, what: str) -> list[float]:
+  try:
+    out = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+  if not out:
+    raise ValueError(f"{what} is empty")
+  return out
+
+
+def _names(text: str) -> list[str]:
+  import jmmkv
+
+  names = list(jmmkv.policies.NAMES) if text == "all" else [x.strip() for x in text.split(",")]
+  for name in names:
+    jmmkv.policies.get(name)  # unknown names fail before anything runs
+  return [n for n in names if n]
+
+
+def evaluate_grid(model, samples, policies, budgets, batch_size=16, progress=True):
+  """Rows ``{policy, budget, accuracy: {task: acc, mean}, kept_fraction, seconds}``: the full
+  cache once (budget 1.0), then every other policy at every budget."""
+  from tqdm import tqdm
+
+  from jmmkv.synthetic import evaluate
+
+  jobs = [("full", None)]
+  for name in policies:
+    if name == "full":
+      continue
+    jobs += [(name, b) for b in budgets]
+  rows = []
+  for name, b in tqdm(jobs, desc="policy x budget", file=sys.stderr, disable=not progress):
+    t0 = time.perf_counter()
+    answers, kept = evaluate.run(model, samples, name, b, batch_size)
+    rows.append(
+      dict(
+        policy=name,
+        budget=1.0 if b is None else b,
+        accuracy=evaluate.score(samples, answers),
+        kept_fraction=kept,
+        seconds=round(time.perf_counter() - t0, 2),
+      )
+    )
+  return rows
+
+
+def format_table(rows, task_names) -> str:
+  cols = [*task_names, "mean"]
+  lines = [f"{'policy':<10} {'budget':>6} {'kept':>5} " + " ".join(f"{c[:12]:>12}" for c in cols)]
+  for r in rows:
+    lines.append(
+      f"{r['policy']:<10} {r['budget']:>6.2f} {r['kept_fraction']:>5.2f} "
+      + " ".join(f"{r['accuracy'].get(c, float('nan')):>12.3f}" for c in cols)
+    )
+  return "\n".join(lines)
+
+
+def plot(rows, task_names, path: Path) -> None:
+  """Accuracy vs budget per task (and the mean); the full cache is a dashed line."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+  panels = [*task_names, "mean"]
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True)
+  full = next(r for r in rows if r["policy"] == "full")
+  for ax, task in zip(axes, panels):
+    for name in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
+      pts = sorted((r["budget"], r["accuracy"][task]) for r in rows if r["policy"] == name)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+    ax.axhline(full["accuracy"][task], color="k", ls="--", lw=1, label="full")
+    ax.set_xscale("log")
+    ax.set_title(task)
+    ax.set_xlabel("budget (kept fraction)")
+    ax.set_ylim(-0.02, 1.02)
+  axes[0].set_ylabel("accuracy")
+  axes[-1].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(args) -> int:
+  """``jmmkv eval synthetic``: arguments are checked before the model is loaded."""
+  import jax
+
+  import jmmkv
+  from jmmkv.synthetic import demo, tasks
+
+  names = _names(args.policies)
+  budgets = _floats(args.budgets, "--budgets")
+  for b in budgets:
+    jmmkv.Budget(ratio=b)  # range check
+  task_names = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(tasks.TASKS)
+  for t in task_names:
+    if t not in tasks.TASKS:
+      raise ValueError(f"unknown task {t!r}; tasks: {', '.join(tasks.TASKS)}")
+  if args.n < 1 or args.batch_size < 1:
+    raise ValueError("--n and --batch-size must be >= 1")
+  settings = tasks.TaskSettings(n_images=args.images, filler=args.filler)
+  out_path, plot_path = Path(args.out), Path(args.plot) if args.plot else None
+  for p in (out_path, plot_path):
+    if p is not None and p.is_dir():
+      raise ValueError(f"{p} is a directory")
+  model = demo.load_bundled(args.model or demo.MODEL_DIR, args.dtype)
+  samples = tasks.heldout_all(args.n, settings, task_names)
+  t0 = time.perf_counter()
+  rows = evaluate_grid(model, samples, names, budgets, args.batch_size)
+  meta = dict(
+    model=str(args.model or demo.MODEL_DIR),
+    dtype=model.dtype_name,
+    n_per_task=args.n,
+    tasks=task_names,
+    settings=dataclasses.asdict(settings),
+    mean_prompt_tokens=sum(tasks.num_tokens(s.prompt) for s in samples) / len(samples),
+    hyperparameters={n: dataclasses.asdict(jmmkv.policies.get(n)) for n in names},
+    versions=dict(jmmkv=jmmkv.__version__, jax=jax.__version__),
+    seconds=round(time.perf_counter() - t0, 1),
+    date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  )
+  print(format_table(rows, task_names))
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+  print(f"wrote {out_path}", file=sys.stderr)
+  if plot_path is not None:
+    plot(rows, task_names, plot_path)
+    print(f"wrote {plot_path}", file=sys.stderr)
+  return 0

@@ -1,0 +1,57 @@
+"""``jmmkv demo`` (the bundled model) and ``jmmkv eval synthetic`` end to end, small."""
+
+from __future__ import annotations
+
+import json
+
+from jmmkv import cli
+from jmmkv.synthetic import tasks
+
+
+def test_demo_answers_with_each_policy(capsys):
+  assert cli.main(["demo", "--policies", "full,snapkv", "--images", "4", "--budget", "0.5"]) == 0
+  out = capsys.readouterr().out
+  lines = out.splitlines()
+  rows = {ln.split()[0]: ln.split() for ln in lines if ln.split()[:1] in (["full"], ["snapkv"])}
+  assert set(rows) == {"full", "snapkv"}
+  for task in tasks.TASKS:
+    assert task in out  # one sample (and one answer column) per task
+  # kept fraction and KV MiB: Full keeps everything; SnapKV at 0.5 allocates less
+  assert float(rows["full"][-3]) == 1.0 and float(rows["snapkv"][-3]) < 0.6
+  assert float(rows["snapkv"][-2]) < float(rows["full"][-2])
+  assert rows["full"].count("ok") + rows["full"].count("WRONG") == len(tasks.TASKS)
+
+
+def test_demo_errors_are_one_line(capsys, tmp_path):
+  assert cli.main(["demo", "--policies", "nope"]) == 2
+  assert "unknown policy 'nope'" in capsys.readouterr().err
+  assert cli.main(["demo", "--model", str(tmp_path)]) == 2
+  assert "train it with scripts/train_tiny_llava.py" in capsys.readouterr().err
+  assert cli.main(["demo", "--budget", "0"]) == 2
+  assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_eval_synthetic_writes_table_json_and_plot(tmp_path, capsys):
+  out, png = tmp_path / "r.json", tmp_path / "r.png"
+  argv = ["eval", "synthetic", "--n", "2", "--images", "3", "--policies", "full,h2o"]
+  argv += ["--budgets", "1,0.3", "--out", str(out), "--plot", str(png)]
+  assert cli.main(argv) == 0
+  res = json.loads(out.read_text())
+  got = [(r["policy"], r["budget"]) for r in res["rows"]]
+  assert got == [("full", 1.0), ("h2o", 1.0), ("h2o", 0.3)]
+  by = {(r["policy"], r["budget"]): r for r in res["rows"]}
+  assert by["h2o", 1.0]["accuracy"] == by["full", 1.0]["accuracy"]  # 100%: nothing evicted
+  assert by["h2o", 0.3]["kept_fraction"] < 0.4
+  assert set(by["full", 1.0]["accuracy"]) == {*tasks.TASKS, "mean"}
+  assert res["meta"]["n_per_task"] == 2 and res["meta"]["settings"]["n_images"] == 3
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "h2o" in capsys.readouterr().out
+
+
+def test_eval_synthetic_rejects_bad_arguments(capsys):
+  assert cli.main(["eval", "synthetic", "--tasks", "nope"]) == 2
+  assert "unknown task 'nope'" in capsys.readouterr().err
+  assert cli.main(["eval", "synthetic", "--budgets", "0.2,2"]) == 2
+  assert "(0, 1]" in capsys.readouterr().err
+  assert cli.main(["eval", "synthetic", "--policies", "full,nope"]) == 2
+  assert "unknown policy 'nope'" in capsys.readouterr().err
