@@ -26,13 +26,16 @@ def _unit(x):
   return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 256):
+def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 128):
   """Per row r (a flattened layer x batch x head): the kept target of every token ``[R, T]``
   (-1 unless evicted) and its cosine ``[R, T]`` (0 where there is none).
 
   Only evicted x kept pairs are scored: both sets are compacted to the front (ascending
   positions), and query / key blocks run up to the largest count over rows (dynamic trip counts,
-  nothing recompiles), so a 20% budget costs about 0.8 x 0.2 of the all-pairs search."""
+  nothing recompiles), so a 20% budget costs about 0.8 x 0.2 of the all-pairs search. Each block
+  of cosines is laid out [R, kept, evicted] and reduced twice over the kept axis (the max, then
+  the lowest slot holding it): XLA's CPU argmax is a scalar loop, these two reductions vectorise
+  (about 3.5x faster at 128 x 128 blocks, which stay in cache)."""
   r, t, _ = k_RTH.shape
   block = min(block, t)
   tp = -(-t // block) * block
@@ -46,16 +49,18 @@ def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 256):
   ev_pos, ev_unit = compacted(evict_RT)
   blocks = lambda mask: (mask.sum(-1).max() + block - 1) // block
   cut = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=1)
+  slot = jnp.arange(block, dtype=jnp.int32)[:, None]
 
   def query_block(qi, out):
     q_RQH = cut(ev_unit, qi)
 
     def key_block(ki, best):
       pos_RK = cut(kept_pos, ki)
-      cos = jnp.einsum("RQH,RKH->RQK", q_RQH, cut(kept_unit, ki))
-      cos = jnp.where(pos_RK[:, None, :] >= 0, cos, -jnp.inf)
-      c_RQ = cos.max(-1)
-      p_RQ = jnp.take_along_axis(pos_RK, jnp.argmax(cos, -1), axis=1)
+      cos = jnp.einsum("RQH,RKH->RKQ", q_RQH, cut(kept_unit, ki))
+      cos = jnp.where(pos_RK[:, :, None] >= 0, cos, -jnp.inf)
+      c_RQ = cos.max(1)
+      first = jnp.min(jnp.where(cos == c_RQ[:, None, :], slot, block), axis=1)
+      p_RQ = jnp.take_along_axis(pos_RK, jnp.minimum(first, block - 1), axis=1)
       better = c_RQ > best[1]  # strict: ties keep the earlier, lower position
       return jnp.where(better, p_RQ, best[0]), jnp.where(better, c_RQ, best[1])
 
