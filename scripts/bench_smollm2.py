@@ -6,7 +6,7 @@ End to end on CPU, nothing from the HF hub:
 2. transformers reads the GGUF (dequantised to float32) and writes an HF directory. Needs
    `pip install gguf accelerate torch==2.13.0` in the venv.
 3. `jmmkv.load` that directory; logits and greedy tokens are compared with transformers.
-4. Passkey prompts at each length (seeded filler sentences, one "The pass key is NNNNN" sentence at
+4. Passkey prompts at each length (seeded filler sentences, one "The pass key is NNN" sentence at
    a random depth, the question and an answer prefix at the end), every policy x budget:
    exact-match accuracy, the kept KV fraction, and the fraction of (layer, KV head) pairs that
    still hold a whole copy of the key's digits.
@@ -360,7 +360,7 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=5, help="samples per prefill")
   p.add_argument("--budgets", default="0.2,0.05", help="Budget(ratio=...) values")
   p.add_argument("--policies", default="all", help="comma-separated registry names, or all")
-  p.add_argument("--digits", type=int, default=5, help="passkey digits")
+  p.add_argument("--digits", type=int, default=3, help="passkey digits")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max-new-tokens", type=int, default=8)
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
