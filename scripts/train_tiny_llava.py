@@ -9,7 +9,7 @@ answer alike.
 
 Training (`Recipe`): JAX + optax AdamW on this machine's CPU, in two phases: the vision tower
 learns colour and shape from linear heads on its tokens, then the whole model learns the four
-tasks (several questions per training context, loss on each reply ``: ANSWER </s>``) under a
+tasks (several questions per training context, loss on each reply ``ECHO ANSWER </s>``) under a
 curriculum of more and more images. Everything is seeded (parameters; step ``i``'s data from
 (seed, i)), so a rerun gives the same model up to XLA's floating-point nondeterminism. Run it
 under ``nice`` on a shared machine::
