@@ -23,6 +23,7 @@ import tqdm
 
 import jmmkv
 import jmmkv.inputs
+from jmmkv import runinfo
 from jmmkv.generate import _compress, _prefill, decode_loop
 from jmmkv.cache.paged import PagedKVCache
 from jmmkv.inputs import Batch
@@ -198,8 +199,7 @@ def run(
     repeats=repeats,
     param_bytes=param_bytes,
     read_bandwidth_GBps=bandwidth / 1e9,
-    jax=jax.__version__,
-    jmmkv=jmmkv.__version__,
+    versions=runinfo.versions("torch"),
     device=str(jax.devices()[0]),
     machine=platform.machine(),
     cpu_count=__import__("os").cpu_count(),

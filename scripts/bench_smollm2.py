@@ -38,7 +38,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import resource
 import re
 import subprocess
@@ -342,16 +341,6 @@ def trim_memory():
 # ---- main ----------------------------------------------------------------------------------------
 
 
-def versions() -> dict:
-  out = {"python": platform.python_version()}
-  for name in ("jmmkv", "jax", "jaxlib", "flax", "numpy", "transformers", "torch", "gguf"):
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = None
-  return out
-
-
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--work", default="~/.cache/jmmkv/smollm2", help="download / conversion cache")
@@ -386,6 +375,7 @@ def main(argv=None):
   from tqdm import tqdm
 
   import jmmkv
+  from jmmkv import runinfo
 
   names = list(jmmkv.policies.NAMES) if args.policies == "all" else args.policies.split(",")
   policies = {n: jmmkv.policies.get(n) for n in names}
@@ -530,7 +520,7 @@ def main(argv=None):
         "answer_prefix": ANSWER_PREFIX,
         "needle": NEEDLE,
       },
-      "versions": versions(),
+      "versions": runinfo.versions("torch", "gguf"),
       "timings": timings,
       "wall_s": wall,
       "results": table,

@@ -191,24 +191,12 @@ def _hyperparameters(value: str) -> dict:
     return {key: raw}
 
 
-def _versions() -> dict:
-  import jax
-  import transformers
-
-  import jmmkv
-
-  return {
-    "jmmkv": jmmkv.__version__,
-    "jax": jax.__version__,
-    "transformers": transformers.__version__,
-  }
-
-
 def run(args) -> int:
   """``jmmkv eval milebench``: arguments are checked before the model is loaded."""
   import jax
 
   import jmmkv
+  from jmmkv import runinfo
 
   kwargs = {}
   for hp in args.hp:
@@ -254,7 +242,7 @@ def run(args) -> int:
     "max_new_tokens": args.max_new_tokens,
     "max_context_len": res.pop("max_context_len"),
     "chat_template": not args.no_chat_template,
-    "versions": _versions(),
+    "versions": runinfo.versions(),
     "device": jax.devices()[0].device_kind,
     "seconds": round(time.perf_counter() - t0, 2),
     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

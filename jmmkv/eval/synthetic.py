@@ -104,9 +104,9 @@ def plot(rows, task_names, path: Path) -> None:
 
 def run(args) -> int:
   """``jmmkv eval synthetic``: arguments are checked before the model is loaded."""
-  import jax
 
   import jmmkv
+  from jmmkv import runinfo
   from jmmkv.synthetic import demo, tasks
 
   names = _names(args.policies)
@@ -136,7 +136,7 @@ def run(args) -> int:
     settings=dataclasses.asdict(settings),
     mean_prompt_tokens=sum(tasks.num_tokens(s.prompt) for s in samples) / len(samples),
     hyperparameters={n: dataclasses.asdict(jmmkv.policies.get(n)) for n in names},
-    versions=dict(jmmkv=jmmkv.__version__, jax=jax.__version__),
+    versions=runinfo.versions(),
     seconds=round(time.perf_counter() - t0, 1),
     date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   )
