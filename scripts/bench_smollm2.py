@@ -301,6 +301,8 @@ class Runner:
     """Tokens, kept mask ``[L, B, K, T]``, kept fraction and seconds for one policy / budget."""
     import jax
 
+    from jmmkv.generate import kept_fraction
+
     jnp = self._jnp
     padded, logits_BV, prompt, rope_start = self.state
     copy = prompt._replace(k=jnp.copy(prompt.k), v=jnp.copy(prompt.v))  # compress donates k/v
@@ -309,8 +311,7 @@ class Runner:
       copy, rope_start, self.policies[name], budget, max(1, self.m - 1), "auto"
     )
     mask = kept_mask(cache, prompt.k.shape[3])
-    kept = cache.kept_LBK()
-    fraction = float(kept.sum() / (padded.lengths_B.sum() * kept.shape[0] * kept.shape[2]))
+    fraction = kept_fraction(cache, padded.lengths_B)
     cfg, params = self.model.text_config, self.model.params["text"]
     eos = jnp.asarray(np.atleast_1d(np.asarray(cfg.eos_token_ids, np.int32)).reshape(-1))
     tokens_BM, _, _ = self._decode(
