@@ -348,21 +348,22 @@ def compress(
     return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[2]
 
 
-def kept_fraction(cache, lengths_B) -> float:
-  """Kept prompt KV over the prompt's KV, pooled over rows, layers and KV heads."""
-  kept_LBK = cache.kept_LBK()
-  return float(kept_LBK.sum() / (int(lengths_B.sum()) * kept_LBK.shape[0] * kept_LBK.shape[2]))
+def kept_fraction(kept_LBK, prompt_tokens: int) -> float:
+  """Kept prompt KV (``cache.kept_LBK()``) over the prompt's KV (``prompt_tokens`` summed over
+  rows), pooled over rows, layers and KV heads."""
+  return float(kept_LBK.sum() / (prompt_tokens * kept_LBK.shape[0] * kept_LBK.shape[2]))
 
 
 def _stats(cache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s):
+  kept_LBK = cache.kept_LBK()
   prompt_tokens = int(padded.lengths_B.sum())
   new_tokens = sum(len(r) for r in tokens)
   decode_steps = max(0, int(cache.index))
   return {
     "prompt_tokens": prompt_tokens,
     "new_tokens": new_tokens,
-    "kept_tokens_per_layer_head": cache.kept_LBK(),  # [L, B, K]
-    "kept_fraction": kept_fraction(cache, padded.lengths_B),
+    "kept_tokens_per_layer_head": kept_LBK,  # [L, B, K]
+    "kept_fraction": kept_fraction(kept_LBK, prompt_tokens),
     "kv_bytes_allocated": cache.kv_bytes_allocated(),
     "kv_bytes_used": cache.kv_bytes_used(),
     "prefill_s": prefill_s,

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -311,7 +310,7 @@ class Runner:
       copy, rope_start, self.policies[name], budget, max(1, self.m - 1), "auto"
     )
     mask = kept_mask(cache, prompt.k.shape[3])
-    fraction = kept_fraction(cache, padded.lengths_B)
+    fraction = kept_fraction(cache.kept_LBK(), int(padded.lengths_B.sum()))
     cfg, params = self.model.text_config, self.model.params["text"]
     eos = jnp.asarray(np.atleast_1d(np.asarray(cfg.eos_token_ids, np.int32)).reshape(-1))
     tokens_BM, _, _ = self._decode(

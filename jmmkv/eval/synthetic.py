@@ -104,7 +104,6 @@ def plot(rows, task_names, path: Path) -> None:
 
 def run(args) -> int:
   """``jmmkv eval synthetic``: arguments are checked before the model is loaded."""
-
   import jmmkv
   from jmmkv import runinfo
   from jmmkv.synthetic import demo, tasks
