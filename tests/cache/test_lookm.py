@@ -13,11 +13,14 @@ VARIANTS = [
   dict(merge="weighted"),
   dict(merge=None),
   dict(text_prior=False),
+  dict(keep_all_text=False),
+  dict(keep_all_text=False, merge="average", recent_ratio=0.05, important_ratio=0.15),
   dict(recent_ratio=0.3, important_ratio=0.1),
 ]
 
 
 def _check(setup, kw, budget):
+  """Compares with the reference; returns the reference of the last row."""
   cache = jmmkv.compress(
     setup.model, setup.batch, jmmkv.policies.get("lookm", **kw), jmmkv.Budget(**budget)
   )
@@ -30,6 +33,7 @@ def _check(setup, kw, budget):
         c = len(kept)
         np.testing.assert_allclose(k[l, b, h, :c], ref["k"][l][h, :c], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(v[l, b, h, :c], ref["v"][l][h, :c], atol=1e-5, rtol=1e-5)
+  return ref
 
 
 @pytest.fixture(
@@ -49,3 +53,22 @@ def test_llava_with_images(llava, kw, budget):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_text_only_prompt_falls_back_to_h2o_selection(tmp_path, seed):
   _check(text_setup(tmp_path, seed, [64, 27]), dict(), dict(ratio=0.3))
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2])
+def test_keep_all_text_false_holds_the_budget(llava, ratio):
+  """The paper reading overruns the budget when text before the window exceeds N; the literal
+  eq. 8 reading keeps exactly n (and, like the reference, the best-scored text tokens)."""
+  paper = _check(llava, dict(), dict(ratio=ratio))
+  strict = _check(llava, dict(keep_all_text=False), dict(ratio=ratio))
+  assert (paper["overrun"] > 0).any()  # the case where the two readings differ is exercised
+  assert (strict["overrun"] == 0).all()
+  cache = jmmkv.compress(
+    llava.model,
+    llava.batch,
+    jmmkv.policies.get("lookm", keep_all_text=False),
+    jmmkv.Budget(ratio=ratio),
+  )
+  kept_LBK = np.asarray(cache.kept_LBK())
+  for b, n in enumerate(llava.batch.lengths):
+    assert (kept_LBK[:, b] == jmmkv.Budget(ratio=ratio).kept(int(n))).all()

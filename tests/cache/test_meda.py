@@ -15,6 +15,8 @@ VARIANTS = [
   dict(variant="code"),
   dict(variant="code", renormalise=True),
   dict(split=(1, 1), alpha_min=0.05),
+  dict(keep_all_text=False),
+  dict(variant="code", keep_all_text=False),
 ]
 
 
@@ -68,3 +70,12 @@ def test_layer_budgets_follow_the_entropy_softmax(setup):
 @pytest.mark.parametrize("variant", ["paper", "code"])
 def test_text_only_prompt(tmp_path, variant):
   _check(text_setup(tmp_path, 0, [66, 31]), dict(variant=variant), 0.3)
+
+
+def test_keep_all_text_false_keeps_exactly_the_layer_budgets(setup):
+  paper = _check(setup, dict(), 0.1)
+  strict = _check(setup, dict(keep_all_text=False), 0.1)
+  assert (paper["overrun"] > 0).any()  # text overruns S_l in the paper reading here
+  np.testing.assert_array_equal(
+    strict["counts"], np.broadcast_to(strict["layer_budgets"][:, None], strict["counts"].shape)
+  )

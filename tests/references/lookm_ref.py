@@ -28,6 +28,9 @@ are kept: every text token is kept even when |text_c| > N (the budget is overrun
 |text_c| - N; "counts" then exceeds n, and the overrun is also returned). Otherwise the top
 N - |text_c| visual candidates fill the important share. C is the same in every head of a layer;
 heads differ only in which visual tokens they keep.
+``keep_all_text=False`` reads eq. 8 literally instead (I = Top_N of the text-boosted scores): the
+same order, but only C = M + N are kept, so the budget holds and, when |text_c| > N, the N
+best-scored text tokens are the important share (no visual token is kept before the window).
 Text-only fallback: when the row has NO image/video token (or ``text_prior=False``) there is no
 text priority: all of [0, T - M) is level 0 and C = M + N = n. This is H2O's selection with the
 same split, followed by the same merge, i.e. LOOK-M's non-text-prior variants (the released code's
@@ -86,7 +89,9 @@ def modality_masks(modality) -> tuple[np.ndarray, np.ndarray]:
   return m == TEXT, (m == IMAGE) | (m == VIDEO)
 
 
-def text_prior_select(score_KT, modality, M: int, N: int, text_prior: bool = True) -> list:
+def text_prior_select(
+  score_KT, modality, M: int, N: int, text_prior: bool = True, keep_all_text: bool = True
+) -> list:
   """Kept positions per KV head (module docstring: levels recent > text > visual by score)."""
   is_text, is_vis = modality_masks(modality)
   T = len(is_text)
@@ -94,7 +99,7 @@ def text_prior_select(score_KT, modality, M: int, N: int, text_prior: bool = Tru
   recent = pos >= T - M
   prior = text_prior and bool(is_vis.any())
   level = np.where(recent, 2, np.where(prior & is_text, 1, 0))
-  C = M + (max(N, int((is_text & ~recent).sum())) if prior else N)
+  C = M + (max(N, int((is_text & ~recent).sum())) if prior and keep_all_text else N)
   out = []
   for s_T in np.asarray(score_KT, np.float64):
     order = np.lexsort((pos, -s_T, -level))
@@ -139,6 +144,7 @@ def lookm(
   important_ratio: float = 0.1,
   merge: str | None = "pivot",
   text_prior: bool = True,
+  keep_all_text: bool = True,
   code_compat: bool = False,
 ) -> dict:
   """LOOK-M kept positions and merged K/V per layer and KV head (module docstring)."""
@@ -153,7 +159,7 @@ def lookm(
   for attn_NTT, k_KTH, v_KTH in zip(attn, keys, values):
     k_KTH, v_KTH = np.asarray(k_KTH, np.float64), np.asarray(v_KTH, np.float64)
     score_KT = colsum_scores(attn_NTT, k_KTH.shape[0])
-    kept_K = text_prior_select(score_KT, modality, M, N, text_prior)
+    kept_K = text_prior_select(score_KT, modality, M, N, text_prior, keep_all_text)
     kept.append(kept_K)
     merged.append(merge_layer(k_KTH, v_KTH, kept_K, merge, code_compat))
   return finish(kept, merged, [n] * len(attn), n=n, recent=M, important=N)

@@ -36,7 +36,8 @@ prefill, when the entropies of all layers are known.
    [T - M_l, T) forced, every text token before it kept (level above all visual tokens), then the
    top N_l - |text before the window| visual tokens by score, (level desc, score desc, position
    asc). Kept per head = M_l + max(N_l, |text before the window|): text overruns S_l, the same in
-   every head of the layer.
+   every head of the layer. ``keep_all_text=False``: the same order, but exactly S_l = M_l + N_l
+   are kept (lookm_ref's literal eq. 8 reading), so S_l holds.
 6. Merge: every evicted token merged into its key-cosine nearest kept token. variant="paper":
    A-Merge of all evicted tokens (merge_ref.merge, rule "average"); variant="code": the released
    code's merge_ref.merge_code_compat(rule "average", misaligned=True): similarity filter and the
@@ -153,6 +154,7 @@ def meda(
   alpha_min: float = 0.01,
   renormalise: bool = False,
   merge: bool = True,
+  keep_all_text: bool = True,
 ) -> dict:
   """MEDA layer budgets, kept positions and merged K/V (module docstring)."""
   if variant not in ("paper", "code"):
@@ -179,7 +181,9 @@ def meda(
   for l in range(L):
     k_KTH, v_KTH = np.asarray(keys[l], np.float64), np.asarray(values[l], np.float64)
     score_KT = lookm_ref.colsum_scores(attn[l], k_KTH.shape[0])
-    kept_K = lookm_ref.text_prior_select(score_KT, modality, int(M_L[l]), int(N_L[l]))
+    kept_K = lookm_ref.text_prior_select(
+      score_KT, modality, int(M_L[l]), int(N_L[l]), keep_all_text=keep_all_text
+    )
     kept.append(kept_K)
     merged.append(lookm_ref.merge_layer(k_KTH, v_KTH, kept_K, rule, variant == "code"))
   return lookm_ref.finish(

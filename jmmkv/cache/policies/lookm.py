@@ -7,6 +7,8 @@ tests/references/lookm_ref.py (the executable spec). Per row, with n the budget:
   score = column sums of the prompt attention over all queries (GQA mean);
   keep the last M tokens, then every text token before them, then the top visual tokens until
   M + max(N, #text before the window) tokens are kept (all text is kept: the budget can overrun);
+  (``keep_all_text=False`` reads eq. 8 literally: the same order, but exactly M + N are kept, so
+  the budget holds and surplus text is ranked by score like the rest);
   merge each evicted token into its key-cosine nearest kept token ("pivot" P-Merge by default,
   "average", "weighted", or None to only evict).
 A row without image / video tokens (or text_prior=False) has no text priority: H2O's selection
@@ -34,10 +36,16 @@ def split_recent(n, a1: float, a2: float):
 
 
 def text_prior_keep(
-  prompt: PromptKV, score_LBKT: Array, recent_LB: Array, important_LB: Array, text_prior: bool
+  prompt: PromptKV,
+  score_LBKT: Array,
+  recent_LB: Array,
+  important_LB: Array,
+  text_prior: bool,
+  keep_all_text: bool = True,
 ) -> Array:
   """Keep mask ``[L, B, K, T]``: the last M tokens, every earlier text token (when the row has
-  visual tokens and ``text_prior``), then the best-scored tokens up to M + max(N, #text)."""
+  visual tokens and ``text_prior``), then the best-scored tokens up to M + max(N, #text);
+  ``keep_all_text=False``: the same order, cut at M + N (text beyond N ranked by score)."""
   valid = prompt.valid_BT[None, :, None, :]
   mod = prompt.modality_BT[None, :, None, :]
   visual = (mod == IMAGE) | (mod == VIDEO)
@@ -46,7 +54,8 @@ def text_prior_keep(
   prior = valid & ~recent & ~visual & has_visual if text_prior else jnp.zeros_like(recent)
   level = 2 * recent + prior
   n_text = prior.sum(-1)  # [L, B, 1]
-  counts = recent_LB[..., None] + jnp.maximum(important_LB[..., None], n_text)
+  important = important_LB[..., None]
+  counts = recent_LB[..., None] + (jnp.maximum(important, n_text) if keep_all_text else important)
   counts = jnp.broadcast_to(counts, score_LBKT.shape[:3])
   rank = select.own_rank(score_LBKT, jnp.broadcast_to(level, score_LBKT.shape), prompt.valid_BT)
   return valid & (rank < counts[..., None])
@@ -58,6 +67,7 @@ class LookM:
   important_ratio: float = 0.1
   merge: str | None = "pivot"
   text_prior: bool = True
+  keep_all_text: bool = True  # the paper; False: the budget holds (text first, then visual)
 
   name = "lookm"
   stats = StatsSpec(colsum=True)
@@ -79,6 +89,8 @@ class LookM:
 
   def capacity(self, budget, prompt_len: int) -> int:
     uniform_capacity(budget, prompt_len, self.name)
+    if not self.keep_all_text:
+      return budget.kept(prompt_len)
     return prompt_len  # text tokens are all kept: the count can exceed the budget
 
   def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
@@ -88,7 +100,9 @@ class LookM:
       budget.kept_B(prompt.lengths_B), self.recent_ratio, self.important_ratio
     )
     tile = lambda x: jnp.broadcast_to(x[None], (l,) + x.shape)
-    keep = text_prior_keep(prompt, score, tile(recent_B), tile(important_B), self.text_prior)
+    keep = text_prior_keep(
+      prompt, score, tile(recent_B), tile(important_B), self.text_prior, self.keep_all_text
+    )
     return finish(prompt, keep, self.merge, capacity)
 
 

@@ -11,7 +11,8 @@ et al., NAACL 2025, arXiv 2502.17599); readings as tests/references/meda_ref.py 
 3. S_l = alpha_l * T, rounded by largest remainder to floor(sum + 1/2), then at least 1.
 4. M_l = min(S_l, floor(S_l b1 / (b1 + b2) + 1/2)) recent, N_l = S_l - M_l important; split 3:1
    ("paper") or 1:1 ("code").
-5. LOOK-M's text-prior selection per layer with (M_l, N_l) on H2O column-sum scores.
+5. LOOK-M's text-prior selection per layer with (M_l, N_l) on H2O column-sum scores; every text
+   token is kept (S_l can overrun) unless ``keep_all_text=False`` (exactly S_l kept).
 6. Merge evicted into kept: average rule ("paper"), or the released code's filtered and misaligned
    average ("code"); ``merge=False`` evicts only.
 """
@@ -52,6 +53,7 @@ class MEDA:
   alpha_min: float = 0.01
   renormalise: bool = False
   merge: bool = True
+  keep_all_text: bool = True  # the paper; False: each layer keeps exactly S_l
 
   name = "meda"
 
@@ -107,6 +109,6 @@ class MEDA:
     b1, b2 = self.recent_important
     recent, important = split_recent(s_LB, b1, b2)
     score = select.reduce_heads(prompt.stats.colsum, kh, "mean")
-    keep = text_prior_keep(prompt, score, recent, important, text_prior=True)
+    keep = text_prior_keep(prompt, score, recent, important, True, self.keep_all_text)
     rule = "average" if self.variant == "paper" else merging.CODE_COMPAT
     return finish(prompt, keep, rule if self.merge else None, capacity)
