@@ -138,14 +138,15 @@ def run(
 
     hf_model = bench_hf.hf_llama_from_jmmkv(model)
   rows = []
-  runs = len(lengths) * sum(1 if name == "full" else len(budgets) for name in policies)
+  runs = len(lengths) * sum(1 if p == "full" else len(budgets) for p in policies)
   bar = tqdm.tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, leave=False)
   for length in lengths:
     batch = prompt(length, cfg.vocab_size, batch_size=batch_size)
     prefills, full_ref = {}, None
-    for name in policies:
+    for spec in policies:
+      name = jmmkv.policies.spec_kwargs(spec)[0]
       for ratio in budgets if name != "full" else [1.0]:
-        policy = jmmkv.policies.get(name, **SMALL_WINDOW.get(name, {}))
+        policy = jmmkv.policies.from_spec(spec, **SMALL_WINDOW.get(name, {}))
         budget = None if name == "full" else jmmkv.Budget(ratio=ratio)
         if policy.stats not in prefills:
           prefills[policy.stats] = _prefill(model, batch, policy.stats, compile_first=True)
@@ -161,7 +162,7 @@ def run(
         row = dict(
           length=length,
           batch=batch_size,
-          policy=name,
+          policy=spec,
           budget=ratio,
           layout="paged" if isinstance(cache, PagedKVCache) else "dense",
           prefill_ms=prefill_s * 1e3,
@@ -208,7 +209,7 @@ def run(
 
 
 HEADER = (
-  f"{'T':>6} {'policy':>10} {'budget':>6} {'layout':>6} {'prefill ms':>10} {'compr ms':>8} "
+  f"{'T':>6} {'policy':>24} {'budget':>6} {'layout':>6} {'prefill ms':>10} {'compr ms':>8} "
   f"{'/prefill':>8} {'decode ms/tok':>13} {'x full':>7} {'floor ms':>8} {'KV alloc MiB':>12} "
   f"{'x full':>7} {'KV used MiB':>11} {'kept':>5}"
 )
@@ -216,7 +217,7 @@ HEADER = (
 
 def _line(r) -> str:
   return (
-    f"{r['length']:6d} {r['policy']:>10} {r['budget']:6.2f} {r['layout']:>6} "
+    f"{r['length']:6d} {r['policy']:>24} {r['budget']:6.2f} {r['layout']:>6} "
     f"{r['prefill_ms']:10.1f} {r['compress_ms']:8.1f} {r['compress_vs_prefill']:8.3f} "
     f"{r['decode_ms_per_token']:13.2f} {r.get('decode_ms_per_token_vs_full', float('nan')):7.3f} "
     f"{r['floor_ms_per_token']:8.2f} {r['kv_bytes_allocated'] / 2**20:12.2f} "
@@ -227,8 +228,8 @@ def _line(r) -> str:
 
 def main(args) -> int:
   policies = list(jmmkv.policies.NAMES) if args.policies == "all" else args.policies.split(",")
-  for name in policies:
-    jmmkv.policies.get(name)  # unknown names fail before any work
+  for spec in policies:
+    jmmkv.policies.from_spec(spec)  # unknown names and settings fail before any work
   budgets = [float(b) for b in args.budgets.split(",")]
   for b in budgets:
     jmmkv.Budget(ratio=b)

@@ -243,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     help="llava-mini: 8 layers, D=512, 8 heads (MHA), head dim 64, vocab 4096",
   )
   bench.add_argument("--lengths", default="4096", help="comma-separated prompt lengths")
-  bench.add_argument("--policies", default="all", help="comma-separated names, or 'all'")
+  bench.add_argument(
+    "--policies",
+    default="all",
+    help="comma-separated names or specs (lookm:keep_all_text=false), or 'all'",
+  )
   bench.add_argument("--budgets", default="0.5,0.2,0.05", help="comma-separated ratios in (0, 1]")
   bench.add_argument("--max-new-tokens", type=int, default=32)
   bench.add_argument("--repeats", type=int, default=3)

@@ -51,7 +51,7 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
       "--lengths",
       "128",
       "--policies",
-      "snapkv,full,pyramidkv",
+      "snapkv,full,pyramidkv,h2o:recent_fraction=0.25",
       "--budgets",
       "0.25",
       "--compare-hf",
@@ -66,7 +66,7 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
   assert code == 0
   result = json.loads(out.read_text())
   rows = {r["policy"]: r for r in result["rows"]}
-  assert set(rows) == {"full", "snapkv", "pyramidkv"}
+  assert set(rows) == {"full", "snapkv", "pyramidkv", "h2o:recent_fraction=0.25"}
   assert rows["full"]["kv_bytes_allocated_vs_full"] == 1.0
   assert rows["snapkv"]["kv_bytes_allocated_vs_full"] < 0.3  # 25% of a 128-token prompt, measured
   assert rows["full"]["hf_decode_ms_per_token"] > 0  # transformers timed in the same run
@@ -79,6 +79,9 @@ def test_bench_rejects_bad_arguments(capsys):
   assert "unknown policy 'nope'" in capsys.readouterr().err
   assert cli.main(["bench", "--preset", "tiny", "--budgets", "1.5"]) == 2
   assert "(0, 1]" in capsys.readouterr().err
+  assert cli.main(["bench", "--preset", "tiny", "--policies", "lookm:nope=1"]) == 2
+  err = capsys.readouterr().err
+  assert "'lookm:nope=1'" in err and "nope" in err
 
 
 def test_demo_with_a_compressing_policy(capsys):

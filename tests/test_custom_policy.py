@@ -76,3 +76,18 @@ def test_register_rejects_what_is_not_a_policy():
   with pytest.raises(ValueError, match="already exists"):
     policies.register("snapkv", policies.POLICIES["h2o"])
   assert "loose" not in policies.POLICIES
+
+
+def test_policy_specs_parse_values_and_reject_bad_ones():
+  assert jmmkv.policies.spec_kwargs("lookm") == ("lookm", {})
+  name, kw = jmmkv.policies.spec_kwargs(" meda:keep_all_text=false:split=(1, 1):variant=code ")
+  assert (name, kw) == ("meda", dict(keep_all_text=False, split=(1, 1), variant="code"))
+  policy = jmmkv.policies.from_spec("lookm:merge=none:recent_ratio=0.3", important_ratio=0.2)
+  assert (policy.merge, policy.recent_ratio, policy.important_ratio) == (None, 0.3, 0.2)
+  assert jmmkv.policies.from_spec("snapkv:window=8", window=32).window == 8  # spec wins
+  with pytest.raises(ValueError, match="expected key=value"):
+    jmmkv.policies.spec_kwargs("lookm:keep_all_text")
+  with pytest.raises(ValueError, match="unknown policy"):
+    jmmkv.policies.from_spec("nope:x=1")
+  with pytest.raises(ValueError, match="'h2o:bogus=1'"):
+    jmmkv.policies.from_spec("h2o:bogus=1")

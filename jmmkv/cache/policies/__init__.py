@@ -1,7 +1,10 @@
 """Policy registry: ``get(name, **hyperparameters)`` builds any policy; ``NAMES`` lists them;
-``register(name, cls)`` adds one of your own (docs/adding_a_policy.md)."""
+``register(name, cls)`` adds one of your own (docs/adding_a_policy.md); ``from_spec`` parses a
+command-line spec such as ``"lookm:keep_all_text=false:merge=average"``."""
 
 from __future__ import annotations
+
+import ast
 
 from jmmkv.cache.policies.adakv import AdaKV
 from jmmkv.cache.policies.full import Full
@@ -52,3 +55,36 @@ def get(name: str, **hyperparameters):
   cls = POLICIES[name]
   build = getattr(cls, "from_kwargs", cls)  # wrappers route their scorer's settings
   return build(**hyperparameters)
+
+
+def _value(text: str):
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  if text.lower() == "none":
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word: a string
+
+
+def spec_kwargs(spec: str) -> tuple[str, dict]:
+  """``"name:key=value:key=value"`` -> (name, hyperparameters); values are Python literals,
+  ``true`` / ``false`` / ``none``, or bare words (strings)."""
+  name, *items = spec.strip().split(":")
+  kwargs = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"policy spec {spec!r}: expected key=value after ':', got {item!r}")
+    kwargs[key.strip()] = _value(text.strip())
+  return name.strip(), kwargs
+
+
+def from_spec(spec: str, **defaults):
+  """The policy a spec names (`spec_kwargs`); the spec's values override ``defaults``."""
+  name, kwargs = spec_kwargs(spec)
+  try:
+    return get(name, **(defaults | kwargs))
+  except TypeError as e:  # an unknown hyperparameter
+    raise ValueError(f"policy spec {spec!r}: {e}") from None
