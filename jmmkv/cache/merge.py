@@ -1,7 +1,9 @@
 """Merging evicted KV into kept KV by key-cosine nearest neighbour (LOOK-M A/P/W rules, MEDA).
 
 Per (layer, row, KV head): every evicted token i is assigned to the kept token c*(i) whose key has
-the largest cosine with k_i (ties: lower position; a zero key has cosine 0 with everything); then,
+the largest cosine with k_i (ties, and cosines within TIE of the best, go to the lower position, so
+copies of one key tie although float32 rounds their cosines differently; a zero key has cosine 0
+with everything); then,
 for x = k and x = v alike, with A_c the tokens assigned to c and L_c = |A_c|:
   average   x_c <- (x_c + sum_i x_i) / (L_c + 1)
   pivot     x_c <- (x_c + 1/2 sum_i (x_i + x_c)) / (L_c + 1)
@@ -18,6 +20,7 @@ from jmmkv.cache.select import positions_from_mask
 from jmmkv.typing import Array
 
 RULES = ("average", "pivot", "weighted")
+TIE = 1e-6  # cosines this close to the best are ties
 CODE_COMPAT = "code-compat"  # the released MEDA / LOOK-M average merge, see `merge_code_compat`
 
 
@@ -26,9 +29,13 @@ def _unit(x):
   return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 128):
+def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 128, groups: int = 1):
   """Per row r (a flattened layer x batch x head): the kept target of every token ``[R, T]``
   (-1 unless evicted) and its cosine ``[R, T]`` (0 where there is none).
+
+  ``groups`` > 1 splits the rows into that many consecutive groups (e.g. layers), searched one
+  after another, each with its own trip counts: where counts differ between groups (per-layer
+  budgets), the search costs the sum over groups of evicted x kept, not the rows' worst case.
 
   Only evicted x kept pairs are scored: both sets are compacted to the front (ascending
   positions), and query / key blocks run up to the largest count over rows (dynamic trip counts,
@@ -37,6 +44,10 @@ def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 128):
   the lowest slot holding it): XLA's CPU argmax is a scalar loop, these two reductions vectorise
   (about 3.5x faster at 128 x 128 blocks, which stay in cache)."""
   r, t, _ = k_RTH.shape
+  if groups > 1:
+    split = lambda x: x.reshape((groups, r // groups) + x.shape[1:])
+    out = jax.lax.map(lambda a: nearest(*a, block), (split(k_RTH), split(keep_RT), split(evict_RT)))
+    return tuple(x.reshape((r,) + x.shape[2:]) for x in out)
   block = min(block, t)
   tp = -(-t // block) * block
   unit = _unit(k_RTH.astype(jnp.float32))
@@ -59,9 +70,9 @@ def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 128):
       cos = jnp.einsum("RQH,RKH->RKQ", q_RQH, cut(kept_unit, ki))
       cos = jnp.where(pos_RK[:, :, None] >= 0, cos, -jnp.inf)
       c_RQ = cos.max(1)
-      first = jnp.min(jnp.where(cos == c_RQ[:, None, :], slot, block), axis=1)
+      first = jnp.min(jnp.where(cos >= c_RQ[:, None, :] - TIE, slot, block), axis=1)
       p_RQ = jnp.take_along_axis(pos_RK, jnp.minimum(first, block - 1), axis=1)
-      better = c_RQ > best[1]  # strict: ties keep the earlier, lower position
+      better = c_RQ > best[1] + TIE  # near-ties keep the earlier, lower position
       return jnp.where(better, p_RQ, best[0]), jnp.where(better, c_RQ, best[1])
 
     init = (jnp.full((r, block), -1, jnp.int32), jnp.full((r, block), -jnp.inf, jnp.float32))
@@ -81,17 +92,21 @@ def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 128):
   return target, best
 
 
-def merge(k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, rule: str):
+def merge(
+  k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, rule: str, per_layer: bool = False
+):
   """``k``, ``v`` ``[L, B, K, T, H]`` with every evicted token merged into its nearest kept one
-  (values at non-kept positions are left as they were)."""
+  (values at non-kept positions are left as they were). ``per_layer``: search layer by layer
+  (`nearest`'s groups), for policies whose layers keep different counts."""
+  groups = k.shape[0] if per_layer else 1
   if rule == CODE_COMPAT:
-    return merge_code_compat(k, v, keep_LBKT, evict_LBKT)
+    return merge_code_compat(k, v, keep_LBKT, evict_LBKT, groups=groups)
   if rule not in RULES:
     raise ValueError(f"merge rule must be one of {', '.join(RULES)}, got {rule!r}")
   shape = k.shape
   flat = lambda x: x.reshape((-1,) + x.shape[3:])
   kf, vf, keep, evict = flat(k), flat(v), flat(keep_LBKT), flat(evict_LBKT)
-  target, cos = nearest(kf, keep, evict)
+  target, cos = nearest(kf, keep, evict, groups=groups)
   t = shape[3]
   seg = jnp.where(target >= 0, target, t)  # t: a discarded segment
   weight = cos if rule == "weighted" else jnp.ones_like(cos)
@@ -111,7 +126,7 @@ def merge(k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, rule: str):
 
 
 def merge_code_compat(
-  k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, misaligned: bool = True
+  k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, misaligned: bool = True, groups: int = 1
 ):
   """The released MEDA / LOOK-M average merge ("code-compat", not the paper), as
   tests/references/merge_ref.merge_code_compat specifies: evicted tokens are indexed by their rank
@@ -120,7 +135,7 @@ def merge_code_compat(
   the passing token itself. Every head of a layer must evict the same number of tokens."""
   l, b, kh, t, _ = k.shape
   flat = lambda x: x.reshape((-1,) + x.shape[3:])
-  target, cos = nearest(flat(k), flat(keep_LBKT), flat(evict_LBKT))
+  target, cos = nearest(flat(k), flat(keep_LBKT), flat(evict_LBKT), groups=groups)
   target, cos = target.reshape(l, b, kh, t), cos.reshape(l, b, kh, t)
   rank_pos = positions_from_mask(evict_LBKT, t)  # [L, B, K, T]: evicted positions by rank, -1 after
   has = rank_pos >= 0

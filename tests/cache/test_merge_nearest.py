@@ -17,17 +17,21 @@ def _keys(rng, r, t, h, distinct):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("t,block,distinct", [(37, 8, 5), (64, 16, 1000), (50, 128, 3)])
-def test_nearest_matches_reference(seed, t, block, distinct):
+@pytest.mark.parametrize(
+  "t,block,distinct,groups", [(37, 8, 5, 1), (64, 16, 1000, 1), (50, 128, 3, 1), (37, 8, 5, 3)]
+)
+def test_nearest_matches_reference(seed, t, block, distinct, groups):
   rng = np.random.default_rng(seed)
-  r, h = 5, 7
+  r, h = 6, 7
   k = _keys(rng, r, t, h, distinct)
   u = rng.random((r, t))
   keep = u < rng.uniform(0.1, 0.6, (r, 1))  # a different kept count per row
   keep[0] = False  # a row with nothing kept: no targets
   keep[1, : t // 2] = True
   evict = ~keep & (rng.random((r, t)) < 0.9)  # some positions neither kept nor evicted
-  target, cos = merge.nearest(jnp.asarray(k), jnp.asarray(keep), jnp.asarray(evict), block)
+  target, cos = merge.nearest(
+    jnp.asarray(k), jnp.asarray(keep), jnp.asarray(evict), block, groups=groups
+  )
   target, cos = np.asarray(target), np.asarray(cos)
   for row in range(r):
     kept, ev = np.flatnonzero(keep[row]), np.flatnonzero(evict[row])

@@ -10,7 +10,8 @@ Paper merge, `merge(..., rule)`, independently per KV head h:
 1. Similarity on KEYS only: u[i, c] = <k_i, k_c> / (|k_i| |k_c|) for evicted i and kept c. A key of
    zero norm is normalised to the zero vector (cosine 0 with everything).
 2. Assignment (many-to-one nearest neighbour): c*(i) = argmax_c u[i, c]; ties go to the LOWER kept
-   position. Every evicted token is assigned (nothing is filtered). If a head keeps nothing, its
+   position, and cosines within TIE = 1e-6 of the maximum count as ties (copies of one key must
+   tie although float32 rounds their cosines differently). Every evicted token is assigned (nothing is filtered). If a head keeps nothing, its
    evicted tokens are dropped (target -1).
 3. For each kept c with assigned set A_c (L_c = |A_c|; L_c = 0 leaves c unchanged), with x = k and
    x = v alike (the SAME assignment and the SAME key-cosine weights u for the values):
@@ -79,12 +80,16 @@ def cosine(a_IH: np.ndarray, b_JH: np.ndarray) -> np.ndarray:
   return unit(np.asarray(a_IH, np.float64)) @ unit(np.asarray(b_JH, np.float64)).T
 
 
+TIE = 1e-6
+
+
 def nearest(k_TH: np.ndarray, kept: np.ndarray, evicted: np.ndarray):
   """(index into ``kept`` [E], max cosine [E]) of each evicted token; ties -> lower kept slot."""
   if len(kept) == 0 or len(evicted) == 0:
     return np.full(len(evicted), -1, np.int64), np.zeros(len(evicted))
   u_EC = cosine(k_TH[evicted], k_TH[kept])
-  idx = np.argmax(u_EC, axis=1)  # first maximum = lowest kept position (kept is ascending)
+  near = u_EC >= u_EC.max(axis=1, keepdims=True) - TIE
+  idx = np.argmax(near, axis=1)  # first near-maximum = lowest kept position (kept is ascending)
   return idx, u_EC[np.arange(len(evicted)), idx]
 
 

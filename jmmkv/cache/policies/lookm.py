@@ -106,11 +106,14 @@ class LookM:
     return finish(prompt, keep, self.merge, capacity)
 
 
-def finish(prompt: PromptKV, keep_LBKT: Array, rule: str | None, capacity: int) -> Prefix:
-  """Merge the evicted tokens into the kept ones (``rule`` None: evict only), then gather."""
+def finish(
+  prompt: PromptKV, keep_LBKT: Array, rule: str | None, capacity: int, per_layer: bool = False
+) -> Prefix:
+  """Merge the evicted tokens into the kept ones (``rule`` None: evict only; ``per_layer``: the
+  layers keep different counts, see `merging.merge`), then gather."""
   if rule is not None:
     evict = prompt.valid_BT[None, :, None, :] & ~keep_LBKT
-    merge = lambda *xs: merging.merge(*xs, rule)
+    merge = lambda *xs: merging.merge(*xs, rule, per_layer)
     k, v = sharding.per_head(merge, prompt.k, prompt.v, keep_LBKT, evict)  # shard-local
     prompt = prompt._replace(k=k, v=v)
   return select.gather(prompt, select.positions_from_mask(keep_LBKT, capacity))

@@ -111,4 +111,4 @@ class MEDA:
     score = select.reduce_heads(prompt.stats.colsum, kh, "mean")
     keep = text_prior_keep(prompt, score, recent, important, True, self.keep_all_text)
     rule = "average" if self.variant == "paper" else merging.CODE_COMPAT
-    return finish(prompt, keep, rule if self.merge else None, capacity)
+    return finish(prompt, keep, rule if self.merge else None, capacity, per_layer=True)
