@@ -45,6 +45,8 @@ def nearest(k_RTH: Array, keep_RT: Array, evict_RT: Array, block: int = 128, gro
   (about 3.5x faster at 128 x 128 blocks, which stay in cache)."""
   r, t, _ = k_RTH.shape
   if groups > 1:
+    if r % groups:
+      raise ValueError(f"{r} rows do not split into {groups} groups")
     split = lambda x: x.reshape((groups, r // groups) + x.shape[1:])
     # Fewer rows per step: twice the block keeps each step's work (and speed) about the same.
     inner = lambda a: nearest(*a, block=2 * block)
