@@ -88,10 +88,8 @@ class LookM:
       )
 
   def capacity(self, budget, prompt_len: int) -> int:
-    uniform_capacity(budget, prompt_len, self.name)
-    if not self.keep_all_text:
-      return budget.kept(prompt_len)
-    return prompt_len  # text tokens are all kept: the count can exceed the budget
+    kept = uniform_capacity(budget, prompt_len, self.name)
+    return prompt_len if self.keep_all_text else kept  # all text kept: the budget can overrun
 
   def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
     l, _, kh = prompt.k.shape[:3]
