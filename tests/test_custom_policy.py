@@ -85,8 +85,12 @@ def test_policy_specs_parse_values_and_reject_bad_ones():
   policy = jmmkv.policies.from_spec("lookm:merge=none:recent_ratio=0.3", important_ratio=0.2)
   assert (policy.merge, policy.recent_ratio, policy.important_ratio) == (None, 0.3, 0.2)
   assert jmmkv.policies.from_spec("snapkv:window=8", window=32).window == 8  # spec wins
+  assert jmmkv.policies.setting("w=[1, null]", "--hp") == ("w", [1, None])  # JSON
+  assert jmmkv.policies.setting("v=code", "--hp") == ("v", "code")  # a bare word
   with pytest.raises(ValueError, match="expected key=value"):
     jmmkv.policies.spec_kwargs("lookm:keep_all_text")
+  with pytest.raises(ValueError, match="--hp: expected key=value"):
+    jmmkv.policies.setting("=1", "--hp")
   with pytest.raises(ValueError, match="unknown policy"):
     jmmkv.policies.from_spec("nope:x=1")
   with pytest.raises(ValueError, match="'h2o:bogus=1'"):

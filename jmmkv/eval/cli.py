@@ -44,7 +44,10 @@ def _add_milebench(benchmarks) -> None:
     action="append",
     default=[],
     metavar="KEY=VALUE",
-    help="a policy hyperparameter, e.g. --hp window=16 (repeatable; VALUE read as JSON if it can)",
+    help=(
+      "a policy hyperparameter, e.g. --hp window=16 (repeatable; VALUE: true/false/none, else "
+      "JSON, else a Python literal such as (1,1), else a string)"
+    ),
   )
   mb.add_argument(
     "--max-new-tokens", type=int, default=512, help="default 512, as MileBench's configs"

@@ -181,16 +181,6 @@ def format_table(res: dict) -> str:
   return "\n".join(lines)
 
 
-def _hyperparameters(value: str) -> dict:
-  key, sep, raw = value.partition("=")
-  if not sep or not key:
-    raise ValueError(f"--hp takes KEY=VALUE, got {value!r}")
-  try:
-    return {key: json.loads(raw)}
-  except json.JSONDecodeError:
-    return {key: raw}
-
-
 def run(args) -> int:
   """``jmmkv eval milebench``: arguments are checked before the model is loaded."""
   import jax
@@ -198,9 +188,7 @@ def run(args) -> int:
   import jmmkv
   from jmmkv import runinfo
 
-  kwargs = {}
-  for hp in args.hp:
-    kwargs |= _hyperparameters(hp)
+  kwargs = dict(jmmkv.policies.setting(hp, "--hp") for hp in args.hp)
   try:
     policy = jmmkv.policies.get(args.policy, **kwargs)
   except TypeError as e:

@@ -5,6 +5,7 @@ command-line spec such as ``"lookm:keep_all_text=false:merge=average"``."""
 from __future__ import annotations
 
 import ast
+import json
 
 from jmmkv.cache.policies.adakv import AdaKV
 from jmmkv.cache.policies.full import Full
@@ -57,28 +58,34 @@ def get(name: str, **hyperparameters):
   return build(**hyperparameters)
 
 
-def _value(text: str):
-  if text.lower() in ("true", "false"):
-    return text.lower() == "true"
-  if text.lower() == "none":
-    return None
+KEYWORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def setting(item: str, where: str) -> tuple[str, object]:
+  """``"key=value"`` -> (key, value): ``true`` / ``false`` / ``none`` / ``null`` (any case), else
+  JSON, else a Python literal (a tuple such as ``(1, 1)``), else the bare word as a string.
+  ``where`` names the argument in the error."""
+  key, sep, text = item.partition("=")
+  key, text = key.strip(), text.strip()
+  if not sep or not key:
+    raise ValueError(f"{where}: expected key=value, got {item!r}")
+  if text.lower() in KEYWORDS:
+    return key, KEYWORDS[text.lower()]
   try:
-    return ast.literal_eval(text)
+    return key, json.loads(text)
+  except json.JSONDecodeError:
+    pass
+  try:
+    return key, ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    return text  # a bare word: a string
+    return key, text
 
 
 def spec_kwargs(spec: str) -> tuple[str, dict]:
-  """``"name:key=value:key=value"`` -> (name, hyperparameters); values are Python literals,
-  ``true`` / ``false`` / ``none``, or bare words (strings)."""
+  """``"name:key=value:key=value"`` -> (name, hyperparameters), values read as `setting` reads
+  them."""
   name, *items = spec.strip().split(":")
-  kwargs = {}
-  for item in items:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-      raise ValueError(f"policy spec {spec!r}: expected key=value after ':', got {item!r}")
-    kwargs[key.strip()] = _value(text.strip())
-  return name.strip(), kwargs
+  return name.strip(), dict(setting(item, f"policy spec {spec!r}") for item in items)
 
 
 def from_spec(spec: str, **defaults):
