@@ -227,7 +227,10 @@ def _line(r) -> str:
 
 
 def main(args) -> int:
-  policies = list(jmmkv.policies.NAMES) if args.policies == "all" else args.policies.split(",")
+  if args.policies == "all":
+    policies = list(jmmkv.policies.NAMES)
+  elif not (policies := jmmkv.policies.split_specs(args.policies)):
+    raise ValueError("--policies is empty")
   for spec in policies:
     jmmkv.policies.from_spec(spec)  # unknown names and settings fail before any work
   budgets = [float(b) for b in args.budgets.split(",")]

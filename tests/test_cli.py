@@ -79,6 +79,8 @@ def test_bench_rejects_bad_arguments(capsys):
   assert "unknown policy 'nope'" in capsys.readouterr().err
   assert cli.main(["bench", "--preset", "tiny", "--budgets", "1.5"]) == 2
   assert "(0, 1]" in capsys.readouterr().err
+  assert cli.main(["bench", "--preset", "tiny", "--policies", " , "]) == 2
+  assert "--policies is empty" in capsys.readouterr().err
   assert cli.main(["bench", "--preset", "tiny", "--policies", "lookm:nope=1"]) == 2
   err = capsys.readouterr().err
   assert "'lookm:nope=1'" in err and "nope" in err

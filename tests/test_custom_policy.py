@@ -87,6 +87,9 @@ def test_policy_specs_parse_values_and_reject_bad_ones():
   assert jmmkv.policies.from_spec("snapkv:window=8", window=32).window == 8  # spec wins
   assert jmmkv.policies.setting("w=[1, null]", "--hp") == ("w", [1, None])  # JSON
   assert jmmkv.policies.setting("v=code", "--hp") == ("v", "code")  # a bare word
+  specs = jmmkv.policies.split_specs("full, meda:split=(1,1):variant=code,h2o:x=[1,2]")
+  assert specs == ["full", "meda:split=(1,1):variant=code", "h2o:x=[1,2]"]
+  assert jmmkv.policies.from_spec(specs[1]).split == (1, 1)
   with pytest.raises(ValueError, match="expected key=value"):
     jmmkv.policies.spec_kwargs("lookm:keep_all_text")
   with pytest.raises(ValueError, match="--hp: expected key=value"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 
 from jmmkv.cache.policies.adakv import AdaKV
 from jmmkv.cache.policies.full import Full
@@ -86,6 +87,12 @@ def spec_kwargs(spec: str) -> tuple[str, dict]:
   them."""
   name, *items = spec.strip().split(":")
   return name.strip(), dict(setting(item, f"policy spec {spec!r}") for item in items)
+
+
+def split_specs(text: str) -> list[str]:
+  """A comma-separated list of specs, split at commas outside brackets:
+  ``"full,meda:split=(1,1)"`` -> ``["full", "meda:split=(1,1)"]``."""
+  return [s.strip() for s in re.split(r",(?![^(\[]*[)\]])", text) if s.strip()]
 
 
 def from_spec(spec: str, **defaults):
