@@ -20,7 +20,10 @@ def _keys(rng, r, t, h, distinct):
 @pytest.mark.parametrize(
   "t,block,distinct,groups", [(37, 8, 5, 1), (64, 16, 1000, 1), (50, 128, 3, 1), (37, 8, 5, 3)]
 )
-def test_nearest_matches_reference(seed, t, block, distinct, groups):
+# None: the slot search; "fine" / "whole": the sub-block search with the smallest sub-block that
+# divides the block, or one sub-block per block
+@pytest.mark.parametrize("sub", [None, "fine", "whole"])
+def test_nearest_matches_reference(seed, t, block, distinct, groups, sub):
   rng = np.random.default_rng(seed)
   r, h = 6, 7
   k = _keys(rng, r, t, h, distinct)
@@ -29,8 +32,11 @@ def test_nearest_matches_reference(seed, t, block, distinct, groups):
   keep[0] = False  # a row with nothing kept: no targets
   keep[1, : t // 2] = True
   evict = ~keep & (rng.random((r, t)) < 0.9)  # some positions neither kept nor evicted
+  run_block = min(block * (2 if groups > 1 else 1), t)  # the block each search step uses
+  size = {"fine": min(d for d in range(2, run_block + 1) if run_block % d == 0), "whole": run_block}
+  paths = {} if sub is None else dict(sub=size[sub], sub_from=0)
   target, cos = merge.nearest(
-    jnp.asarray(k), jnp.asarray(keep), jnp.asarray(evict), block, groups=groups
+    jnp.asarray(k), jnp.asarray(keep), jnp.asarray(evict), block, groups=groups, **paths
   )
   target, cos = np.asarray(target), np.asarray(cos)
   for row in range(r):
