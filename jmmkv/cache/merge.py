@@ -58,7 +58,7 @@ def nearest(
     the best ``sub``-slot sub-block (a max fused with the matmul), and the slot within it is
     found once at the end from that sub-block's keys. The end reads evicted x ``sub`` keys,
     which pays off once kept >> ``sub`` (2 CPU cores, 64 rows, H = 64, 16k tokens: 3.3 s
-    against 4.1 s with 8192 kept; the two break even at about 4.5k kept)."""
+    against 4.1 s with 8192 kept; the two break even between 4.1k and 5.7k kept)."""
   r, t, _ = k_RTH.shape
   if groups > 1:
     if r % groups:
@@ -94,7 +94,10 @@ def nearest(
   if block % sub:
     tgt_R_, cos_R_ = scan(_slot_search)
   else:
-    by_sub = functools.partial(_sub_search, sub=sub)
+    # Padding slots score -4 through an extra key coordinate (exact for the rest): a mask pass
+    # would break the fused max. Built once, outside the loops.
+    pad = jnp.where(kept[0] >= 0, 0.0, -4.0)[..., None]
+    by_sub = functools.partial(_sub_search, sub=sub, kept_aug=jnp.concatenate([kept[1], pad], -1))
     tgt_R_, cos_R_ = jax.lax.cond(
       n_kept >= sub_from, lambda: scan(by_sub), lambda: scan(_slot_search)
     )
@@ -130,18 +133,16 @@ def _slot_search(q_RQH, kept, key_blocks, block):
   return jax.lax.fori_loop(0, key_blocks, key_block, init)
 
 
-def _sub_search(q_RQH, kept, key_blocks, block, sub):
+def _sub_search(q_RQH, kept, key_blocks, block, sub, kept_aug):
   """`_slot_search`'s answer in two steps. The loop scores [R, S, kept, evicted], the S = block
   / ``sub`` sub-blocks a batch axis, so XLA fuses each sub-block's max into the matmul and no
   block of cosines is written out; it keeps the first sub-block within TIE of the best. Then the
   ``sub`` keys of each evicted token's sub-block are gathered (contiguous) and scored again for
-  the first slot within TIE. Padding slots score -4 through an extra key coordinate (exact for
-  the rest), as a mask pass would break the fusion."""
+  the first slot within TIE. ``kept_aug``: the kept unit keys with a last coordinate, -4 at
+  padding slots, so a query with an appended 1 scores them -4 without a mask pass."""
   kept_pos, kept_unit = kept
   r, q, h = q_RQH.shape
   n_sub = block // sub
-  pad = jnp.where(kept_pos >= 0, 0.0, -4.0)[..., None]
-  kept_aug = jnp.concatenate([kept_unit, pad], -1)  # [R, Tp, H + 1]
   q_aug = jnp.concatenate([q_RQH, jnp.ones((r, q, 1), q_RQH.dtype)], -1)
   # Written once per query block (the barrier), not broadcast inside every step's matmul.
   q_RSQH = jax.lax.optimization_barrier(jnp.broadcast_to(q_aug[:, None], (r, n_sub, q, h + 1)))
