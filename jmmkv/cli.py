@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument(
     "--policies",
     default="all",
-    help="comma-separated names or specs (lookm:keep_all_text=false), or 'all'",
+    help="comma-separated names or specs (lookm:keep_all_text=false); 'all' = every name",
   )
   bench.add_argument("--budgets", default="0.5,0.2,0.05", help="comma-separated ratios in (0, 1]")
   bench.add_argument("--max-new-tokens", type=int, default=32)

@@ -86,6 +86,15 @@ def test_bench_rejects_bad_arguments(capsys):
   assert "'lookm:nope=1'" in err and "nope" in err
 
 
+def test_bench_policy_list_expands_all_among_specs():
+  from jmmkv import bench, policies
+
+  got = bench.policy_list("all,lookm:keep_all_text=false,h2o,meda:split=(1,1)")
+  assert got == [*policies.NAMES, "lookm:keep_all_text=false", "meda:split=(1,1)"]
+  assert bench.policy_list("snapkv,all")[0] == "snapkv"
+  assert sorted(bench.policy_list("snapkv,all")) == sorted(policies.NAMES)
+
+
 def test_demo_with_a_compressing_policy(capsys):
   assert (
     cli.main(
