@@ -1,11 +1,12 @@
 """`jmmkv bench`: KV memory and latency of every policy x budget on a random-weight preset.
 
-Per prompt length: prefill ms (statistics included), compression ms (selection + gather + merge)
-and decode ms per token (medians over repeats after a warm-up, block_until_ready), KV bytes allocated /
-used from the cache arrays, each as a ratio to Full measured in the same run, and a floor for a
-decode step: the bytes it must read (parameters + allocated KV) over this machine's measured read
-bandwidth (a reduction over a 256 MiB array). Prompts mix text and 576-token image spans (modality ids), so multimodal policies see
-images. Prints a table and writes JSON.
+Per prompt length: prefill ms (statistics included), compression ms (selection + gather +
+merge) and decode ms per token (medians over repeats after a warm-up, block_until_ready), KV
+bytes allocated / used from the cache arrays, each as a ratio to Full measured in the same run,
+and a floor for a decode step: the bytes it must read (parameters + allocated KV) over this
+machine's measured read bandwidth (a reduction over a 256 MiB array). Prompts mix text and
+576-token image spans (modality ids), so multimodal policies see images. Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tqdm
 import jmmkv
 import jmmkv.inputs
 from jmmkv import runinfo
-from jmmkv.generate import _compress, _prefill, decode_loop
+from jmmkv.generate import _compress, _prefill, decode_loop, kept_fraction
 from jmmkv.cache.paged import PagedKVCache
 from jmmkv.inputs import Batch
 from jmmkv.sampling import Sampling
@@ -158,7 +159,6 @@ def run(
           )
           compress_s.append(seconds)
         decode_ms = _decode_ms(model, logits_BV, cache, max_new_tokens, repeats)
-        kept = cache.kept_LBK()
         row = dict(
           length=length,
           batch=batch_size,
@@ -170,9 +170,7 @@ def run(
           decode_ms_per_token=decode_ms,
           kv_bytes_allocated=cache.kv_bytes_allocated(),
           kv_bytes_used=cache.kv_bytes_used(),
-          kept_fraction=float(
-            kept.sum() / (int(padded.lengths_B.sum()) * kept.shape[0] * kept.shape[2])
-          ),
+          kept_fraction=kept_fraction(cache.kept_LBK(), int(padded.lengths_B.sum())),
           floor_ms_per_token=(param_bytes + cache.kv_bytes_allocated()) / bandwidth * 1e3,
         )
         row["compress_vs_prefill"] = row["compress_ms"] / row["prefill_ms"]
