@@ -11,8 +11,8 @@ Paper merge, `merge(..., rule)`, independently per KV head h:
    zero norm is normalised to the zero vector (cosine 0 with everything).
 2. Assignment (many-to-one nearest neighbour): c*(i) = argmax_c u[i, c]; ties go to the LOWER kept
    position, and cosines within TIE = 1e-6 of the maximum count as ties (copies of one key must
-   tie although float32 rounds their cosines differently). Every evicted token is assigned (nothing is filtered). If a head keeps nothing, its
-   evicted tokens are dropped (target -1).
+   tie although float32 rounds their cosines differently). Every evicted token is assigned
+   (nothing is filtered). If a head keeps nothing, its evicted tokens are dropped (target -1).
 3. For each kept c with assigned set A_c (L_c = |A_c|; L_c = 0 leaves c unchanged), with x = k and
    x = v alike (the SAME assignment and the SAME key-cosine weights u for the values):
      average   (A-Merge)  x_c <- (x_c + sum_{i in A_c} x_i) / (L_c + 1)
