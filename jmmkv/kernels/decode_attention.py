@@ -53,9 +53,10 @@ def page_partials_reference(
   scale: float,
   block: PageBlocks = PageBlocks(),
   interpret: bool = False,
+  platform: str | None = None,
 ) -> tuple[Array, Array, Array]:
-  """Plain-jnp `page_partials` (``block`` and ``interpret`` are ignored)."""
-  del block, interpret
+  """Plain-jnp `page_partials` (``block``, ``interpret`` and ``platform`` are ignored)."""
+  del block, interpret, platform
   s_PGS = jnp.einsum("PGH,PSH->PGS", q_PGH, k_PSH, preferred_element_type=f32) * scale
   valid_P1S = valid_PS[:, None, :]
   s_PGS = jnp.where(valid_P1S, s_PGS, _mask_value())
@@ -102,7 +103,7 @@ def _compiler_params(backend: str | None):
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block", "interpret", "platform"))
 def page_partials(
   q_PGH: Array,
   k_PSH: Array,
@@ -112,6 +113,7 @@ def page_partials(
   scale: float,
   block: PageBlocks = PageBlocks(),
   interpret: bool = False,
+  platform: str | None = None,
 ) -> tuple[Array, Array, Array]:
   """Per-page unnormalised attention partials (Pallas). ``q_PGH`` holds each page's owner's
   queries. Returns ``o_PGH``, ``m_PG``, ``l_PG`` (f32), see the module docstring.
@@ -120,10 +122,11 @@ def page_partials(
   full dims of every block; validity travels as ``[P, 1, S]`` int32 and m/l as ``[P, 1, G]``, so
   the last two dims of every block are full (TPU-legal for any ``block.pages``). On GPU (Triton)
   the query rows are padded to a power of two >= 16, as JAX's own GPU decode kernels do for
-  ``tl.dot``; there ``S``, ``H`` and ``block.pages`` must be powers of two."""
+  ``tl.dot``; there ``S``, ``H`` and ``block.pages`` must be powers of two. ``platform``
+  (``"tpu"``/``"gpu"``, default: the default backend) picks the lowering's parameters."""
   p, g, h = q_PGH.shape
   s = k_PSH.shape[1]
-  backend = None if interpret else jax.default_backend()
+  backend = None if interpret else (platform or jax.default_backend())
   gp = max(16, 1 << (g - 1).bit_length()) if backend == "gpu" else g
   bp = block.pages
   pp = p + (-p % bp)

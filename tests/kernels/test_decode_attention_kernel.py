@@ -1,6 +1,8 @@
 """Paged decode attention: the Pallas page-partials kernel (interpret mode) against its jnp
 reference, and `paged_partials` + normalisation against dense NumPy softmax attention per owner."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,19 @@ def test_kernel_matches_reference(p, s, h, g, dtype, seed, pages):
   assert empty.any() == (seed % 3 < p) and (~empty).any() == (p > 1 or seed % 3 > 0)
   assert (m[empty] == MASK_VALUE).all() and (l[empty] == 0).all() and (o[empty] == 0).all()
   assert (m[~empty] > MASK_VALUE).all() and (l[~empty] >= 1).all()
+
+
+@pytest.mark.parametrize("platform,target", [("tpu", "tpu"), ("gpu", "cuda")])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_lowers(platform, target, dtype):
+  """Lowering for a TPU (Mosaic) or GPU (Triton) target from the CPU host (no compile)."""
+  q, k, v, valid = _pages(0, 13, 16, 64, 4, dtype)
+  fn = jax.jit(functools.partial(da.page_partials, scale=0.125, platform=platform))
+  text = fn.trace(q, k, v, valid).lower(lowering_platforms=(target,)).as_text()
+  if platform == "tpu":
+    assert text.count("tpu_custom_call(") == 1
+  else:
+    assert text.count("__gpu$xla.gpu.triton(") == 1
 
 
 def _layout(rng, pages_per_owner, s, h, g, pad_pages, pad_owner):
