@@ -71,28 +71,35 @@ class Recipe:
   """Two phases. (1) Vision: the ViT and projector learn colour and shape from linear heads on
   every image token (the colour and shape words' embeddings are the heads). (2) Tasks: the whole model learns the four
   tasks from the answer loss (plus ``aux`` times the vision loss), one AdamW run with warmup and
-  cosine decay. The most images per episode grows linearly from 2 to ``max_images`` over the
-  first ``ramp`` of the steps (a curriculum); the filler setting is drawn from 0..``max_filler``.
+  cosine decay. The most images per episode is ``start_images`` for the first ``hold`` of the
+  steps, then grows linearly to ``max_images`` over the next ``ramp`` of them (a curriculum: the
+  temporal and counting circuits form cheaply on short contexts); the filler setting is drawn
+  from 0..``max_filler``.
   Each row of a batch is padded to the smallest of ``buckets`` that holds the longest row."""
 
   vision_steps: int = 2500
   vision_batch: int = 128
   vision_lr: float = 2e-3
-  steps: int = 2000
+  steps: int = 4000
   batch: int = 16
   lr: float = 2e-3
   warmup: int = 100
-  ramp: float = 0.5
+  start_images: int = 4
+  hold: float = 0.4
+  ramp: float = 0.25
   max_images: int = 16
   max_filler: int = 8
   buckets: tuple[int, ...] = (96, 192, 320, 512)
   aux: float = 0.3
-  # Most questions per training context, per task (tasks.TASKS order).
-  questions: tuple[int, ...] = (3, 4, 8, 4)
+  # Most questions per training context, per task (tasks.TASKS order). The text needle has one
+  # passkey, as evaluated: with several colour-named ones to tell apart, its retrieval circuit did
+  # not form beside the image tasks (train accuracy 0.01, against 0.94 with one).
+  questions: tuple[int, ...] = (3, 1, 8, 4)
 
   def images_at(self, step: int) -> int:
-    frac = min(1.0, step / max(1.0, self.ramp * self.steps))
-    return int(round(2 + frac * (self.max_images - 2)))
+    frac = (step - self.hold * self.steps) / max(1.0, self.ramp * self.steps)
+    frac = min(1.0, max(0.0, frac))
+    return int(round(self.start_images + frac * (self.max_images - self.start_images)))
 
 
 RECIPE = Recipe()
@@ -320,10 +327,7 @@ def train_episode(rng: np.random.Generator, r: Recipe, task: str, most: int) -> 
   elif task == "counting":
     cap = min(cap, max(1, n // 2))
   q = int(rng.integers(1, cap + 1))
-  if task == "text_needle":  # mostly one passkey (as evaluated), sometimes several to tell apart
-    q = 1 if rng.random() < 0.6 else q
-  keys = q if task == "text_needle" else 1
-  return tasks.episode(task, rng, tasks.TaskSettings(n, f, keys), q)
+  return tasks.episode(task, rng, tasks.TaskSettings(n, f), q)
 
 
 def batches(r: Recipe, a: Arch, seed: int, start: int = 0):

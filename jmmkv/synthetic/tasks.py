@@ -10,8 +10,10 @@ the answer can be looked up with in one attention hop, which a tiny model learns
 
   image_needle  N coloured shapes; exactly one shows the queried shape.
                 "what colour is the star ?" -> "red"
-  text_needle   coloured-shape images between filler text hiding ``keys`` sentences
-                "the blue passkey is 47 ." ; "what is the blue passkey ?" -> "47"
+  text_needle   coloured-shape images between filler text hiding one passkey sentence
+                "the passkey is 47 ." ; "what is the passkey ?" -> "47" (echo "passkey");
+                with ``keys`` > 1, colour-named: "the blue passkey is 47 ." ...
+                "what is the blue passkey ?" -> "47" (echo "blue")
   temporal      a block of N consecutive frames (all distinct colour/shape pairs) inside filler
                 text; "what colour comes after the red star ?" -> colour of the next frame
   counting      N coloured shapes; "how many images are red ?" -> "0" .. str(max_count)
@@ -93,12 +95,12 @@ class Episode:
 
 def echo(task: str, question: str) -> str:
   """The words a reply starts with (taken from the end of ``question``): the shape (image
-  needle), the passkey's colour (text needle), the colour and shape (temporal), the colour
-  (counting)."""
+  needle), "passkey" or the passkey's colour (text needle), the colour and shape (temporal), the
+  colour (counting)."""
   w = question.split()
-  return {"image_needle": w[-2], "text_needle": w[-3], "temporal": " ".join(w[-3:-1])}.get(
-    task, w[-2]
-  )
+  if task == "text_needle":
+    return w[-3] if w[-3] in COLOURS else w[-2]
+  return " ".join(w[-3:-1]) if task == "temporal" else w[-2]
 
 
 def num_tokens(prompt: str, image_tokens: int = IMAGE_TOKENS) -> int:
@@ -163,11 +165,12 @@ def _text_needle(rng, s: TaskSettings, n_questions: int) -> Episode:
   values = [PASSKEYS[i] for i in rng.permutation(len(PASSKEYS))[:keys]]
   contents = _random_contents(rng, s.n_images)
   gaps = _gaps(rng, s.n_images + 1, s.filler)
-  for colour, value in zip(colours, values):  # a sentence is one item: never split by another
+  names = [f"{c} passkey" for c in colours] if keys > 1 else ["passkey"]
+  for name, value in zip(names, values):  # a sentence is one item: never split by another
     g = int(rng.integers(len(gaps)))
-    gaps[g].insert(int(rng.integers(len(gaps[g]) + 1)), f"the {colour} passkey is {value} .")
+    gaps[g].insert(int(rng.integers(len(gaps[g]) + 1)), f"the {name} is {value} .")
   asked = rng.permutation(keys)[:n_questions]
-  qa = [(f"what is the {colours[i]} passkey ?", values[i]) for i in asked]
+  qa = [(f"what is the {names[i]} ?", values[i]) for i in asked]
   context = _interleave(gaps, s.n_images)
   return Episode(context, _draw(rng, contents), qa, "text_needle", contents)
 

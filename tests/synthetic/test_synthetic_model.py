@@ -11,6 +11,7 @@ import pytest
 from jmmkv.synthetic import MODEL_DIR, evaluate, tasks
 
 SHORT = tasks.TaskSettings(n_images=3, filler=3)
+LEARNED = ("image_needle", "text_needle")  # held-out accuracy >= 0.9 in training.json
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +45,22 @@ def test_transformers_gives_the_same_greedy_replies(model):
     reply = proc.tokenizer.decode(out[0, x["input_ids"].shape[1] :])
     got.append(evaluate.reply_answer(reply, s.echo))
   assert got == want
-  assert all(a == s.answer for a, s in zip(got, samples) if s.task == "image_needle")  # learned
+  assert all(a == s.answer for a, s in zip(got, samples) if s.task in LEARNED)
 
 
 def test_answers_the_default_held_out_prompts(model):
   """The first 6 held-out samples per task at the default settings (16 images), full cache.
-  The shipped model has learned the image needle (training.json: its held-out accuracy on 50
-  per task); the other three tasks are not learned yet (issue 7 is open), so only their
-  recorded scores are checked against a fresh measurement's range."""
+  The shipped model has learned the image and text needles (training.json: held-out accuracy on
+  50 per task); temporal order and counting are not learned yet (issue 7 is open), so for them
+  only the recorded score is checked against a fresh measurement's range."""
   meta = json.loads((MODEL_DIR / "training.json").read_text())
   recorded = meta["heldout"]["accuracy"]
-  assert recorded["image_needle"] >= 0.9
+  assert all(recorded[t] >= 0.9 for t in LEARNED), recorded
   samples = tasks.heldout_all(6)
   acc = evaluate.accuracy(model, samples, "full", None, batch_size=len(samples))
-  assert acc["image_needle"] >= 5 / 6, acc
   for t in tasks.TASKS:  # 6 of the 50 recorded samples: within 0.5 of the recorded score
     assert abs(acc[t] - recorded[t]) <= 0.5, (t, acc[t], recorded[t])
+    assert t not in LEARNED or acc[t] >= 5 / 6, (t, acc)
 
 
 def test_reply_answer_reads_the_word_after_the_echo():
@@ -72,6 +73,6 @@ def test_reply_answer_reads_the_word_after_the_echo():
 def test_echo_is_what_the_question_asks_about():
   s = {x.task: x for x in tasks.heldout_all(1, SHORT)}
   assert s["image_needle"].prompt.endswith(f"what colour is the {s['image_needle'].echo} ?")
-  assert s["text_needle"].prompt.endswith(f"what is the {s['text_needle'].echo} passkey ?")
+  assert s["text_needle"].prompt.endswith(f"what is the {s['text_needle'].echo} ?")
   assert s["temporal"].prompt.endswith(f"comes after the {s['temporal'].echo} ?")
   assert s["counting"].prompt.endswith(f"how many images are {s['counting'].echo} ?")

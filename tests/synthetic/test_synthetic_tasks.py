@@ -59,8 +59,16 @@ def test_image_needle_shows_the_answer():
     assert images.dominant_colour(e.images[where[0]]) == e.qa[0][1]
 
 
-def test_text_needle_sentence_in_prompt():
+def test_text_needle_one_unnamed_passkey():
+  for s in tasks.heldout("text_needle", 20, tasks.TaskSettings(4, 6)):
+    assert s.prompt.endswith("what is the passkey ?") and s.echo == "passkey"
+    assert re.findall(r"the passkey is (\d+) \.", s.prompt) == [s.answer]
+    assert len(re.findall(r"\b\d+\b", s.prompt)) == 1  # no other number in the prompt
+
+
+def test_text_needle_colour_named_passkeys():
   for s in tasks.heldout("text_needle", 20, tasks.TaskSettings(4, 6, keys=3)):
+    assert s.echo in tasks.COLOURS
     colour = re.search(r"what is the (\w+) passkey \?$", s.prompt).group(1)
     found = re.findall(rf"the {colour} passkey is (\d+) \.", s.prompt)
     assert found == [s.answer]
