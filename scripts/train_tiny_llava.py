@@ -69,13 +69,13 @@ class Arch:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """Two phases. (1) Vision: the ViT and projector learn colour and shape from linear heads on
-  every image token (the colour and shape words' embeddings are the heads). (2) Tasks: the whole model learns the four
-  tasks from the answer loss (plus ``aux`` times the vision loss), one AdamW run with warmup and
-  cosine decay. The most images per episode is ``start_images`` for the first ``hold`` of the
-  steps, then grows linearly to ``max_images`` over the next ``ramp`` of them (a curriculum: the
-  temporal and counting circuits form cheaply on short contexts); the filler setting is drawn
-  from 0..``max_filler``.
-  Each row of a batch is padded to the smallest of ``buckets`` that holds the longest row."""
+  every image token (the colour and shape words' embeddings are the heads). (2) Tasks: the whole
+  model learns the four tasks from the answer loss (plus ``aux`` times the vision loss), one
+  AdamW run with warmup and cosine decay. The most images per episode is ``start_images`` for
+  the first ``hold`` of the steps, then grows linearly to ``max_images`` over the next ``ramp``
+  of them (a curriculum: short contexts are about 4x cheaper a step, so circuits can form there
+  first); the filler setting is drawn from 0..``max_filler``. Each row of a batch is padded to
+  the smallest of ``buckets`` that holds the longest row."""
 
   vision_steps: int = 2500
   vision_batch: int = 128
