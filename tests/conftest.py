@@ -7,12 +7,6 @@ holds the environment setup and fixtures.
 from __future__ import annotations
 
 import os
-
-# Before jax / transformers are imported anywhere.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +14,36 @@ from pathlib import Path
 import pytest
 import torch
 
+# Before jax / transformers are imported anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _cores() -> int:
+  n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return n or 1
+
+
+# Under pytest-xdist every worker is a process: with a worker per core, XLA and torch run their
+# ops on one thread each rather than all of them contending for every core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, _cores() // _WORKERS))
+if _THREADS == 1:
+  os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # jmmkv importable without an editable install
   sys.path.insert(0, str(REPO_ROOT))
 
-torch.set_num_threads(2)
+torch.set_num_threads(_THREADS)
 
 import hf_models  # noqa: E402  (tests/ is on sys.path: rootdir conftest, no __init__.py)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """``-n auto``: one worker per core, at most 4 (each imports jax and torch, about 1 GB)."""
+  return min(4, _cores())
 
 
 @dataclass(frozen=True)

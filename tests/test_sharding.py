@@ -57,10 +57,7 @@ def test_logits_equal_single_device(result, family):
   assert r["restored_logits_max_diff"] <= tol
 
 
-@pytest.mark.parametrize(
-  "family,policy",
-  [("llava", "madakv"), ("llava", "meda"), ("qwen2_vl", "snapkv"), ("qwen2_vl", "madakv")],
-)
+@pytest.mark.parametrize("family,policy", [("llava", "meda"), ("qwen2_vl", "madakv")])
 def test_generate_equals_single_device_and_cache_stays_split(result, family, policy):
   r = result[family][policy]
   assert r["tokens_sharded"] == r["tokens_single"]
@@ -69,8 +66,7 @@ def test_generate_equals_single_device_and_cache_stays_split(result, family, pol
   assert r["cache_type"] == "KVCache"  # pages mix heads: dense under a mesh
   assert r["cache_layer_k"] == ["data", "model"]  # [B, K, C, H]
   assert r["cache_append_k"] == [None, "data", "model"]  # [L, B, K, M, H]
-  if policy in ("meda", "snapkv"):  # the HLO is compiled for one policy per family
-    assert r["kv_all_gathers"] == []  # compression never gathers K/V to every device
+  assert r["kv_all_gathers"] == []  # compression never gathers K/V to every device
 
 
 def test_param_specs_only_split_what_divides():
