@@ -224,20 +224,8 @@ def _line(r) -> str:
   )
 
 
-def policy_list(text: str) -> list[str]:
-  """The specs of a --policies value, ``all`` anywhere standing for every registered name, each
-  spec once (first occurrence kept)."""
-  specs = jmmkv.policies.split_specs(text)
-  if not specs:
-    raise ValueError("--policies is empty")
-  expanded = (name for s in specs for name in (jmmkv.policies.NAMES if s == "all" else [s]))
-  return list(dict.fromkeys(expanded))
-
-
 def main(args) -> int:
-  policies = policy_list(args.policies)
-  for spec in policies:
-    jmmkv.policies.from_spec(spec)  # unknown names and settings fail before any work
+  policies = jmmkv.policies.spec_list(args.policies)  # bad specs fail before any work
   budgets = [float(b) for b in args.budgets.split(",")]
   for b in budgets:
     jmmkv.Budget(ratio=b)

@@ -33,9 +33,9 @@ def _budget(args, policy=None):
 
 
 def _demo(args) -> int:
-  names = [p.strip() for p in args.policies.split(",") if p.strip()]
-  if not names:
-    raise ValueError("--policies is empty")
+  import jmmkv
+
+  names = jmmkv.policies.spec_list(args.policies)
   if args.preset is not None:
     for name in names:
       _random_demo(args, name)
@@ -64,7 +64,7 @@ def _random_demo(args, policy_name: str) -> None:
   batch = model.prepare(
     input_ids=[rng.integers(3, model.text_config.vocab_size, n) for n in lengths]
   )
-  policy = jmmkv.policies.get(policy_name)
+  policy = jmmkv.policies.from_spec(policy_name)
   budget = _budget(args, policy_name)
   print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {args.dtype}")
   print(
@@ -150,7 +150,7 @@ def _read_video(path: str):
 def _generate(args) -> int:
   import jmmkv
 
-  policy = jmmkv.policies.get(args.policy)  # bad names and budgets fail before loading anything
+  policy = jmmkv.policies.from_spec(args.policy)  # bad specs and budgets fail before loading
   budget = _budget(args)
   images = [_read_image(p) for p in args.image]
   videos = [_read_video(p) for p in args.video]
@@ -193,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     ),
   )
   demo.add_argument(
-    "--policies", default="full,madakv,meda", help="comma-separated names (jmmkv.policies.NAMES)"
+    "--policies",
+    default="full,madakv,meda",
+    help="comma-separated policy specs: names (jmmkv.policies.NAMES) or, with settings, "
+    "name:key=value (e.g. meda:keep_all_text=false); all: every name",
   )
   demo.add_argument(
     "--budget", type=float, default=0.2, help="kept fraction of each prompt (not for full)"
@@ -228,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument(
     "--video", action="append", default=[], help="a directory of frames or an animated GIF"
   )
-  gen.add_argument("--policy", default="full", help="a name from jmmkv.policies.NAMES")
+  gen.add_argument(
+    "--policy",
+    default="full",
+    help="a policy spec: a name from jmmkv.policies.NAMES, or name:key=value",
+  )
   gen.add_argument("--budget", type=float, default=0.2, help="kept fraction (not for full)")
   gen.add_argument("--max-new-tokens", type=int, default=64)
   gen.add_argument("--dtype", choices=DTYPES, default="float32")

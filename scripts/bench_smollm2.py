@@ -348,7 +348,7 @@ def parse_args(argv=None):
   p.add_argument("--n", type=int, default=5, help="samples per length")
   p.add_argument("--batch", type=int, default=5, help="samples per prefill")
   p.add_argument("--budgets", default="0.2,0.05", help="Budget(ratio=...) values")
-  p.add_argument("--policies", default="all", help="comma-separated registry names, or all")
+  p.add_argument("--policies", default="all", help="comma-separated policy specs, or all")
   p.add_argument("--digits", type=int, default=3, help="passkey digits")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max-new-tokens", type=int, default=8)
@@ -377,8 +377,8 @@ def main(argv=None):
   import jmmkv
   from jmmkv import runinfo
 
-  names = list(jmmkv.policies.NAMES) if args.policies == "all" else args.policies.split(",")
-  policies = {n: jmmkv.policies.get(n) for n in names}
+  names = jmmkv.policies.spec_list(args.policies)
+  policies = {n: jmmkv.policies.from_spec(n) for n in names}
   model = jmmkv.load(hf_dir)
   tok = model.tokenizer
   head, tail = template(tok, chat=args.chat)

@@ -80,19 +80,22 @@ def test_bench_rejects_bad_arguments(capsys):
   assert cli.main(["bench", "--preset", "tiny", "--budgets", "1.5"]) == 2
   assert "(0, 1]" in capsys.readouterr().err
   assert cli.main(["bench", "--preset", "tiny", "--policies", " , "]) == 2
-  assert "--policies is empty" in capsys.readouterr().err
+  assert "list of policies is empty" in capsys.readouterr().err
   assert cli.main(["bench", "--preset", "tiny", "--policies", "lookm:nope=1"]) == 2
   err = capsys.readouterr().err
   assert "'lookm:nope=1'" in err and "nope" in err
 
 
-def test_bench_policy_list_expands_all_among_specs():
-  from jmmkv import bench, policies
+def test_policy_spec_list_expands_all_among_specs():
+  from jmmkv import policies
 
-  got = bench.policy_list("all,lookm:keep_all_text=false,h2o,meda:split=(1,1)")
+  got = policies.spec_list("all,lookm:keep_all_text=false,h2o,meda:split=(1,1)")
   assert got == [*policies.NAMES, "lookm:keep_all_text=false", "meda:split=(1,1)"]
-  assert bench.policy_list("snapkv,all")[0] == "snapkv"
-  assert sorted(bench.policy_list("snapkv,all")) == sorted(policies.NAMES)
+  assert policies.spec_list("snapkv,all")[0] == "snapkv"
+  assert sorted(policies.spec_list("snapkv,all")) == sorted(policies.NAMES)
+  for bad in ("", " , ", "snapkv,nope", "lookm:nope=1"):
+    with pytest.raises(ValueError):
+      policies.spec_list(bad)
 
 
 def test_demo_with_a_compressing_policy(capsys):

@@ -89,7 +89,11 @@ def _add_synthetic(benchmarks) -> None:
     ),
   )
   sy.add_argument("--model", default=None, help="a model directory (default: the bundled model)")
-  sy.add_argument("--policies", default="all", help="comma-separated names, or 'all'")
+  sy.add_argument(
+    "--policies",
+    default="all",
+    help="comma-separated policy specs (name or name:key=value), or 'all'",
+  )
   sy.add_argument(
     "--budgets", default="1,0.5,0.2,0.1,0.05", help="comma-separated ratios in (0, 1]"
   )

@@ -26,15 +26,6 @@ def _floats(text: str, what: str) -> list[float]:
   return out
 
 
-def _names(text: str) -> list[str]:
-  import jmmkv
-
-  names = list(jmmkv.policies.NAMES) if text == "all" else [x.strip() for x in text.split(",")]
-  for name in names:
-    jmmkv.policies.get(name)  # unknown names fail before anything runs
-  return [n for n in names if n]
-
-
 def evaluate_grid(model, samples, policies, budgets, batch_size=16, progress=True):
   """Rows ``{policy, budget, accuracy: {task: acc, mean}, kept_fraction, seconds}``: the full
   cache once (budget 1.0), then every other policy at every budget."""
@@ -65,10 +56,11 @@ def evaluate_grid(model, samples, policies, budgets, batch_size=16, progress=Tru
 
 def format_table(rows, task_names) -> str:
   cols = [*task_names, "mean"]
-  lines = [f"{'policy':<10} {'budget':>6} {'kept':>5} " + " ".join(f"{c[:12]:>12}" for c in cols)]
+  w = max([10, *(len(r["policy"]) for r in rows)])  # specs with settings can be long
+  lines = [f"{'policy':<{w}} {'budget':>6} {'kept':>5} " + " ".join(f"{c[:12]:>12}" for c in cols)]
   for r in rows:
     lines.append(
-      f"{r['policy']:<10} {r['budget']:>6.2f} {r['kept_fraction']:>5.2f} "
+      f"{r['policy']:<{w}} {r['budget']:>6.2f} {r['kept_fraction']:>5.2f} "
       + " ".join(f"{r['accuracy'].get(c, float('nan')):>12.3f}" for c in cols)
     )
   return "\n".join(lines)
@@ -108,7 +100,7 @@ def run(args) -> int:
   from jmmkv import runinfo
   from jmmkv.synthetic import demo, tasks
 
-  names = _names(args.policies)
+  names = jmmkv.policies.spec_list(args.policies)
   budgets = _floats(args.budgets, "--budgets")
   for b in budgets:
     jmmkv.Budget(ratio=b)  # range check
@@ -134,7 +126,7 @@ def run(args) -> int:
     tasks=task_names,
     settings=dataclasses.asdict(settings),
     mean_prompt_tokens=sum(tasks.num_tokens(s.prompt) for s in samples) / len(samples),
-    hyperparameters={n: dataclasses.asdict(jmmkv.policies.get(n)) for n in names},
+    hyperparameters={n: dataclasses.asdict(jmmkv.policies.from_spec(n)) for n in names},
     versions=runinfo.versions(),
     seconds=round(time.perf_counter() - t0, 1),
     date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

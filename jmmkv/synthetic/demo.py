@@ -40,7 +40,7 @@ def run(
 
   import jmmkv
 
-  pols = [jmmkv.policies.get(name) for name in policies]  # bad names fail before loading
+  pols = [jmmkv.policies.from_spec(spec) for spec in policies]  # bad specs fail before loading
   bud = jmmkv.Budget(ratio=budget)
   model = load_bundled(model_dir, dtype)
   samples = [tasks.heldout(t, seed + 1, settings)[seed] for t in tasks.TASKS]

@@ -18,7 +18,7 @@ from jmmkv.synthetic.tasks import Sample, num_tokens
 def _policy(policy):
   import jmmkv
 
-  return jmmkv.policies.get(policy) if isinstance(policy, str) else policy
+  return jmmkv.policies.from_spec(policy) if isinstance(policy, str) else policy
 
 
 def _budget(budget):

@@ -33,19 +33,21 @@ def test_demo_errors_are_one_line(capsys, tmp_path):
 
 def test_eval_synthetic_writes_table_json_and_plot(tmp_path, capsys):
   out, png = tmp_path / "r.json", tmp_path / "r.png"
-  argv = ["eval", "synthetic", "--n", "2", "--images", "3", "--policies", "full,h2o"]
+  h2o = "h2o:recent_fraction=0.25"  # a spec with a setting, not only a name
+  argv = ["eval", "synthetic", "--n", "2", "--images", "3", "--policies", f"full,{h2o}"]
   argv += ["--budgets", "1,0.3", "--out", str(out), "--plot", str(png)]
   assert cli.main(argv) == 0
   res = json.loads(out.read_text())
   got = [(r["policy"], r["budget"]) for r in res["rows"]]
-  assert got == [("full", 1.0), ("h2o", 1.0), ("h2o", 0.3)]
+  assert got == [("full", 1.0), (h2o, 1.0), (h2o, 0.3)]
   by = {(r["policy"], r["budget"]): r for r in res["rows"]}
-  assert by["h2o", 1.0]["accuracy"] == by["full", 1.0]["accuracy"]  # 100%: nothing evicted
-  assert by["h2o", 0.3]["kept_fraction"] < 0.4
+  assert by[h2o, 1.0]["accuracy"] == by["full", 1.0]["accuracy"]  # 100%: nothing evicted
+  assert by[h2o, 0.3]["kept_fraction"] < 0.4
   assert set(by["full", 1.0]["accuracy"]) == {*tasks.TASKS, "mean"}
   assert res["meta"]["n_per_task"] == 2 and res["meta"]["settings"]["n_images"] == 3
+  assert res["meta"]["hyperparameters"][h2o]["recent_fraction"] == 0.25
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "h2o" in capsys.readouterr().out
+  assert h2o in capsys.readouterr().out
 
 
 def test_eval_synthetic_rejects_bad_arguments(capsys):

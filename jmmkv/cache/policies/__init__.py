@@ -1,6 +1,7 @@
 """Policy registry: ``get(name, **hyperparameters)`` builds any policy; ``NAMES`` lists them;
 ``register(name, cls)`` adds one of your own (docs/adding_a_policy.md); ``from_spec`` parses a
-command-line spec such as ``"lookm:keep_all_text=false:merge=average"``."""
+command-line spec such as ``"lookm:keep_all_text=false:merge=average"``; ``spec_list`` a
+comma-separated list of them."""
 
 from __future__ import annotations
 
@@ -93,6 +94,20 @@ def split_specs(text: str) -> list[str]:
   """A comma-separated list of specs, split at commas outside brackets:
   ``"full,meda:split=(1,1)"`` -> ``["full", "meda:split=(1,1)"]``."""
   return [s.strip() for s in re.split(r",(?![^(\[]*[)\]])", text) if s.strip()]
+
+
+def spec_list(text: str) -> list[str]:
+  """The specs of a comma-separated list (`split_specs`), ``all`` standing for every registered
+  name, each spec once (first occurrence kept). Every spec is built once, so unknown names and
+  settings fail here, before any work."""
+  specs = split_specs(text)
+  if not specs:
+    raise ValueError("the list of policies is empty")
+  expanded = (n for s in specs for n in (tuple(POLICIES) if s == "all" else [s]))
+  out = list(dict.fromkeys(expanded))
+  for spec in out:
+    from_spec(spec)
+  return out
 
 
 def from_spec(spec: str, **defaults):
