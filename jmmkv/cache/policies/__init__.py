@@ -97,13 +97,13 @@ def split_specs(text: str) -> list[str]:
 
 
 def spec_list(text: str) -> list[str]:
-  """The specs of a comma-separated list (`split_specs`), ``all`` standing for every registered
-  name, each spec once (first occurrence kept). Every spec is built once, so unknown names and
-  settings fail here, before any work."""
+  """The specs of a comma-separated list (`split_specs`), ``all`` standing for every built-in
+  name (`NAMES`), each spec once (first occurrence kept). Every spec is built once, so unknown
+  names and settings fail here, before any work."""
   specs = split_specs(text)
   if not specs:
     raise ValueError("the list of policies is empty")
-  expanded = (n for s in specs for n in (tuple(POLICIES) if s == "all" else [s]))
+  expanded = (n for s in specs for n in (NAMES if s == "all" else [s]))
   out = list(dict.fromkeys(expanded))
   for spec in out:
     from_spec(spec)
