@@ -73,9 +73,10 @@ class Recipe:
   model learns the four tasks from the answer loss (plus ``aux`` times the vision loss), one
   AdamW run with warmup and cosine decay. The most images per episode is ``start_images`` for
   the first ``hold`` of the steps, then grows linearly to ``max_images`` over the next ``ramp``
-  of them (a curriculum: short contexts are about 4x cheaper a step, so circuits can form there
-  first); the filler setting is drawn from 0..``max_filler``. Each row of a batch is padded to
-  the smallest of ``buckets`` that holds the longest row."""
+  of them (a curriculum: short contexts are about 4x cheaper a step; the needle circuits formed
+  there in probes, temporal order and counting did not); the filler setting is drawn from
+  0..``max_filler``. Each row of a batch is padded to the smallest of ``buckets`` that holds the
+  longest row."""
 
   vision_steps: int = 2500
   vision_batch: int = 128
