@@ -12,9 +12,9 @@ learns colour and shape from linear heads on its tokens, then the whole model le
 tasks (several questions per training context, loss on each reply ``ECHO ANSWER </s>``) under a
 curriculum of more and more images. Training-only guides (`guide_loss`) give three heads
 attention targets and read the previous frame from one layer's output: temporal order and
-counting did not form from the answer loss alone. Everything is seeded (parameters; step ``i``'s data from
-(seed, i)), so a rerun gives the same model up to XLA's floating-point nondeterminism. Run it
-under ``nice`` on a shared machine::
+counting did not form from the answer loss alone. Everything is seeded (parameters; step ``i``'s
+data from (seed, i)), so a rerun gives the same model up to XLA's floating-point
+nondeterminism. Run it under ``nice`` on a shared machine::
 
   nice -n 19 python scripts/train_tiny_llava.py --out jmmkv/synthetic/model
 
@@ -72,11 +72,12 @@ class Arch:
 class Recipe:
   """Two phases. (1) Vision: the ViT and projector learn colour and shape from linear heads on
   every image token (the colour and shape words' embeddings are the heads). (2) Tasks: the whole
-  model learns the four tasks from the answer loss (plus ``aux`` times the vision loss), one
-  AdamW run with warmup and cosine decay. The most images per episode is ``start_images`` for
-  the first ``hold`` of the steps, then grows linearly to ``max_images`` over the next ``ramp``
-  of them (a curriculum: short contexts are about 4x cheaper a step; the needle circuits formed
-  there in probes, temporal order and counting did not); the filler setting is drawn from
+  model learns the four tasks from the answer loss (plus ``aux`` times the vision loss and the
+  guides), one AdamW run with warmup and cosine decay. The most images per episode is
+  ``start_images`` for the first ``hold`` of the steps, then grows linearly to ``max_images``
+  over the next ``ramp`` of them (a curriculum: short contexts are about 4x cheaper a step; with
+  the guides, the needles and temporal order reach train accuracy 0.9 there, counting 0.6);
+  the filler setting is drawn from
   0..``max_filler``. Each row of a batch is padded to the smallest of ``buckets`` that holds the
   longest row."""
 
@@ -100,7 +101,7 @@ class Recipe:
   questions: tuple[int, ...] = (3, 1, 8, 4)
   # Training-only guides (`guide_loss`; 0 turns one off): attention targets for three heads
   # (`GUIDE_HEADS`) and linear heads reading the previous frame from layer 1's output. Without
-  # them temporal order and counting stayed near chance (held-out 0.12 and 0.50 at 16 images).
+  # them temporal order and counting stayed far below 0.9 (held-out 0.12 and 0.50, 16 images).
   guide: float = 0.2
   prev_probe: float = 0.1
   count_sink: int = 3  # counting guide: BOS weighs as much as this many images of the colour
