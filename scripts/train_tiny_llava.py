@@ -423,13 +423,12 @@ def prefetch(gen, size: int = 3):
 # and shape from the residual stream after `PREV_PROBE_LAYER`'s attention.
 GUIDE_HEADS = {"prev": (1, 0), "hop": (3, 0), "count": (2, 1)}
 PREV_PROBE_LAYER = 1
-GUIDE_QUESTIONS = max(RECIPE.questions)
 
 
 def guide_targets(eps: list[tasks.Episode], b: dict, a: Arch, r: Recipe) -> dict:
   """Targets of `guide_loss` for a batch from `make_batch` (training rows)."""
   n, length = b["ids"].shape
-  q = GUIDE_QUESTIONS
+  q = max(r.questions)
   out = dict(
     prev_lo=np.full((n, length), -1, np.int32),  # first token of the previous frame
     hop_pos=np.zeros((n, q), np.int32),
@@ -443,9 +442,9 @@ def guide_targets(eps: list[tasks.Episode], b: dict, a: Arch, r: Recipe) -> dict
     starts = np.flatnonzero(b["feat"][row] >= 0)[:: a.patches]
     answers = np.flatnonzero(b["answer"][row])
     for k, (question, answer) in enumerate(ep.qa):
-      w, t = question.split(), answers[k]
+      asked, t = tasks.echo(ep.task, question).split(), answers[k]
       if ep.task == "temporal":
-        j = ep.contents.index((w[-3], w[-2])) + 1
+        j = ep.contents.index(tuple(asked)) + 1
         out["hop_pos"][row, k] = t
         out["hop_mask"][row, k, starts[j] : starts[j] + a.patches] = 1
       elif ep.task == "text_needle":
@@ -456,7 +455,7 @@ def guide_targets(eps: list[tasks.Episode], b: dict, a: Arch, r: Recipe) -> dict
         weights = out["count_q"][row, k]
         weights[0] = r.count_sink * a.patches  # BOS
         for i, (colour, _) in enumerate(ep.contents):
-          if colour == w[-2]:
+          if colour == asked[0]:
             weights[starts[i] : starts[i] + a.patches] = 1
         weights /= weights.sum()
     if ep.task == "temporal":
@@ -570,7 +569,9 @@ def make_vision_step(a: Arch, opt):
 def make_step(a: Arch, opt, r: Recipe):
   def loss_fn(p, batch):
     feats = vision_features(p, a, batch["pix"])
-    lg, atts, hid = logits(p, a, batch["ids"], batch["pix"], batch["feat"], feats, trace=True)
+    guided = bool(r.guide or r.prev_probe)
+    out = logits(p, a, batch["ids"], batch["pix"], batch["feat"], feats, trace=guided)
+    lg, atts, hid = out if guided else (out, None, None)
     tgt = batch["tgt"]
     w = (tgt >= 0).astype(jnp.float32)
     lp = jax.nn.log_softmax(lg, -1)
@@ -581,7 +582,7 @@ def make_step(a: Arch, opt, r: Recipe):
     loss = (nll * w).sum() / w.sum()
     if r.aux:
       loss = loss + r.aux * _aux_loss(p, feats, batch["labels"])
-    if r.guide or r.prev_probe:
+    if guided:
       loss = loss + guide_loss(p, a, r, atts, hid, batch)
     return loss, (correct.sum(1), is_answer.sum(1))
 
