@@ -14,6 +14,10 @@ from jmmkv.cache.budget import Budget
     (dict(ratio=-0.1), r"\(0, 1\]"),
     (dict(tokens=0), "positive"),
     (dict(tokens=2.5), "positive"),
+    (dict(tokens=True), "positive"),
+    (dict(ratio=float("nan")), r"\(0, 1\]"),
+    (dict(ratio="0.2"), "number"),
+    (dict(ratio=True), "number"),
   ],
 )
 def test_budget_out_of_range(kw, match):
@@ -34,6 +38,39 @@ def test_budget_out_of_range(kw, match):
 )
 def test_budget_kept(budget, n, want):
   assert budget.kept(n) == want
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ratio_kept_is_ceil_of_the_decimal_on_host_and_under_jit(seed):
+  """ceil(r T) with r read as the decimal it prints as (exact rational arithmetic), for ratios
+  with up to 4 decimals, tiny ones included, and prompts long enough that T * p overflows int32."""
+  import jax
+  import numpy as np
+  from fractions import Fraction
+
+  rng = np.random.default_rng(seed)
+  ratios = [0.0004, 0.2501, 0.9999, 0.05, 0.2] + [
+    int(x) / 10_000 for x in rng.integers(1, 10_001, 5)
+  ]
+  lengths = np.concatenate([[1, 7, 2500, 99_991, 1 << 20], rng.integers(1, 1 << 21, 11)])
+  for r in ratios:
+    want = [
+      min(t, max(1, -(-t * Fraction(str(r)).numerator // Fraction(str(r)).denominator)))
+      for t in lengths
+    ]
+    b = Budget(ratio=r)
+    assert [b.kept(int(t)) for t in lengths] == want, r
+    got = jax.jit(b.kept_B)(np.asarray(lengths, np.int32))
+    assert got.tolist() == want, r
+
+
+def test_numpy_scalars_are_read_as_python_numbers():
+  import numpy as np
+
+  assert type(Budget(ratio=np.float32(0.2)).ratio) is float
+  assert Budget(ratio=np.float32(0.2)).kept(1000) == 200  # the float32 0.2 reads as 1/5
+  assert Budget(tokens=np.int64(64)).kept(100) == 64
+  assert Budget(ratio=1 / 3).kept(3000) == 1000
 
 
 def test_unknown_policy_lists_valid_names():
