@@ -98,3 +98,44 @@ def test_policy_specs_parse_values_and_reject_bad_ones():
     jmmkv.policies.from_spec("nope:x=1")
   with pytest.raises(ValueError, match="'h2o:bogus=1'"):
     jmmkv.policies.from_spec("h2o:bogus=1")
+
+
+@pytest.mark.parametrize(
+  "spec, match",
+  [
+    ("meda:merge=pivot", "merge must be true or false, got 'pivot'"),
+    ("meda:keep_all_text=1", "keep_all_text must be true or false"),
+    ("madakv:mpa=no", "mpa must be true or false"),
+    ("lookm:merge=3", "merge must be a string or None"),
+    ("snapkv:window=32.0", "window must be an integer"),
+    ("adakv:window=true", "window must be an integer"),
+    ("streaming:sinks=4.5", "sinks must be an integer"),
+    ("pyramidkv:beta=NaN", "beta must be a finite number"),
+    ("lookm:recent_ratio=Infinity", "recent_ratio must be a finite number"),
+    ("h2o:gqa=1", "gqa must be a string"),
+    ("meda:split=7", "split must be a tuple or None"),
+  ],
+)
+def test_settings_of_the_wrong_type_are_refused(spec, match):
+  with pytest.raises(ValueError, match=match):
+    jmmkv.policies.from_spec(spec)
+
+
+def test_every_bool_and_int_setting_refuses_a_string():
+  """No built-in policy reads a string such as "no" as true (or a float as an integer)."""
+  import dataclasses
+
+  for name in jmmkv.policies.NAMES:
+    cls = jmmkv.policies.POLICIES[name]
+    for f in dataclasses.fields(cls):
+      if f.type in ("bool", "int"):
+        with pytest.raises(ValueError, match=f.name):
+          jmmkv.policies.get(name, **{f.name: "no"})
+      if f.type == "int":
+        with pytest.raises(ValueError, match=f.name):
+          jmmkv.policies.get(name, **{f.name: 2.0})
+
+
+def test_a_list_for_a_tuple_setting_becomes_a_hashable_tuple():
+  policy = jmmkv.policies.from_spec("meda:split=[1,1]")  # JSON, as `setting` reads it first
+  assert policy.split == (1, 1) and hash(policy) == hash(jmmkv.policies.get("meda", split=(1, 1)))

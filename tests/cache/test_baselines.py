@@ -1,6 +1,7 @@
 """StreamingLLM, H2O, SnapKV, PyramidKV and AdaKV vs their independent NumPy references, on the
 dense attention of tiny transformers models (text Llama and LLaVA with images), batch 2."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -8,7 +9,7 @@ import jmmkv
 from policy_harness import assert_same_kept, mm_setup, text_setup
 from references.adakv_ref import adakv
 from references.h2o_ref import h2o
-from references.pyramidkv_ref import pyramidkv
+from references.pyramidkv_ref import layer_budgets, pyramidkv
 from references.snapkv_ref import snapkv
 from references.streaming_ref import streaming
 
@@ -73,3 +74,20 @@ def test_text_model(text, name, ref_fn, kw, budget):
 @pytest.mark.parametrize("name, ref_fn, kw", CASES, ids=_case_id)
 def test_llava_with_images(llava, name, ref_fn, kw):
   _check(llava, name, ref_fn, kw, dict(ratio=0.25))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pyramidkv_layer_counts_match_the_reference(seed):
+  """Per-layer counts over random prompt lengths, budgets, windows, betas and depths (one layer,
+  the clamped ramp and the short-prompt fallback to SnapKV included)."""
+  rng = np.random.default_rng(seed)
+  for _ in range(40):
+    lengths = rng.integers(1, 400, 3)
+    layers, window = int(rng.integers(1, 9)), int(rng.choice([1, 4, 8, 32]))
+    beta = float(rng.choice([1.5, 5.0, 20.0]))
+    budget = jmmkv.Budget(ratio=float(rng.integers(1, 101)) / 100)
+    policy = jmmkv.policies.get("pyramidkv", window=window, beta=beta)
+    got = np.asarray(policy.layer_counts(budget, jnp.asarray(lengths, jnp.int32), layers))
+    for b, t in enumerate(lengths):
+      want = layer_budgets(int(t), budget.kept(int(t)), layers, window, beta)
+      np.testing.assert_array_equal(got[:, b], want, f"T={t} {budget} L={layers} w={window}")

@@ -11,8 +11,11 @@ snapkv_ref.budget_n), w = min(window, T), L layers:
   layer first), so sum_l counts_l = L * C exactly.
 Fallbacks, in this order:
 - n >= T: everything is kept (counts_l = T);
-- L == 1, or C <= w, or min(min_num, max_num) < 0: uniform counts_l = C in every layer.
-  (With C > w it goes negative only for beta < 1/2, where max_num < 0; kvpress asserts beta >= 1.)
+- L == 1, or C <= w, or T < 2 (C - w) (ALGORITHMS.md 3.5: "If Lp is less than about 2(C - w),
+  the code falls back to plain SnapKV with capacity C"; KVCache-Factory's test is
+  ``q_len < (max_capacity_prompt - window_size) * 2``), or min(min_num, max_num) < 0: uniform
+  counts_l = C in every layer. (With C > w it goes negative only for beta < 1/2, where
+  max_num < 0; kvpress asserts beta >= 1.)
 ``beta`` must be > 0. Each layer then keeps its counts_l per KV head exactly as snapkv_ref does
 (window level 1 first, then the pooled prefix scores).
 Output: "kept" [L][K], "counts" [L, K], "layer_budgets" [L]; with ``values`` also "k", "v".
@@ -47,7 +50,7 @@ def layer_budgets(T: int, n: int, layers: int, window: int, beta: float = 20) ->
     return np.full(layers, T)
   w = min(window, T)
   c = Fraction(n)
-  if layers == 1 or c <= w:
+  if layers == 1 or c <= w or T < 2 * (c - w):
     return np.full(layers, n)
   min_num = (c - w) / Fraction(beta)
   max_num = 2 * (c - w) - min_num

@@ -143,8 +143,10 @@ def test_largest_remainder():
 def test_pyramid_budgets_by_hand():
   # C-w = 59: min 2.95, max 115.05, step 56.05 -> 131.05, 75, 18.95 -> floors 131, 75, 18 (+1 to 18)
   assert layer_budgets(150, 75, 3, 16).tolist() == [131, 75, 19]
-  # clamped: max = T-w = 84, min = 128 - 84 = 44 -> 100, 80, 60
-  assert layer_budgets(100, 80, 3, 16).tolist() == [100, 80, 60]
+  # T = 100 < 2 (C - w) = 128: the code's fallback to SnapKV, uniform C
+  assert layer_budgets(100, 80, 3, 16).tolist() == [80, 80, 80]
+  # clamped: max 134 - 3.35 >= T-w = 124, so max = 124, min = 134 - 124 = 10 -> 140, 83, 26
+  assert layer_budgets(140, 83, 3, 16).tolist() == [140, 83, 26]
   # C-w = 10: caps 19.5, 10, .5 (+16) -> tie of remainders, lower layer first
   assert layer_budgets(100, 26, 3, 16).tolist() == [36, 26, 16]
   assert layer_budgets(100, 16, 3, 16).tolist() == [16, 16, 16]  # C <= w

@@ -5,7 +5,10 @@ Inference" (Feng et al., arXiv 2407.11550), with kvpress 0.5.5's ``AdaKVPress`` 
 row, each KV head first secures its own top ``max(1, floor(n * alpha_safeguard))`` tokens; then the
 layer keeps ``K * n`` (head, position) pairs in total, ordered by (secured, the scorer's level,
 score, lower position, lower head). Per-head counts vary; the layer total equals the uniform one.
-Wraps a scorer with a ``scores(prompt) -> (score, level)`` method (default SnapKV).
+Wraps a scorer with a ``scores(prompt) -> (score, level)`` method (default SnapKV with its own
+defaults, window 32, kernel 5, avg pooling, as kvpress wraps its SnapKV press, so that AdaKV and
+SnapKV differ only in the budget split; the AdaKV repository scores with kernel 7 and max
+pooling: ``get("adakv", kernel=7, pooling="max")``).
 Defaults: alpha_safeguard 0.2 (the AdaKV LongBench setting and kvpress' default).
 """
 
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, uniform_capacity
+from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, uniform_capacity
 from jmmkv.cache.policies.snapkv import SnapKV
 
 
@@ -35,6 +38,7 @@ class AdaKV:
     return cls(SnapKV(**scorer_kwargs), alpha_safeguard)
 
   def __post_init__(self):
+    check_fields(self)
     if not 0.0 <= self.alpha_safeguard <= 1.0:
       raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
     if not hasattr(self.scorer, "scores"):

@@ -14,7 +14,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, kept_counts, uniform_capacity
+from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, kept_counts, uniform_capacity
 from jmmkv.cache.stats import StatsSpec
 
 
@@ -27,6 +27,7 @@ class H2O:
   stats = StatsSpec(colsum=True)
 
   def __post_init__(self):
+    check_fields(self)
     if not 0.0 <= self.recent_fraction <= 1.0:
       raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction}")
     if self.gqa not in ("mean", "max"):

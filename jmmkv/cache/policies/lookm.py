@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jmmkv import sharding
 from jmmkv.cache import merge as merging
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, uniform_capacity
+from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, uniform_capacity
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import IMAGE, VIDEO, Array
 
@@ -73,6 +73,7 @@ class LookM:
   stats = StatsSpec(colsum=True)
 
   def __post_init__(self):
+    check_fields(self)
     if (
       self.recent_ratio < 0
       or self.important_ratio < 0

@@ -28,7 +28,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, uniform_capacity
+from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, uniform_capacity
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import IMAGE, VIDEO
 
@@ -57,7 +57,8 @@ class MadaKV:
   name = "madakv"
 
   def __post_init__(self):
-    if int(self.proxy_window) != self.proxy_window or self.proxy_window < 1:
+    check_fields(self)
+    if self.proxy_window < 1:
       raise ValueError(f"proxy_window must be a positive integer, got {self.proxy_window}")
     if not 0.0 < self.theta <= 1.0:
       raise ValueError(f"theta must be in (0, 1], got {self.theta}")
@@ -65,7 +66,7 @@ class MadaKV:
       raise ValueError(f"reading must be 'A' or 'B', got {self.reading!r}")
     if self.hcc_units not in ("per_head", "layer_total"):
       raise ValueError(f"hcc_units must be 'per_head' or 'layer_total', got {self.hcc_units!r}")
-    if int(self.b_min) != self.b_min or self.b_min < 1:
+    if self.b_min < 1:
       raise ValueError(f"b_min must be a positive integer, got {self.b_min}")
 
   @property

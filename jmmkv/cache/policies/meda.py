@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from jmmkv.cache import merge as merging
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, uniform_capacity
+from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, uniform_capacity
 from jmmkv.cache.policies.lookm import finish, split_recent, text_prior_keep
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import Array
@@ -58,6 +58,7 @@ class MEDA:
   name = "meda"
 
   def __post_init__(self):
+    check_fields(self)
     if self.variant not in ("paper", "code"):
       raise ValueError(f"variant must be 'paper' or 'code', got {self.variant!r}")
     if self.split is not None and (

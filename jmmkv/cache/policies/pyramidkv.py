@@ -5,8 +5,9 @@ Based on "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
 Per row, with C the average per-layer count (window included), w = min(window, T), L layers:
   min = (C - w) / beta;  max = 2 (C - w) - min;  if max >= T - w: max = T - w, min = 2 (C - w) - max
   count_l = max - l (max - min) / (L - 1) + w      (layer 0 keeps the most)
-rounded by largest remainder so that sum_l count_l = L * C exactly. When C <= w or min < 0 every
-layer keeps C (the code's fallback to SnapKV). Defaults: window 32, kernel 5, avg, beta 20.
+rounded by largest remainder so that sum_l count_l = L * C exactly. Every layer keeps C (the
+code's fallback to SnapKV) when T < 2 (C - w) (as ``PyramidKVCluster`` does), when C <= w, or with
+one layer. Defaults: window 32, kernel 5, avg, beta 20.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class PyramidKV(SnapKV):
     hi, lo = jnp.where(clip, t - w, hi), jnp.where(clip, 2 * (c - w) - (t - w), lo)
     step = (hi - lo) / max(num_layers - 1, 1)
     ramp = hi[None] - jnp.arange(num_layers)[:, None] * step[None] + w[None]  # [L, B]
-    fallback = (c <= w) | (lo < 0)
+    fallback = (t < 2 * (c - w)) | (c <= w) | (num_layers == 1)
     real = jnp.where(fallback[None], c[None], ramp)
     return select.largest_remainder(real, num_layers * budget.kept_B(lengths_B))
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, kept_counts, uniform_capacity
+from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, kept_counts, uniform_capacity
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import Array
 
@@ -56,9 +56,10 @@ class SnapKV:
   name = "snapkv"
 
   def __post_init__(self):
-    if int(self.window) != self.window or self.window < 1:
+    check_fields(self)
+    if self.window < 1:
       raise ValueError(f"window must be a positive integer, got {self.window}")
-    if int(self.kernel) != self.kernel or self.kernel < 1 or self.kernel % 2 == 0:
+    if self.kernel < 1 or self.kernel % 2 == 0:
       raise ValueError(f"kernel must be a positive odd integer, got {self.kernel}")
     if self.pooling not in ("avg", "max"):
       raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")

@@ -12,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, kept_counts, uniform_capacity
+from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, kept_counts, uniform_capacity
 from jmmkv.cache.stats import NONE
 
 
@@ -24,7 +24,8 @@ class StreamingLLM:
   stats = NONE
 
   def __post_init__(self):
-    if int(self.sinks) != self.sinks or self.sinks < 0:
+    check_fields(self)
+    if self.sinks < 0:
       raise ValueError(f"sinks must be an integer >= 0, got {self.sinks}")
 
   def capacity(self, budget, prompt_len: int) -> int:
