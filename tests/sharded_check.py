@@ -112,8 +112,31 @@ def main() -> None:
       "cache_type": type(c).__name__,
       "kv_all_gathers": kv_all_gathers(sharded, batch, policy, budget),
     }
+    if family == "llava":
+      res["snapkv_interpret"] = top_positions_check(single, sharded, case)
     out[family] = res
   print("RESULT " + json.dumps(out))
+
+
+def top_positions_check(single, sharded, case) -> dict:
+  """SnapKV (`select.top_positions`) on the kernel path (interpret mode), which runs shard-locally
+  under the mesh (`sharding.per_head`): the same kept positions as on one device, and no
+  K/V-sized all-gather in the compiled compression. (On CPU the interpret-mode kernel is plain
+  HLO that XLA could split anyway; on TPU/GPU a kernel call cannot be split, which is why it runs
+  shard-locally. This checks the shard-local path is right, not that it is needed.)"""
+  os.environ["JMMKV_KERNELS"] = "interpret"  # read when compression is traced
+  try:
+    policy, budget = jmmkv.policies.get("snapkv", window=8), jmmkv.Budget(ratio=0.5)
+    kept = []
+    for m in (single, sharded):
+      batch = m.prepare(input_ids=[list(x) for x in case.rows], **case.arrays)
+      kept.append(np.asarray(jmmkv.compress(m, batch, policy, budget).positions))
+    return {
+      "kept_equal": bool(np.array_equal(*kept)),
+      "kv_all_gathers": kv_all_gathers(sharded, batch, policy, budget),
+    }
+  finally:
+    del os.environ["JMMKV_KERNELS"]
 
 
 if __name__ == "__main__":

@@ -94,3 +94,9 @@ def test_bad_mesh_is_a_clear_error(tiny_model):
     jmmkv.load(tiny_model("llama_gqa").path, mesh=bad)
   with pytest.raises(TypeError, match="jax.sharding.Mesh"):
     jmmkv.load(tiny_model("llama_gqa").path, mesh="8 devices")
+
+
+def test_snapkv_selection_kernel_runs_shard_locally(result):
+  r = result["llava"]["snapkv_interpret"]
+  assert r["kept_equal"]
+  assert r["kv_all_gathers"] == []

@@ -27,16 +27,21 @@ from jmmkv.typing import Array
 
 PAGE_SIZE = 32  # the smallest page; `page_size_for` picks larger ones for long prompts
 MAX_PAGE_SIZE = 512
+# A GPU (Triton) block holds a whole page's K and V in shared memory: 128 slots x H 128 x f32 is
+# 64 KiB each, within an H100's 227 KiB; 512 slots would be 256 KiB for V alone.
+MAX_PAGE_SIZE_GPU = 128
 
 
-def page_size_for(kept_LBK: np.ndarray) -> int:
+def page_size_for(kept_LBK: np.ndarray, platform: str | None = None) -> int:
   """Slots per page: the largest power of two <= 1/8 of the mean kept count per (layer, row,
-  head), within [32, 512]. Pages waste under S / 2 slots per head on average (< 1/16 of what is
-  kept), and long prompts get few large pages, which XLA CPU reads near its bandwidth (many
-  32-slot pages cost about 2x the bytes' time)."""
+  head), within [32, 512] ([32, 128] when ``platform`` (default: the default backend) is
+  ``"gpu"``). Pages waste under S / 2 slots per head on average (< 1/16 of what is kept), and
+  long prompts get few large pages, which XLA CPU reads near its bandwidth (many 32-slot pages
+  cost about 2x the bytes' time)."""
   mean = float(np.mean(kept_LBK)) if np.size(kept_LBK) else 0.0
   size = 1 << max(0, int(mean / 8).bit_length() - 1)
-  return int(min(MAX_PAGE_SIZE, max(PAGE_SIZE, size)))
+  gpu = (platform or jax.default_backend()) == "gpu"
+  return int(min(MAX_PAGE_SIZE_GPU if gpu else MAX_PAGE_SIZE, max(PAGE_SIZE, size)))
 
 
 @flax.struct.dataclass

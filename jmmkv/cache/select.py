@@ -40,14 +40,15 @@ def top_positions(
 ) -> Array:
   """Kept positions ``[L, B, K, C]``: per (l, b, k) the first ``n`` candidates by (level desc,
   score desc, position asc), in ascending position order, -1 in unused slots. Padding is never a
-  candidate. Runs `jmmkv.kernels.select.top_positions` (a sort-free kernel on TPU/GPU)."""
+  candidate. Runs `jmmkv.kernels.select.top_positions` (a sort-free kernel on TPU/GPU), shard-local
+  under a mesh (a kernel call cannot be split by XLA)."""
   shape = jnp.broadcast_shapes(scores_LBKT.shape, level_LBKT.shape)
-  return kernel_select.top_positions(
+  return sharding.per_head(
+    lambda *args: kernel_select.top_positions(*args, capacity),
     jnp.broadcast_to(scores_LBKT.astype(jnp.float32), shape),
     jnp.broadcast_to(level_LBKT.astype(jnp.int32), shape),
     jnp.broadcast_to(valid_BT[None, :, None, :], shape),
     jnp.broadcast_to(n_LBK, shape[:-1]),
-    capacity,
   )
 
 

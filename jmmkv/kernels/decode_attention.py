@@ -120,19 +120,30 @@ def page_partials(
 
   The grid walks blocks of ``block.pages`` pages (``P`` is padded with empty pages). S and H are
   full dims of every block; validity travels as ``[P, 1, S]`` int32 and m/l as ``[P, 1, G]``, so
-  the last two dims of every block are full (TPU-legal for any ``block.pages``). On GPU (Triton)
-  the query rows are padded to a power of two >= 16, as JAX's own GPU decode kernels do for
-  ``tl.dot``; there ``S``, ``H`` and ``block.pages`` must be powers of two. ``platform``
-  (``"tpu"``/``"gpu"``, default: the default backend) picks the lowering's parameters."""
+  the last two dims of every block are full (TPU-legal for any ``block.pages``). On GPU (Triton,
+  whose arrays must have power-of-two sizes) the query rows are padded to a power of two >= 16,
+  as JAX's own GPU decode kernels do for ``tl.dot``, S and H are zero-padded to powers of two
+  (exact: padded slots are invalid, padded H columns add 0 to q.k and are cut from o), and
+  ``block.pages`` must be a power of two. A page's K and V (``S x H``, f32 for the p.v product)
+  sit in a GPU block's shared memory, so GPU layouts use pages of at most
+  `jmmkv.cache.paged.MAX_PAGE_SIZE_GPU` slots. ``platform`` (``"tpu"``/``"gpu"``, default: the
+  default backend) picks the lowering's parameters."""
   p, g, h = q_PGH.shape
   s = k_PSH.shape[1]
-  backend = None if interpret else (platform or jax.default_backend())
-  gp = max(16, 1 << (g - 1).bit_length()) if backend == "gpu" else g
+  # The padding follows the target (``platform`` also in interpret mode, to test the GPU path).
+  backend = platform or (None if interpret else jax.default_backend())
   bp = block.pages
+  if backend == "gpu":
+    if bp & (bp - 1):
+      raise ValueError(f"on GPU PageBlocks.pages must be a power of two, got {bp}")
+    gp, sp, hp = max(16, pl.next_power_of_2(g)), pl.next_power_of_2(s), pl.next_power_of_2(h)
+  else:
+    gp, sp, hp = g, s, h
   pp = p + (-p % bp)
-  q = jnp.pad(q_PGH, [(0, pp - p), (0, gp - g), (0, 0)])
-  k, v = (jnp.pad(x, [(0, pp - p), (0, 0), (0, 0)]) for x in (k_PSH, v_PSH))
-  valid = jnp.pad(valid_PS.astype(jnp.int32), [(0, pp - p), (0, 0)]).reshape(pp, 1, s)
+  q = jnp.pad(q_PGH, [(0, pp - p), (0, gp - g), (0, hp - h)])
+  k, v = (jnp.pad(x, [(0, pp - p), (0, sp - s), (0, hp - h)]) for x in (k_PSH, v_PSH))
+  valid = jnp.pad(valid_PS.astype(jnp.int32), [(0, pp - p), (0, sp - s)]).reshape(pp, 1, sp)
+  s, h = sp, hp
   page_spec = lambda *dims: pl.BlockSpec((bp, *dims), lambda i: (i,) + (0,) * len(dims))
   o, m, l = pl.pallas_call(
     functools.partial(_page_partials_kernel, scale=float(scale), mask=_mask_value()),
@@ -146,9 +157,9 @@ def page_partials(
     ],
     interpret=interpret,
     name="jmmkv_page_partials",
-    compiler_params=_compiler_params(backend),
+    compiler_params=None if interpret else _compiler_params(backend),
   )(q, k, v, valid)
-  return o[:p, :g], m[:p, 0, :g], l[:p, 0, :g]
+  return o[:p, :g, : q_PGH.shape[2]], m[:p, 0, :g], l[:p, 0, :g]
 
 
 def combine(

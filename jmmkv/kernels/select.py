@@ -10,7 +10,8 @@ int32 keys, then three phases each find, by a most-significant-bit-first search,
 ``t`` with ``count(member & key >= t) >= need``: the level threshold among the candidates, the
 score threshold among those tied at it, and the position threshold among those tied at both
 (positions are distinct, so the result is exact). Scores may be ``-inf`` (below every finite
-score) and ``-0.0 == 0.0``; NaN scores are not supported.
+score) and ``-0.0 == 0.0``; NaN scores (of either sign) rank below ``-inf``, as in the
+reference's sort.
 
 `compact` turns a keep mask into ascending kept positions with a cumulative sum and a per-row
 binary search (no sort). `top_positions` is the dispatcher (`jmmkv.kernels.mode`).
@@ -30,7 +31,7 @@ from jmmkv.kernels import mode
 from jmmkv.typing import Array
 
 _INT32_MIN = -(2**31)
-_VMEM_CAP = 48 << 20  # below the 64 MiB VMEM of the smallest current TensorCore
+_SMALLEST_VMEM = 16 << 20  # TPU v2-v4 per TensorCore (v5e/v6e: 128 MiB, v5p: 64 MiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _count(mask: Array) -> Array:
   """``[rows, T]`` bool -> ``[rows, 1]`` int32 count per row."""
-  return jnp.sum(mask.astype(jnp.int32), axis=1, keepdims=True)
+  return jnp.sum(mask.astype(jnp.int32), axis=1, keepdims=True, dtype=jnp.int32)  # also x64
 
 
 def _threshold(key: Array, member: Array, need: Array, high_bit: int, signed: bool) -> Array:
@@ -69,7 +70,7 @@ def _threshold(key: Array, member: Array, need: Array, high_bit: int, signed: bo
     trial = t | jnp.left_shift(jnp.int32(1), high_bit - i)
     return jnp.where(_count(member & (key >= trial)) >= need, trial, t)
 
-  return lax.fori_loop(0, high_bit + 1, step, t)
+  return lax.fori_loop(jnp.int32(0), jnp.int32(high_bit + 1), step, t)  # int32 under x64 too
 
 
 def _active(need: Array, shape) -> Array:
@@ -95,6 +96,8 @@ def _keep_kernel(score_ref, level_ref, valid_ref, n_ref, keep_ref):
   score = jnp.where(score == 0.0, 0.0, score)  # -0.0 ties with 0.0, as in lax.sort
   bits = lax.bitcast_convert_type(score, jnp.int32)
   skey = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # int order == float order
+  # NaN (either sign) below -inf, whose key is INT32_MIN + 2^23 - 1
+  skey = jnp.where(score != score, _INT32_MIN, skey)
   cand = valid_ref[...] != 0
   need = jnp.clip(n_ref[...], 0, _count(cand))
   above1, tied1, need = _phase(level_ref[...], cand, need, 30, True)
@@ -104,6 +107,28 @@ def _keep_kernel(score_ref, level_ref, valid_ref, n_ref, keep_ref):
   t = _threshold(pkey, tied2, jnp.maximum(need, 1), (tp - 1).bit_length() - 1, False)
   keep = above1 | above2 | (tied2 & (pkey >= t) & _active(need, pkey.shape))
   keep_ref[...] = keep.astype(jnp.int32)
+
+
+def _vmem_capacity() -> int:
+  """VMEM bytes per TensorCore of the TPU in use; the smallest TPU's when there is none (lowering
+  for a TPU target from another host)."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  try:
+    return pltpu.get_tpu_info().vmem_capacity_bytes
+  except ValueError:  # "Unsupported TPU device kind": not running on a TPU
+    return _SMALLEST_VMEM
+
+
+def vmem_need(t: int, rows: int) -> int:
+  """Bytes of VMEM a TPU block of ``rows`` rows of ``T`` takes: about 16 live ``[rows, Tp]``
+  int32 arrays (double-buffered blocks and temporaries)."""
+  return 16 * rows * _round_up(t, 128) * 4
+
+
+def fits_tpu(t: int, rows: int = 8) -> bool:
+  """Whether `keep_mask` fits the TPU's VMEM (within 3/4 of it) for rows of ``T``."""
+  return vmem_need(t, rows) <= _vmem_capacity() * 3 // 4
 
 
 def keep_mask(
@@ -121,7 +146,8 @@ def keep_mask(
 
   ``platform`` (``"tpu"``/``"gpu"``, default: the default backend) picks the block padding and
   compiler parameters: TPU pads T to a multiple of 128, GPU (Triton) to a power of two. A block
-  holds whole rows, so VMEM bounds T: about 16 arrays of ``rows * T`` int32 (T = 32k: 16 MiB)."""
+  holds whole rows, so VMEM bounds T: about 16 arrays of ``rows * T`` int32 (T = 32k: 16 MiB);
+  a TPU whose VMEM cannot hold that (`fits_tpu`) raises ValueError (the dispatcher then sorts)."""
   r, t = score_RT.shape
   platform = platform or jax.default_backend()
   rows = block.rows
@@ -134,10 +160,15 @@ def keep_mask(
     from jax.experimental.pallas import tpu as pltpu
 
     tp = _round_up(t, 128)
-    # About 16 live [rows, Tp] int32 arrays (double-buffered blocks and temporaries); raise the
-    # scoped VMEM limit past its 16 MiB default when needed, within every chip's VMEM.
-    need = 16 * rows * tp * 4
-    limit = min(need + (4 << 20), _VMEM_CAP) if need > (12 << 20) else None
+    # Raise the scoped VMEM limit past its default (16 MiB, 32 on v6e) when needed, within the
+    # chip's VMEM.
+    need, capacity = vmem_need(t, rows), _vmem_capacity()
+    if not interpret and need > capacity * 3 // 4:
+      raise ValueError(
+        f"keep_mask: rows of T={t} need {need >> 20} MiB of VMEM, over 3/4 of this TPU's "
+        f"{capacity >> 20} MiB; use fewer block rows or keep_mask_reference"
+      )
+    limit = min(need + (4 << 20), capacity * 3 // 4) if need > (12 << 20) else None
     params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=limit)
   rp = _round_up(r, rows)
   pad = ((0, rp - r), (0, tp - t))
@@ -221,7 +252,8 @@ def top_positions(score: Array, level: Array, valid: Array, n: Array, capacity: 
   flat = lambda x: jnp.broadcast_to(x, shape).reshape(-1, t)
   args = flat(score), flat(level), flat(valid), jnp.broadcast_to(n, shape[:-1]).reshape(-1)
   m = mode()
-  if m == "reference":
+  on_tpu = m == "pallas" and jax.default_backend() == "tpu"
+  if m == "reference" or (on_tpu and not fits_tpu(t)):  # too long a row for VMEM: sort
     idx = compact_reference(keep_mask_reference(*args), capacity)
   else:  # Triton: one row per program keeps the per-program tensors small
     block = SelectBlocks(rows=1) if jax.default_backend() == "gpu" else SelectBlocks()

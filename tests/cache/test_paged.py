@@ -159,3 +159,13 @@ def test_page_plan_counts():
   assert paged.page_size_for(np.full((2, 1, 4), 100)) == 32
   assert paged.page_size_for(np.full((2, 1, 4), 3277)) == 256
   assert paged.page_size_for(np.full((2, 1, 4), 10**6)) == 512
+
+
+def test_gpu_pages_are_at_most_128_slots():
+  """A Triton block holds a page's K and V in shared memory: long prompts get 512-slot pages on
+  CPU/TPU but 128-slot ones on GPU; short ones get the same small pages everywhere."""
+  long, short = np.full((2, 1, 4), 8192), np.full((2, 1, 4), 300)
+  assert paged.page_size_for(long, platform="cpu") == 512
+  assert paged.page_size_for(long, platform="tpu") == 512
+  assert paged.page_size_for(long, platform="gpu") == paged.MAX_PAGE_SIZE_GPU == 128
+  assert paged.page_size_for(short, platform="gpu") == paged.page_size_for(short, "tpu") == 32

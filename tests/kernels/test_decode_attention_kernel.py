@@ -58,13 +58,29 @@ def test_kernel_matches_reference(p, s, h, g, dtype, seed, pages):
   assert (m[~empty] > MASK_VALUE).all() and (l[~empty] >= 1).all()
 
 
+@pytest.mark.parametrize("seed,p,s,h,g", [(0, 5, 12, 24, 7), (1, 13, 16, 96, 3), (2, 3, 5, 40, 1)])
+def test_kernel_with_the_gpu_padding_matches_reference(seed, p, s, h, g):
+  """The GPU path (query rows to >= 16, S and H zero-padded to powers of two) in interpret mode,
+  on sizes that are not powers of two."""
+  q, k, v, valid = _pages(seed, p, s, h, g, jnp.float32)
+  got = da.page_partials(q, k, v, valid, scale=0.3, interpret=True, platform="gpu")
+  want = da.page_partials_reference(q, k, v, valid, scale=0.3)
+  for name, x, y in zip("oml", got, want):
+    assert x.shape == y.shape, name
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max(), err_msg=name)
+  with pytest.raises(ValueError, match="power of two"):
+    da.page_partials(q, k, v, valid, scale=0.3, block=da.PageBlocks(pages=6), platform="gpu")
+
+
 @pytest.mark.parametrize("platform,target", [("tpu", "tpu"), ("gpu", "cuda")])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_lowers(platform, target, dtype):
-  """Lowering for a TPU (Mosaic) or GPU (Triton) target from the CPU host (no compile)."""
-  q, k, v, valid = _pages(0, 13, 16, 64, 4, dtype)
+@pytest.mark.parametrize("dtype,h,x64", [(jnp.float32, 64, False), (jnp.bfloat16, 96, True)])
+def test_kernel_lowers(platform, target, dtype, h, x64):
+  """Lowering for a TPU (Mosaic) or GPU (Triton) target from the CPU host (no compile); H = 96
+  (not a power of two, which Triton refuses unpadded), and under x64."""
+  q, k, v, valid = _pages(0, 13, 16, h, 4, dtype)
   fn = jax.jit(functools.partial(da.page_partials, scale=0.125, platform=platform))
-  text = fn.trace(q, k, v, valid).lower(lowering_platforms=(target,)).as_text()
+  with jax.enable_x64(x64):
+    text = fn.trace(q, k, v, valid).lower(lowering_platforms=(target,)).as_text()
   if platform == "tpu":
     assert text.count("tpu_custom_call(") == 1
   else:

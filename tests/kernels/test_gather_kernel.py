@@ -2,6 +2,7 @@
 against its take_along_axis reference, bitwise."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +64,34 @@ def test_gather_default_slots_and_chunked_prefetch():
   assert_bitwise(jitted(kg.GatherBlocks(slots=16, prefetch=40))(*args), want)  # 3 calls of 2 rows
 
 
-def test_gather_lowers_for_tpu():
-  """Mosaic lowering from the CPU host (no TPU compile): one kernel per prefetch chunk."""
-  args = case(0, 10, 300, 128, 100, jnp.bfloat16)
+@pytest.mark.parametrize("x64", [False, True])
+def test_gather_lowers_for_tpu_with_one_body_for_equal_chunks(x64):
+  """Mosaic lowering from the CPU host (no TPU compile): one pallas_call per prefetch chunk, and
+  chunks of equal size share one kernel body (the chunk's first row is a prefetched scalar, not
+  a constant), so a long prompt compiles two kernels, not one per chunk. Also under x64."""
+  args = case(0, 16, 300, 128, 100, jnp.bfloat16)
   fn = jax.jit(functools.partial(kg.gather_kv, block=kg.GatherBlocks(prefetch=512)))
-  text = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-  assert text.count("tpu_custom_call(") == 3  # Cp = 128: 4 rows per call
+  with jax.enable_x64(x64):
+    text = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  bodies = re.findall(r'tpu_custom_call\(.*?backend_config = "([^"]*)"', text)
+  assert len(bodies) == 4  # Cp = 128: 4 rows per call
+  assert len(set(bodies)) == 2  # the first call (no aliased outputs) and the other three
+
+
+def test_gather_of_no_slots_or_rows():
+  for r, c in ((3, 0), (0, 5)):
+    args = case(0, max(r, 1), 9, 8, c, jnp.float32)
+    args = tuple(x[:r] for x in args)
+    got = kg.gather_kv(*args, interpret=True)
+    assert_bitwise(got, kg.gather_kv_reference(*args))
+    assert got[0].shape == (r, c, 8)
+
+
+def test_tpu_dispatch_only_for_32_bit_rows_of_at_most_128_words():
+  f32, bf16 = jnp.zeros((2, 4, 128), jnp.float32), jnp.zeros((2, 4, 128), jnp.bfloat16)
+  assert kg.tpu_kernel_ok(f32, f32)
+  assert not kg.tpu_kernel_ok(bf16, bf16)  # the word view would copy all of K/V on a TPU
+  assert not kg.tpu_kernel_ok(jnp.zeros((2, 4, 256), jnp.float32), f32)  # > 128 words a row
 
 
 def test_cache_gather_interpret_equals_reference(monkeypatch):

@@ -134,3 +134,40 @@ def test_cache_top_positions_interpret_equals_reference(monkeypatch):
   for got, want in zip(out["interpret"], out["reference"]):
     assert got.shape == (l, b, k, 12)
     np.testing.assert_array_equal(got, want)
+
+
+def test_keep_mask_nan_scores_rank_below_minus_inf():
+  """NaN of either sign ranks last (below -inf), ties among NaN by position, as the sort does;
+  checked against a hand-written order, not only the reference."""
+  for seed in SEEDS:
+    rng = np.random.default_rng(seed)
+    r, t = 4, 37
+    score = rng.choice(np.array([np.nan, -np.nan, -np.inf, 0.0, 1.5, -2.0], np.float32), (r, t))
+    level = rng.integers(0, 2, (r, t)).astype(np.int32)
+    valid = rng.random((r, t)) < 0.8
+    n = rng.integers(0, t + 1, r).astype(np.int32)
+    got = np.asarray(keep_interpret(score, level, valid, n))
+    np.testing.assert_array_equal(got, keep_reference(score, level, valid, n))
+    for row in range(r):
+      nan = np.isnan(score[row])
+      key = [(-level[row, i], nan[i], 0.0 if nan[i] else -score[row, i], i) for i in range(t)]
+      order = [i for i in sorted(range(t), key=lambda i: key[i]) if valid[row, i]]
+      np.testing.assert_array_equal(np.nonzero(got[row])[0], sorted(order[: n[row]]))
+
+
+def test_keep_mask_counts_stay_int32_under_x64():
+  """With jax_enable_x64 the kernel still lowers for TPU (Mosaic has no 64-bit types)."""
+  args = case(0, 10, 300)
+  with jax.enable_x64(True):
+    fn = jax.jit(functools.partial(ks.keep_mask, platform="tpu"))
+    text = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" in text
+
+
+def test_rows_too_long_for_the_tpu_vmem_are_refused():
+  """Without a TPU the VMEM is taken as the smallest TPU's (16 MiB): rows of 64k do not fit, and
+  the dispatcher (`top_positions`) sorts instead on a TPU."""
+  assert ks.fits_tpu(16384) and not ks.fits_tpu(65536)
+  args = case(0, 2, 65536)
+  with pytest.raises(ValueError, match="VMEM"):
+    jax.jit(functools.partial(ks.keep_mask, platform="tpu")).trace(*args)
