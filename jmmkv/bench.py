@@ -193,7 +193,7 @@ def run(
     preset=preset,
     config=PRESETS[preset],
     batch=batch_size,
-    dtype=dtype,
+    dtype=model.dtype_name,
     max_new_tokens=max_new_tokens,
     repeats=repeats,
     param_bytes=param_bytes,
@@ -225,10 +225,17 @@ def _line(r) -> str:
 
 
 def main(args) -> int:
-  policies = jmmkv.policies.spec_list(args.policies)  # bad specs fail before any work
+  from jmmkv.cli import output_path
+
+  policies = jmmkv.policies.spec_list(args.policies)  # bad arguments fail before any work
   budgets = [float(b) for b in args.budgets.split(",")]
   for b in budgets:
     jmmkv.Budget(ratio=b)
+  out = output_path(args.out)
+  if args.compare_hf:
+    from jmmkv import bench_hf
+
+    bench_hf.require_torch()
   if "full" in policies:  # Full first: the other rows are ratios to it
     policies = ["full"] + [p for p in policies if p != "full"]
   print(HEADER)
@@ -250,10 +257,10 @@ def main(args) -> int:
         f"transformers (SDPA, DynamicCache, {r['hf_threads']} threads) "
         f"{r['hf_decode_ms_per_token']:.2f}"
       )
-  with open(args.out, "w") as fh:
+  with open(out, "w") as fh:
     json.dump(result, fh, indent=1)
   print(
-    f"wrote {args.out}; decode floor uses a measured read bandwidth of "
+    f"wrote {out}; decode floor uses a measured read bandwidth of "
     f"{result['meta']['read_bandwidth_GBps']:.1f} GB/s and {result['meta']['param_bytes'] / 2**20:.1f} MiB of params"
   )
   return 0

@@ -20,6 +20,20 @@ from jmmkv.models import convert
 from jmmkv.models.configs import DecoderConfig
 
 
+TORCH = "torch==2.13.0"  # the `test` extra's pin (the CPU wheel)
+
+
+def require_torch() -> None:
+  """A one-line ValueError, before any work, when PyTorch is not installed."""
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    raise ValueError(
+      f"--compare-hf needs PyTorch ({TORCH}), which is not installed: pip install -e '.[test]' "
+      f"(or pip install {TORCH})"
+    ) from None
+
+
 def default_threads() -> int:
   """The cores this process may run on: what XLA's CPU client sizes its thread pool by."""
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

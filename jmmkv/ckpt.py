@@ -25,6 +25,20 @@ def is_checkpoint(path: str | Path) -> bool:
   return (Path(path) / MARKER).is_file()
 
 
+def check_new_dir(path: str | Path) -> Path:
+  """``path`` (absolute) if a checkpoint can be written there: absent or an empty directory,
+  under a directory (not a file)."""
+  out = Path(path).absolute()
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"{out} exists and is not a directory; give a new or empty directory")
+  if out.is_dir() and any(out.iterdir()):
+    raise FileExistsError(f"{out} exists and is not empty; give a new or empty directory")
+  parent = next(p for p in out.parents if p.exists())
+  if not parent.is_dir():
+    raise NotADirectoryError(f"cannot create {out}: {parent} is not a directory")
+  return out
+
+
 def save(model, path: str | Path) -> Path:
   """Writes ``model`` (loaded from an HF directory) to ``path`` (a new or empty directory)."""
   if model.path is None or not (Path(model.path) / "config.json").is_file():
@@ -32,9 +46,7 @@ def save(model, path: str | Path) -> Path:
       "jmmkv.save needs a model loaded from a directory with a config.json (jmmkv.load(dir)); "
       "random models have no config files to save"
     )
-  out = Path(path).absolute()
-  if out.exists() and any(out.iterdir()):
-    raise FileExistsError(f"{out} exists and is not empty")
+  out = check_new_dir(path)
   out.mkdir(parents=True, exist_ok=True)
   for f in sorted(Path(model.path).iterdir()):
     weights = f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json")
@@ -52,9 +64,12 @@ def restore_params(path: str | Path, dtype, mesh=None):
   """The param tree of checkpoint ``path``, every array read as ``dtype`` (and, given a mesh,
   straight into the shards `jmmkv.sharding` assigns)."""
   path = Path(path).absolute()
-  meta = json.loads((path / MARKER).read_text())
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{path}: unsupported jmmkv checkpoint format {meta.get('format')!r}")
+  from jmmkv.models.convert import read_json
+
+  meta = read_json(path / MARKER)
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    got = meta.get("format") if isinstance(meta, dict) else meta
+    raise ValueError(f"{path}: unsupported jmmkv checkpoint format {got!r}")
   checkpointer = ocp.StandardCheckpointer()
   tree = checkpointer.metadata(path / "params").item_metadata.tree
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, jnp.dtype(dtype)), tree)

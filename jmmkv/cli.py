@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-DTYPES = ["float32", "bfloat16", "bf16", "fp32"]  # what jmmkv.load accepts
+# What jmmkv.load accepts; every --dtype takes them.
+DTYPES = ["float32", "bfloat16", "bf16", "fp32"]
+# Errors a user causes (bad arguments, paths): one `jmmkv: error:` line, exit code 2.
+USER_ERRORS = (
+  ValueError,
+  FileNotFoundError,
+  FileExistsError,
+  NotADirectoryError,
+  IsADirectoryError,
+  PermissionError,
+)
 PRESETS = {
   # name: (DecoderConfig overrides, description)
   "tiny": (dict(), "4 layers, D=256, 8 heads / 2 KV heads, head dim 32, vocab 1024"),
@@ -24,6 +36,24 @@ PRESETS = {
 }
 
 
+def output_path(path: str, flag: str = "--out") -> Path:
+  """``path`` as a file to write after a run, checked before it: not a directory, its folder
+  created (when missing) and writable. Errors name ``flag``."""
+  p = Path(path)
+  if p.is_dir():
+    raise ValueError(f"{flag} {p} is a directory; give a file name")
+  existing = next(q for q in p.absolute().parents if q.exists())
+  if not existing.is_dir():
+    raise ValueError(f"cannot write {flag} {p}: {existing} is not a directory")
+  try:
+    p.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot write {flag} {p}: {e.strerror or e}") from None
+  if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+    raise ValueError(f"cannot write {flag} {p}: permission denied")
+  return p
+
+
 def _budget(args, policy=None):
   """``Budget(ratio=args.budget)``, checked even for ``full`` (which gets None: it ignores it)."""
   import jmmkv
@@ -35,6 +65,8 @@ def _budget(args, policy=None):
 def _demo(args) -> int:
   import jmmkv
 
+  if args.seed < 0:
+    raise ValueError(f"--seed must be >= 0, got {args.seed}")
   names = jmmkv.policies.spec_list(args.policies)
   if args.preset is not None:
     for name in names:
@@ -66,7 +98,7 @@ def _random_demo(args, policy_name: str) -> None:
   )
   policy = jmmkv.policies.from_spec(policy_name)
   budget = _budget(args, policy_name)
-  print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {args.dtype}")
+  print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {model.dtype_name}")
   print(
     f"batch {args.batch}, prompt lengths {lengths}, {args.max_new_tokens} new tokens, policy {policy_name}"
     + ("" if budget is None else f", budget {args.budget:g}")
@@ -102,8 +134,10 @@ def _convert(args) -> int:
   import jax
 
   import jmmkv
+  from jmmkv import ckpt
 
   t0 = time.perf_counter()
+  ckpt.check_new_dir(args.out_dir)  # before the (slow) load
   model = jmmkv.load(args.hf_dir, dtype=args.dtype)
   out = jmmkv.save(model, args.out_dir)
   n = sum(x.size for x in jax.tree.leaves(model.params))
@@ -202,9 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     "--budget", type=float, default=0.2, help="kept fraction of each prompt (not for full)"
   )
   demo.add_argument("--images", type=int, default=16, help="images per prompt")
-  demo.add_argument("--seed", type=int, default=0, help="which held-out sample of each task")
-  demo.add_argument("--model", default=None, help="another model directory (default: bundled)")
-  demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  demo.add_argument("--seed", type=int, default=0, help="which held-out sample of each task (>= 0)")
+  demo.add_argument(
+    "--model",
+    default=None,
+    help="another model trained on the synthetic tasks: an HF directory or a jmmkv checkpoint "
+    "(default: the bundled one)",
+  )
+  demo.add_argument("--dtype", choices=DTYPES, default="float32")
   demo.add_argument(
     "--preset",
     choices=sorted(PRESETS),
@@ -258,12 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--budgets", default="0.5,0.2,0.05", help="comma-separated ratios in (0, 1]")
   bench.add_argument("--max-new-tokens", type=int, default=32)
   bench.add_argument("--repeats", type=int, default=3)
-  bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  bench.add_argument("--dtype", choices=DTYPES, default="float32")
   bench.add_argument("--batch", type=int, default=1, help="prompts per batch (same length)")
   bench.add_argument(
     "--compare-hf",
     action="store_true",
-    help="also time transformers (PyTorch, SDPA, DynamicCache) full-cache decoding",
+    help="also time transformers (PyTorch, SDPA, DynamicCache) full-cache decoding; needs "
+    "torch==2.13.0 (pip install -e '.[test]')",
   )
   bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
   bench.set_defaults(func=_bench)
@@ -280,8 +320,6 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
-  import os
-
   # jmmkv needs no PyTorch: hide transformers' "PyTorch was not found" advice
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   args = build_parser().parse_args(argv)
@@ -291,7 +329,7 @@ def main(argv=None) -> int:
       return 2
   try:
     return args.func(args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except USER_ERRORS as e:
     print(f"jmmkv: error: {e}", file=sys.stderr)
     return 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import numbers
 import time
 import warnings
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmkv import inputs, sharding
-from jmmkv.cache import kv_cache, paged
+from jmmkv.cache import kv_cache, paged, policies
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.policies.base import PromptKV
 from jmmkv.cache.policies.full import Full
@@ -166,6 +167,47 @@ def decode_loop(
   return state.tokens_BM, state.cache, state.scores_BMV
 
 
+def as_policy(policy):
+  """``policy`` as a policy object: None is `Full`, a string a spec for `jmmkv.policies.from_spec`
+  (``"snapkv"``, ``"snapkv:window=8"``); an instance passes through."""
+  if policy is None:
+    return Full()
+  if isinstance(policy, str):
+    return policies.from_spec(policy)
+  if isinstance(policy, type):
+    raise TypeError(
+      f"policy must be a policy instance or a name, got the class {policy.__name__}: "
+      f"use {policy.__name__}() or jmmkv.policies.get(name)"
+    )
+  if not all(hasattr(policy, a) for a in ("stats", "capacity", "compress")):
+    raise TypeError(
+      "policy must be a policy (jmmkv.policies.get(name)), a name or spec string, or None; "
+      f"got {type(policy).__name__}"
+    )
+  return policy
+
+
+def as_budget(budget) -> Budget | None:
+  """``budget`` as a `Budget`: None stays None, a number is ``Budget(ratio=budget)``."""
+  if budget is None or isinstance(budget, Budget):
+    return budget
+  if isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+    return Budget(ratio=budget)
+  raise TypeError(
+    f"budget must be a jmmkv.Budget, a ratio in (0, 1] or None, got {type(budget).__name__}"
+  )
+
+
+def check_rng(rng) -> None:
+  """Raises unless ``rng`` is one JAX PRNG key: typed (`jax.random.key`) or legacy uint32[2]."""
+  dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  if (typed and shape == ()) or (not typed and dtype == np.uint32 and shape == (2,)):
+    return
+  got = type(rng).__name__ if dtype is None else f"{type(rng).__name__} {dtype}{list(shape)}"
+  raise TypeError(f"rng must be one JAX PRNG key, e.g. rng=jax.random.key(seed); got {got}")
+
+
 def _timed(fn, *args, **kwargs):
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn(*args, **kwargs))
@@ -176,7 +218,7 @@ def generate(
   model,
   batch: inputs.Batch,
   policy=None,
-  budget: Budget | None = None,
+  budget: Budget | float | None = None,
   *,
   max_new_tokens: int = 64,
   temperature: float = 0.0,
@@ -190,8 +232,10 @@ def generate(
 ) -> GenerateOutput:
   """Generates up to ``max_new_tokens`` per prompt of ``batch`` (see `jmmkv.Model.prepare`).
 
-  ``policy`` compresses the prompt cache after prefill (default: `Full`) to ``budget``.
-  ``eos_token_id`` defaults to the model's EOS ids; pass ``[]`` to never stop early. Sampling with
+  ``policy`` compresses the prompt cache after prefill to ``budget``: a policy object
+  (``jmmkv.policies.get("snapkv")``), a name or spec string (``"snapkv:window=8"``), or None
+  (`Full`). ``budget``: a `Budget`, a float ratio in (0, 1], or None. ``eos_token_id``
+  defaults to the model's EOS ids; pass ``[]`` to never stop early. Sampling with
   ``temperature > 0`` needs an explicit ``rng`` (a `jax.random.key`). Prompts are right-padded to
   a power-of-two bucket; padding is masked everywhere, so each row equals its output alone.
   ``output_scores`` returns each step's logits; ``return_cache`` the final cache.
@@ -205,6 +249,8 @@ def generate(
   sampling = Sampling(temperature, top_k, top_p)
   if not sampling.greedy and rng is None:
     raise ValueError("sampling with temperature > 0 needs an explicit rng=jax.random.key(seed)")
+  if rng is not None:
+    check_rng(rng)
   rng = jax.random.key(0) if rng is None else rng
   eos = model.text_config.eos_token_ids if eos_token_id is None else eos_token_id
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
@@ -254,11 +300,15 @@ def _prefill(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bool = 
   """Host padding + jitted prompt forward with the statistics ``spec`` asks for.
 
   Returns ``(padded, logits_BV, prompt, rope_start, prefill_s)``. ``compile_first`` compiles
-  the forward ahead of time, outside the timed seconds (benchmarks).
+  the embedding (one untimed call) and the forward ahead of time, outside the timed seconds
+  (benchmarks).
   """
   if not isinstance(batch, inputs.Batch):
     raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
   padded = inputs.pad(batch, pad_id=0)
+  if compile_first:  # the first embed call compiles it (and the vision tower)
+    jax.block_until_ready(model.embed(padded.ids_BT, padded.media))
+    model.positions(padded.ids_BT, padded.valid_BT, padded.media)
   t0 = time.perf_counter()
   x_BTD = model.embed(padded.ids_BT, padded.media)  # vision features spliced in
   positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
@@ -328,7 +378,7 @@ def _compress(prompt: PromptKV, rope_start_B, policy, budget, append_capacity: i
 def _prefill_and_compress(
   model, batch: inputs.Batch, policy, budget, append_capacity: int, layout: str = "dense"
 ):
-  policy = Full() if policy is None else policy
+  policy, budget = as_policy(policy), as_budget(budget)
   if budget is not None and all(budget.kept(int(n)) >= n for n in batch.lengths):
     policy = Full()  # the budget keeps every prompt whole: an exact no-op, no statistics needed
   padded, logits_BV, prompt, rope_start_B, prefill_s = _prefill(model, batch, policy.stats)
@@ -337,10 +387,11 @@ def _prefill_and_compress(
 
 
 def compress(
-  model, batch: inputs.Batch, policy=None, budget: Budget | None = None
+  model, batch: inputs.Batch, policy=None, budget: Budget | float | None = None
 ) -> kv_cache.KVCache:
   """Prefill + compression only: the compressed cache of ``batch`` (empty append buffer).
 
+  ``policy`` and ``budget`` as `generate`'s (an object, a name / spec string or a ratio).
   ``cache.positions`` / ``cache.modality`` ``[L, B, K, C]`` say what was kept (-1 / 0 where empty);
   ``cache.k`` / ``cache.v`` ``[L, B, K, C, H]`` hold it.
   """

@@ -71,18 +71,33 @@ class Padded:
   media: Media = Media()
 
 
+def _check_row(i: int, row: np.ndarray) -> np.ndarray:
+  """Row ``i`` as int32, if it is a 1-D sequence of integer ids (an empty one: `Batch` says)."""
+  if row.ndim != 1:
+    raise ValueError(
+      f"input_ids row {i} must be a 1-D sequence of token ids, got shape {row.shape}: give one "
+      "list of ids per prompt, e.g. input_ids=[[1, 5, 9], [1, 7]]"
+    )
+  if row.size and not np.issubdtype(row.dtype, np.integer):
+    raise ValueError(f"input_ids must be integers, got {row.dtype} in row {i}")
+  return row.astype(np.int32)
+
+
 def token_rows(input_ids, attention_mask=None, vocab_size: int | None = None) -> list[np.ndarray]:
-  """Unpadded int32 id rows from lists of different lengths, or a padded array + mask."""
-  if isinstance(input_ids, np.ndarray) and input_ids.ndim == 1:
-    input_ids = input_ids[None]
+  """Unpadded int32 id rows from lists of different lengths, or a padded array + mask (a 1-D
+  array is one row). Rows must be 1-D and integer."""
+  if getattr(input_ids, "ndim", None) == 1:  # numpy or jax
+    input_ids = np.asarray(input_ids)[None]
   if attention_mask is not None:
     ids_BT, mask_BT = np.asarray(input_ids), np.asarray(attention_mask).astype(bool)
     if ids_BT.shape != mask_BT.shape:
       raise ValueError(f"attention_mask shape {mask_BT.shape} != input_ids shape {ids_BT.shape}")
+    if ids_BT.ndim != 2:
+      raise ValueError(f"input_ids with an attention_mask must be [B, T], got shape {ids_BT.shape}")
     rows = [ids[m] for ids, m in zip(ids_BT, mask_BT)]
   else:
     rows = [np.asarray(r) for r in input_ids]
-  rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
+  rows = [_check_row(i, r) for i, r in enumerate(rows)]
   if vocab_size is not None:
     for i, r in enumerate(rows):
       if r.size and (r.min() < 0 or r.max() >= vocab_size):

@@ -79,3 +79,67 @@ def test_errors(tiny_model, tmp_path, capsys):
   assert "exists and is not empty" in capsys.readouterr().err
   assert cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["file", "under_file", "busy"])
+def test_convert_checks_the_output_before_loading(
+  tiny_model, tmp_path, capsys, monkeypatch, target
+):
+  src = tiny_model("llama_gqa", 1).path
+  capsys.readouterr()  # building the model may print progress
+  (tmp_path / "file").write_text("x")
+  (tmp_path / "busy").mkdir()
+  (tmp_path / "busy" / "f").write_text("x")
+  out = {"file": "file", "under_file": "file/ckpt", "busy": "busy"}[target]
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output was checked")
+
+  monkeypatch.setattr(jmmkv, "load", no_load)
+  assert cli.main(["convert", str(src), str(tmp_path / out)]) == 2
+  err = capsys.readouterr().err
+  want = {"file": "exists and is not a dir", "under_file": "cannot create", "busy": "not empty"}[
+    target
+  ]
+  assert err.startswith("jmmkv: error:") and want in err and len(err.strip().splitlines()) == 1
+  with pytest.raises((FileExistsError, NotADirectoryError), match=want):
+    jmmkv.save(jmmkv.models.model.load(src), tmp_path / out)  # save checks it the same way
+
+
+def test_user_os_errors_are_one_line(monkeypatch, capsys):
+  for error in (NotADirectoryError, IsADirectoryError, PermissionError):
+
+    def fail(args, error=error):
+      raise error(f"{error.__name__} raised")
+
+    monkeypatch.setattr(cli, "_convert", fail)
+    assert cli.main(["convert", "a", "b"]) == 2
+    assert capsys.readouterr().err == f"jmmkv: error: {error.__name__} raised\n"
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_malformed_json_names_the_file(tiny_model, tmp_path, capsys, name):
+  import shutil
+
+  src = tmp_path / "hf"
+  shutil.copytree(tiny_model("llama_gqa", 1).path, src)
+  (src / name).write_text('{"architectures": ["LlamaForCausalLM"],')
+  capsys.readouterr()
+  with pytest.raises(ValueError, match=f"{src / name} is not valid JSON"):
+    jmmkv.load(src)
+  assert cli.main(["convert", str(src), str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"jmmkv: error: {src / name} is not valid JSON")
+
+
+def test_demo_and_eval_synthetic_take_a_jmmkv_checkpoint(tmp_path, capsys):
+  from jmmkv.synthetic import MODEL_DIR, demo
+
+  out = tmp_path / "ckpt"
+  assert cli.main(["convert", str(MODEL_DIR), str(out)]) == 0
+  _tree_equal(demo.load_bundled(out).params, jmmkv.load(MODEL_DIR).params)
+  argv = ["demo", "--model", str(out), "--policies", "full", "--images", "2", "--dtype", "fp32"]
+  assert cli.main(argv) == 0
+  assert capsys.readouterr().out.splitlines()[-1].startswith("full ")
+  with pytest.raises(FileNotFoundError, match="neither model.safetensors nor a jmmkv checkpoint"):
+    demo.load_bundled(tmp_path)

@@ -1,6 +1,8 @@
-import pytest
+import argparse
 import subprocess
 import sys
+
+import pytest
 
 from jmmkv import cli
 
@@ -143,3 +145,97 @@ def test_every_command_has_help(command, capsys):
   out = capsys.readouterr().out
   assert out.startswith("usage: jmmkv" + "".join(f" {c}" for c in command))
   assert "show this help message" in out
+
+
+def _no_run(*args, **kwargs):
+  raise AssertionError("the work started before the arguments were checked")
+
+
+def test_bench_compare_hf_without_torch_is_one_line(monkeypatch, tmp_path, capsys):
+  from jmmkv import bench
+
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  monkeypatch.setattr(bench, "run", _no_run)
+  out = tmp_path / "b.json"
+  assert cli.main(["bench", "--preset", "tiny", "--compare-hf", "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jmmkv: error: --compare-hf needs PyTorch (torch==2.13.0)")
+  assert "pip install -e '.[test]'" in err and len(err.strip().splitlines()) == 1
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["dir", "under_file"])
+def test_bench_out_is_checked_before_any_run(monkeypatch, tmp_path, capsys, where):
+  from jmmkv import bench
+
+  monkeypatch.setattr(bench, "run", _no_run)
+  (tmp_path / "file").write_text("x")
+  out = {"dir": tmp_path, "under_file": tmp_path / "file" / "b.json"}[where]
+  assert cli.main(["bench", "--preset", "tiny", "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  want = "is a directory" if where == "dir" else f"{tmp_path / 'file'} is not a directory"
+  assert err.startswith("jmmkv: error:") and want in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_out_folder_is_created(tmp_path, capsys):
+  out = tmp_path / "new" / "dir" / "b.json"
+  argv = ["bench", "--preset", "tiny", "--lengths", "64", "--policies", "full"]
+  assert cli.main(argv + ["--repeats", "1", "--max-new-tokens", "2", "--out", str(out)]) == 0
+  assert out.is_file()
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--out", "DIR"], "--out DIR is a directory"),
+    (["--plot", "DIR"], "--plot DIR is a directory"),
+    (["--out", "FILE/r.json"], "cannot write --out FILE/r.json"),
+    (["--plot", "FILE/r.png"], "cannot write --plot FILE/r.png"),
+  ],
+)
+def test_eval_synthetic_outputs_are_checked_before_loading(
+  monkeypatch, tmp_path, capsys, flags, message
+):
+  from jmmkv.synthetic import demo
+
+  monkeypatch.setattr(demo, "load_bundled", _no_run)
+  (tmp_path / "f").write_text("x")
+  names = {"DIR": str(tmp_path), "FILE": str(tmp_path / "f")}
+  flags = [flags[0], flags[1].replace("DIR", names["DIR"]).replace("FILE", names["FILE"])]
+  assert cli.main(["eval", "synthetic", *flags]) == 2
+  err = capsys.readouterr().err
+  message = message.replace("DIR", names["DIR"]).replace("FILE", names["FILE"])
+  assert err.startswith("jmmkv: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("preset", [[], ["--preset", "tiny"]])
+def test_demo_rejects_negative_seeds(capsys, preset):
+  assert cli.main(["demo", "--seed", "-1", *preset]) == 2
+  assert capsys.readouterr().err.strip() == "jmmkv: error: --seed must be >= 0, got -1"
+
+
+def _dtype_choices(parser) -> dict:
+  """``--dtype`` choices of every (sub-)command, by command path."""
+  out = {}
+
+  def walk(p, path):
+    for action in p._actions:
+      if action.dest == "dtype":
+        out[path] = action.choices
+      if isinstance(action, argparse._SubParsersAction):
+        for name, sub in action.choices.items():
+          walk(sub, f"{path} {name}".strip())
+
+  walk(parser, "")
+  return out
+
+
+def test_every_dtype_option_takes_both_spellings(capsys):
+  choices = _dtype_choices(cli.build_parser())
+  commands = {"demo", "convert", "generate", "bench", "eval milebench", "eval synthetic"}
+  assert set(choices) == commands
+  for command, got in choices.items():
+    assert set(got) == {"float32", "fp32", "bfloat16", "bf16"}, command
+  argv = ["demo", "--preset", "tiny", "--policies", "full", "--dtype", "bf16"]
+  assert cli.main(argv + ["--prompt-len", "8", "--max-new-tokens", "2"]) == 0
+  assert capsys.readouterr().out.splitlines()[0].endswith("), bfloat16")

@@ -211,3 +211,79 @@ def test_bfloat16_decode_matches_bfloat16_forward():
     want = full_TV[len(p) - 1 : len(p) - 1 + 6]
     scale = np.abs(want).max()
     assert np.abs(out.scores[b] - want).max() <= 0.02 * scale
+
+
+def test_bench_prefill_time_excludes_the_first_embed_call(monkeypatch):
+  import importlib
+  import time
+
+  from jmmkv.cache.stats import NONE
+
+  gen = importlib.import_module("jmmkv.generate")
+  model = jmmkv.random_model(CFG, seed=13)
+  embed, calls = type(model).embed, []
+
+  def slow_first(self, ids_BT, media):  # the first call stands for embed_text's compilation
+    calls.append(1)
+    if len(calls) == 1:
+      time.sleep(0.5)
+    return embed(self, ids_BT, media)
+
+  monkeypatch.setattr(type(model), "embed", slow_first)
+  seconds = gen._prefill(model, model.prepare(input_ids=_prompts(13, [20])), NONE, True)[-1]
+  assert len(calls) == 2 and seconds < 0.5
+
+
+def test_policy_and_budget_as_names_specs_and_ratios(model):
+  from jmmkv.cache.policies.snapkv import SnapKV
+
+  batch = model.prepare(input_ids=_prompts(14, [40, 25]))
+  kw = dict(max_new_tokens=4, eos_token_id=[], return_cache=True)
+  want = jmmkv.generate(model, batch, SnapKV(window=8), jmmkv.Budget(ratio=0.5), **kw)
+  got = jmmkv.generate(model, batch, "snapkv:window=8", 0.5, **kw)
+  assert got.tokens == want.tokens
+  np.testing.assert_array_equal(got.stats["kept_tokens_per_layer_head"], [[[20, 20], [13, 13]]] * 2)
+  cache = jmmkv.compress(model, batch, "snapkv:window=8", 0.5)
+  np.testing.assert_array_equal(cache.positions, want.cache.positions[..., : cache.capacity])
+  with pytest.raises(TypeError, match="class SnapKV"):
+    jmmkv.generate(model, batch, SnapKV, 0.5)
+  with pytest.raises(TypeError, match="policy must be a policy"):
+    jmmkv.generate(model, batch, 3, 0.5)
+  with pytest.raises(TypeError, match="budget must be a jmmkv.Budget"):
+    jmmkv.compress(model, batch, "snapkv", "0.5")
+  with pytest.raises(ValueError, match="unknown policy 'nope'"):
+    jmmkv.generate(model, batch, "nope", 0.5)
+
+
+@pytest.mark.parametrize(
+  "rng", [0, np.array([0, 1]), jax.random.split(jax.random.key(0)), jax.random.key(0)[None]]
+)
+def test_rng_must_be_one_key(model, rng):
+  batch = model.prepare(input_ids=[[5, 6, 7]])
+  with pytest.raises(TypeError, match=r"jax\.random\.key\(seed\)"):
+    jmmkv.generate(model, batch, temperature=0.7, rng=rng)
+
+
+def test_legacy_uint32_keys_still_work(model):
+  batch = model.prepare(input_ids=[[5, 6, 7]])
+  kw = dict(max_new_tokens=4, eos_token_id=[], temperature=0.7)
+  typed = jmmkv.generate(model, batch, rng=jax.random.key(4), **kw)
+  legacy = jmmkv.generate(model, batch, rng=jax.random.key_data(jax.random.key(4)), **kw)
+  assert legacy.tokens == typed.tokens
+
+
+def test_input_ids_must_be_integer_rows(model):
+  with pytest.raises(ValueError, match="must be integers"):
+    model.prepare(input_ids=[[1.5, 2.7]])
+  with pytest.raises(ValueError, match="must be integers"):
+    model.prepare(input_ids=[[True, False]])
+  with pytest.raises(ValueError, match=r"row 0 must be a 1-D .* shape \(2, 2\)"):
+    model.prepare(input_ids=[[[1, 2], [5, 6]]])
+  with pytest.raises(ValueError, match=r"row 0 must be a 1-D .* shape \(\)"):
+    model.prepare(input_ids=[1, 2, 3])  # a flat list is not one prompt per id
+  with pytest.raises(ValueError, match=r"\[B, T\]"):
+    model.prepare(input_ids=np.ones((1, 2, 3), int), attention_mask=np.ones((1, 2, 3)))
+  for one_row in (np.array([4, 5, 6]), jax.numpy.array([4, 5, 6])):  # a 1-D array is one prompt
+    batch = model.prepare(input_ids=one_row)
+    assert [r.tolist() for r in batch.input_ids] == [[4, 5, 6]]
+    assert batch.input_ids[0].dtype == np.int32

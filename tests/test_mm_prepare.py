@@ -298,3 +298,16 @@ def test_video_frames_through_prepare(family, num_frames, setups):
   assert min(min(m) for m in margins) > 1e-4
   out = jmmkv.generate(model, batch, max_new_tokens=MAX_NEW, eos_token_id=[])
   assert out.tokens == tokens
+
+
+def test_images_must_be_one_list_per_prompt(setups):
+  _, _, model = setups("llava")
+  prompts, images = _prompts("llava")
+  img = images[1][0]
+  for bad in ([img], img, [img, [img]]):  # a flat list, a bare image, a mix
+    with pytest.raises(ValueError, match=r"one list per prompt, e\.g\. images=\[\[img\]\]"):
+      model.prepare(prompts=prompts[1:], images=bad)
+  with pytest.raises(ValueError, match=r"videos=\[\[frames\]\]"):
+    model.prepare(prompts=prompts[1:], images=[[img]], videos=[img])
+  batch = model.prepare(prompts=prompts[1:], images=([img],))  # tuples are lists too
+  assert (batch.modality[0] == 2).sum() > 0

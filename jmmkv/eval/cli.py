@@ -32,7 +32,12 @@ def _add_milebench(benchmarks) -> None:
     help="comma-separated task names or categories (T, S, NH, IR); default: every task in --data",
   )
   mb.add_argument("--limit", type=int, default=None, help="only the first N samples of each task")
-  mb.add_argument("--policy", required=True, help="a name from jmmkv.policies.NAMES")
+  mb.add_argument(
+    "--policy",
+    required=True,
+    help="a policy spec: a name from jmmkv.policies.NAMES, or name:key=value (e.g. "
+    "snapkv:window=8); its settings win over --hp",
+  )
   mb.add_argument(
     "--budget",
     type=float,
@@ -77,6 +82,7 @@ def _synthetic(args) -> int:
 
 
 def _add_synthetic(benchmarks) -> None:
+  from jmmkv.cli import DTYPES
   from jmmkv.synthetic import tasks
 
   sy = benchmarks.add_parser(
@@ -88,7 +94,12 @@ def _add_synthetic(benchmarks) -> None:
       "per-task accuracy table, writes a JSON and an accuracy-vs-budget plot."
     ),
   )
-  sy.add_argument("--model", default=None, help="a model directory (default: the bundled model)")
+  sy.add_argument(
+    "--model",
+    default=None,
+    help="an HF directory or a jmmkv checkpoint of a model trained on the synthetic tasks "
+    "(default: the bundled model)",
+  )
   sy.add_argument(
     "--policies",
     default="all",
@@ -108,7 +119,7 @@ def _add_synthetic(benchmarks) -> None:
   sy.add_argument("--batch-size", type=int, default=16)
   sy.add_argument("--out", default="synthetic.json", help="where to write the JSON results")
   sy.add_argument("--plot", default="synthetic.png", help="accuracy-vs-budget PNG ('' for none)")
-  sy.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  sy.add_argument("--dtype", choices=DTYPES, default="float32")
   sy.set_defaults(func=_synthetic)
 
 

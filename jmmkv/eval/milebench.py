@@ -181,30 +181,35 @@ def format_table(res: dict) -> str:
   return "\n".join(lines)
 
 
+def _policy(spec: str, hp: list[str]):
+  """(name, policy) of ``--policy`` (a name or ``name:key=value`` spec) and the ``--hp``
+  settings; the spec's own settings win, as in `jmmkv.policies.from_spec`."""
+  import jmmkv
+
+  name, settings = jmmkv.policies.spec_kwargs(spec)
+  kwargs = dict(jmmkv.policies.setting(item, "--hp") for item in hp) | settings
+  try:
+    return name, jmmkv.policies.get(name, **kwargs)
+  except TypeError as e:  # an unknown hyperparameter
+    raise ValueError(f"policy {spec}: {e}") from None
+
+
 def run(args) -> int:
   """``jmmkv eval milebench``: arguments are checked before the model is loaded."""
   import jax
 
   import jmmkv
   from jmmkv import runinfo
+  from jmmkv.cli import output_path
 
-  kwargs = dict(jmmkv.policies.setting(hp, "--hp") for hp in args.hp)
-  try:
-    policy = jmmkv.policies.get(args.policy, **kwargs)
-  except TypeError as e:
-    raise ValueError(f"policy {args.policy}: {e}") from None
-  if args.policy != "full" and args.budget is None:
+  name, policy = _policy(args.policy, args.hp)
+  full = name == "full"
+  if not full and args.budget is None:
     raise ValueError(f"--budget is needed for policy {args.policy}")
   budget = None if args.budget is None else jmmkv.Budget(ratio=args.budget)
   if args.max_context_len is not None and args.max_context_len < 1:
     raise ValueError(f"--max-context-len must be >= 1, got {args.max_context_len}")
-  out_path = Path(args.out)
-  if out_path.is_dir():
-    raise ValueError(f"--out {out_path} is a directory")
-  try:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"cannot write --out {out_path}: {e}") from None
+  out_path = output_path(args.out, "--out")
   tasks = load_tasks(args.data, args.tasks, args.limit)
   model = jmmkv.load(args.model, dtype=args.dtype)
   t0 = time.perf_counter()
@@ -212,7 +217,7 @@ def run(args) -> int:
     model,
     tasks,
     policy,
-    None if args.policy == "full" else budget,
+    None if full else budget,
     max_new_tokens=args.max_new_tokens,
     max_context_len=args.max_context_len,
     chat_template=not args.no_chat_template,
@@ -221,7 +226,7 @@ def run(args) -> int:
   meta = {
     "policy": args.policy,
     "hyperparameters": hp,
-    "budget": None if args.policy == "full" else args.budget,
+    "budget": None if full else args.budget,
     "model": str(args.model),
     "dtype": model.dtype_name,
     "data": str(args.data),

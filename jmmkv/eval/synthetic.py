@@ -8,6 +8,7 @@ metadata and an accuracy-vs-budget plot (one panel per task, one line per policy
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -98,6 +99,7 @@ def run(args) -> int:
   """``jmmkv eval synthetic``: arguments are checked before the model is loaded."""
   import jmmkv
   from jmmkv import runinfo
+  from jmmkv.cli import output_path
   from jmmkv.synthetic import demo, tasks
 
   names = jmmkv.policies.spec_list(args.policies)
@@ -111,10 +113,10 @@ def run(args) -> int:
   if args.n < 1 or args.batch_size < 1:
     raise ValueError("--n and --batch-size must be >= 1")
   settings = tasks.TaskSettings(n_images=args.images, filler=args.filler)
-  out_path, plot_path = Path(args.out), Path(args.plot) if args.plot else None
-  for p in (out_path, plot_path):
-    if p is not None and p.is_dir():
-      raise ValueError(f"{p} is a directory")
+  out_path = output_path(args.out, "--out")
+  plot_path = output_path(args.plot, "--plot") if args.plot else None
+  if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+    raise ValueError("--plot needs matplotlib: pip install -e '.[plot]' (or --plot '' for none)")
   model = demo.load_bundled(args.model or demo.MODEL_DIR, args.dtype)
   samples = tasks.heldout_all(args.n, settings, task_names)
   t0 = time.perf_counter()
@@ -132,7 +134,6 @@ def run(args) -> int:
     date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   )
   print(format_table(rows, task_names))
-  out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
   print(f"wrote {out_path}", file=sys.stderr)
   if plot_path is not None:

@@ -31,12 +31,22 @@ _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|embeddings\.position_ids)$")
 Entry = tuple[tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
 
 
+def read_json(path: Path):
+  """``path`` parsed as JSON; a malformed file is a ValueError that names it."""
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def read_config(model_dir: str | Path) -> tuple[dict, str]:
   """Reads ``config.json``; returns it with its (supported) architecture name."""
   path = Path(model_dir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"no config.json in {model_dir} (expected an HF model directory)")
-  cfg = json.loads(path.read_text())
+  cfg = read_json(path)
+  if not isinstance(cfg, dict):
+    raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
   archs = cfg.get("architectures") or []
   arch = archs[0] if archs else None
   if arch not in SUPPORTED_ARCHITECTURES:
@@ -99,7 +109,11 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
   model_dir = Path(model_dir)
   index = model_dir / "model.safetensors.index.json"
   if index.is_file():
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+      raise ValueError(f'{index} has no "weight_map" object')
+    names = sorted(set(weight_map.values()))
     for name in names:
       if not (model_dir / name).is_file():
         raise FileNotFoundError(f"shard {name} listed in {index} does not exist")
@@ -179,5 +193,5 @@ def generation_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
   path = Path(model_dir) / "generation_config.json"
   if not path.is_file():
     return ()
-  eos = json.loads(path.read_text()).get("eos_token_id")
+  eos = read_json(path).get("eos_token_id")
   return as_int_tuple(eos)

@@ -78,7 +78,15 @@ def _placeholders(model) -> tuple[str, str]:
 
 
 def _check_counts(prompts, media, mark: str, what: str):
+  """The items of ``media`` (one list per prompt) in prompt order, checked against the
+  ``mark`` placeholders of each prompt."""
   media = media if media is not None else [[] for _ in prompts]
+  example = "img" if what == "image" else "frames"
+  if not isinstance(media, (list, tuple)) or not all(isinstance(m, (list, tuple)) for m in media):
+    raise ValueError(
+      f"{what}s must be one list per prompt, e.g. {what}s=[[{example}]] for one prompt with "
+      f"one {what}"
+    )
   if len(media) != len(prompts):
     raise ValueError(
       f"{len(prompts)} prompts but {len(media)} {what} lists: give one list per prompt"

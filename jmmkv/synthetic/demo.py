@@ -12,14 +12,26 @@ from jmmkv.synthetic import MODEL_DIR, evaluate, tasks
 DEFAULT_POLICIES = ("full", "madakv", "meda")
 
 
+def has_model(model_dir: str | Path) -> bool:
+  """Whether ``model_dir`` holds a model `jmmkv.load` reads: HF safetensors (one file or
+  sharded) or a jmmkv checkpoint (`jmmkv convert`)."""
+  from jmmkv import ckpt
+
+  d = Path(model_dir)
+  weights = ("model.safetensors", "model.safetensors.index.json")
+  return any((d / f).is_file() for f in weights) or ckpt.is_checkpoint(d)
+
+
 def load_bundled(model_dir: str | Path = MODEL_DIR, dtype: str = "float32"):
-  """`jmmkv.load` of the bundled model, with a clear error when it is missing."""
+  """`jmmkv.load` of the bundled model (or another one trained on the synthetic tasks, as an HF
+  directory or a jmmkv checkpoint), with a clear error when there is none."""
   import jmmkv
 
   model_dir = Path(model_dir)
-  if not (model_dir / "model.safetensors").is_file():
+  if not has_model(model_dir):
     raise FileNotFoundError(
-      f"no model at {model_dir}: train it with scripts/train_tiny_llava.py --out {model_dir}"
+      f"no model at {model_dir} (neither model.safetensors nor a jmmkv checkpoint): train it "
+      f"with scripts/train_tiny_llava.py --out {model_dir}"
     )
   return jmmkv.load(model_dir, dtype=dtype)
 

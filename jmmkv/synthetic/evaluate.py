@@ -15,20 +15,6 @@ from typing import Sequence
 from jmmkv.synthetic.tasks import Sample, num_tokens
 
 
-def _policy(policy):
-  import jmmkv
-
-  return jmmkv.policies.from_spec(policy) if isinstance(policy, str) else policy
-
-
-def _budget(budget):
-  import jmmkv
-
-  if budget is None or isinstance(budget, jmmkv.Budget):
-    return budget
-  return jmmkv.Budget(ratio=float(budget))
-
-
 def reply_answer(text: str, echo: str) -> str:
   """The answer in a generated reply: the word after ``echo``, or ``""`` when the reply does not
   start with it."""
@@ -46,12 +32,13 @@ def run(
 ) -> tuple[list[str], float]:
   """(the answer generated for every sample, in the order given; the mean kept fraction).
 
-  ``policy``: a name for `jmmkv.policies.get` or a policy object; ``budget``: None (full
-  cache), a `jmmkv.Budget`, or a float (a ratio of each prompt).
+  ``policy``: a name or spec for `jmmkv.policies.from_spec`, or a policy object; ``budget``:
+  None (full cache), a `jmmkv.Budget`, or a float (a ratio of each prompt).
   """
   import jmmkv
+  from jmmkv.generate import as_budget, as_policy
 
-  pol, bud = _policy(policy), _budget(budget)
+  pol, bud = as_policy(policy), as_budget(budget)  # bad ones fail before any work
   order = sorted(range(len(samples)), key=lambda i: num_tokens(samples[i].prompt))
   out: list[str] = [""] * len(samples)
   kept = []

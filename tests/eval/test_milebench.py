@@ -323,6 +323,9 @@ def test_end_to_end_truncation(llava_dir, data_dir, tmp_path, capsys):
     ({"--budget": "0"}, "ratio"),
     ({"--policy": "h2o", "--budget": None}, "--budget is needed"),
     ({"--hp": "nope=1"}, "policy snapkv"),
+    ({"--policy": "snapkv:nope=1"}, "policy snapkv:nope=1"),
+    ({"--policy": "nope:window=8"}, "unknown policy 'nope'"),
+    ({"--out": "DATA"}, "is a directory"),
     ({"--limit": "0"}, "--limit must be >= 1"),
     ({"--tasks": "ALFRED", "--data": "NOIMAGE"}, "does not exist"),
   ],
@@ -331,7 +334,7 @@ def test_errors_before_loading_the_model(data_dir, tmp_path, capsys, change, mes
   broken = tmp_path / "data"  # ALFRED without one of its images
   shutil.copytree(data_dir / "ALFRED", broken / "ALFRED")
   (broken / "ALFRED" / "images" / "1_0.png").unlink()
-  paths = {"MISSING": str(tmp_path / "none"), "NOIMAGE": str(broken)}
+  paths = {"MISSING": str(tmp_path / "none"), "NOIMAGE": str(broken), "DATA": str(data_dir)}
   opts = dict(zip(RUN[::2], RUN[1::2]))
   opts |= {"--model": str(tmp_path / "no_model"), "--data": str(data_dir)}  # no model: not read
   opts |= {k: paths.get(v, v) for k, v in change.items()}
@@ -347,3 +350,14 @@ def test_unreadable_image_is_one_line(llava_dir, data_dir, tmp_path, capsys):
   code, _, err = _run(args + RUN, capsys)
   last = err.strip().splitlines()[-1]  # after the progress bar
   assert code == 2 and last.startswith("jmmkv: error: cannot read image") and "0_1.png" in last
+
+
+def test_policy_spec_settings_win_over_hp(llava_dir, data_dir, tmp_path, capsys):
+  spec = "snapkv:window=8"
+  args = ["--model", str(llava_dir), "--data", str(data_dir), "--tasks", "ALFRED", "--limit", "1"]
+  args += ["--policy", spec, "--hp", "window=16", "--hp", "kernel=3", "--budget", "0.5"]
+  code, _, err = _run(args + ["--max-new-tokens", "2", "--out", str(tmp_path / "r.json")], capsys)
+  assert code == 0, err
+  meta = json.loads((tmp_path / "r.json").read_text())["meta"]
+  assert meta["policy"] == spec and meta["budget"] == 0.5
+  assert meta["hyperparameters"] == {"window": 8, "kernel": 3, "pooling": "avg", "gqa": "mean"}
