@@ -179,7 +179,7 @@ def as_policy(policy):
       f"policy must be a policy instance or a name, got the class {policy.__name__}: "
       f"use {policy.__name__}() or jmmkv.policies.get(name)"
     )
-  if not all(hasattr(policy, a) for a in ("stats", "capacity", "compress")):
+  if not all(hasattr(policy, a) for a in policies.INTERFACE):
     raise TypeError(
       "policy must be a policy (jmmkv.policies.get(name)), a name or spec string, or None; "
       f"got {type(policy).__name__}"

@@ -69,7 +69,7 @@ def main() -> None:
   model = demo.load_bundled()
   eps = tasks.episodes("temporal", args.n, 0, tasks.DEFAULTS, 1, split="heldout")
   samples = [e.sample() for e in eps]
-  anchors = [e.contents.index(tuple(e.qa[0][0].split()[-3:-1])) for e in eps]
+  anchors = [e.contents.index(tuple(tasks.echo("temporal", e.qa[0][0]).split())) for e in eps]
   print(
     "| policy | right | anchor kept | next kept | other frames | next at hop head: right | wrong |"
   )

@@ -181,19 +181,6 @@ def format_table(res: dict) -> str:
   return "\n".join(lines)
 
 
-def _policy(spec: str, hp: list[str]):
-  """(name, policy) of ``--policy`` (a name or ``name:key=value`` spec) and the ``--hp``
-  settings; the spec's own settings win, as in `jmmkv.policies.from_spec`."""
-  import jmmkv
-
-  name, settings = jmmkv.policies.spec_kwargs(spec)
-  kwargs = dict(jmmkv.policies.setting(item, "--hp") for item in hp) | settings
-  try:
-    return name, jmmkv.policies.get(name, **kwargs)
-  except TypeError as e:  # an unknown hyperparameter
-    raise ValueError(f"policy {spec}: {e}") from None
-
-
 def run(args) -> int:
   """``jmmkv eval milebench``: arguments are checked before the model is loaded."""
   import jax
@@ -202,8 +189,9 @@ def run(args) -> int:
   from jmmkv import runinfo
   from jmmkv.cli import output_path
 
-  name, policy = _policy(args.policy, args.hp)
-  full = name == "full"
+  overrides = dict(jmmkv.policies.setting(item, "--hp") for item in args.hp)
+  policy = jmmkv.policies.from_spec(args.policy, **overrides)  # the spec's settings win over --hp
+  full = jmmkv.policies.spec_kwargs(args.policy)[0] == "full"
   if not full and args.budget is None:
     raise ValueError(f"--budget is needed for policy {args.policy}")
   budget = None if args.budget is None else jmmkv.Budget(ratio=args.budget)

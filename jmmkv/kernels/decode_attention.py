@@ -143,15 +143,14 @@ def page_partials(
   q = jnp.pad(q_PGH, [(0, pp - p), (0, gp - g), (0, hp - h)])
   k, v = (jnp.pad(x, [(0, pp - p), (0, sp - s), (0, hp - h)]) for x in (k_PSH, v_PSH))
   valid = jnp.pad(valid_PS.astype(jnp.int32), [(0, pp - p), (0, sp - s)]).reshape(pp, 1, sp)
-  s, h = sp, hp
   page_spec = lambda *dims: pl.BlockSpec((bp, *dims), lambda i: (i,) + (0,) * len(dims))
   o, m, l = pl.pallas_call(
     functools.partial(_page_partials_kernel, scale=float(scale), mask=_mask_value()),
     grid=(pp // bp,),
-    in_specs=[page_spec(gp, h), page_spec(s, h), page_spec(s, h), page_spec(1, s)],
-    out_specs=[page_spec(gp, h), page_spec(1, gp), page_spec(1, gp)],
+    in_specs=[page_spec(gp, hp), page_spec(sp, hp), page_spec(sp, hp), page_spec(1, sp)],
+    out_specs=[page_spec(gp, hp), page_spec(1, gp), page_spec(1, gp)],
     out_shape=[
-      jax.ShapeDtypeStruct((pp, gp, h), f32),
+      jax.ShapeDtypeStruct((pp, gp, hp), f32),
       jax.ShapeDtypeStruct((pp, 1, gp), f32),
       jax.ShapeDtypeStruct((pp, 1, gp), f32),
     ],
@@ -159,7 +158,7 @@ def page_partials(
     name="jmmkv_page_partials",
     compiler_params=None if interpret else _compiler_params(backend),
   )(q, k, v, valid)
-  return o[:p, :g, : q_PGH.shape[2]], m[:p, 0, :g], l[:p, 0, :g]
+  return o[:p, :g, :h], m[:p, 0, :g], l[:p, 0, :g]
 
 
 def combine(

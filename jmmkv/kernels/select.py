@@ -126,9 +126,14 @@ def vmem_need(t: int, rows: int) -> int:
   return 16 * rows * _round_up(t, 128) * 4
 
 
-def fits_tpu(t: int, rows: int = 8) -> bool:
-  """Whether `keep_mask` fits the TPU's VMEM (within 3/4 of it) for rows of ``T``."""
-  return vmem_need(t, rows) <= _vmem_capacity() * 3 // 4
+def _usable_vmem() -> int:
+  """The VMEM `keep_mask` may take: 3/4 of the TPU's (the rest for Mosaic's own scratch)."""
+  return _vmem_capacity() * 3 // 4
+
+
+def fits_tpu(t: int, rows: int = SelectBlocks().rows) -> bool:
+  """Whether `keep_mask` fits the TPU's usable VMEM for blocks of ``rows`` rows of ``T``."""
+  return vmem_need(t, rows) <= _usable_vmem()
 
 
 def keep_mask(
@@ -162,13 +167,13 @@ def keep_mask(
     tp = _round_up(t, 128)
     # Raise the scoped VMEM limit past its default (16 MiB, 32 on v6e) when needed, within the
     # chip's VMEM.
-    need, capacity = vmem_need(t, rows), _vmem_capacity()
-    if not interpret and need > capacity * 3 // 4:
+    need, usable = vmem_need(t, rows), _usable_vmem()
+    if not interpret and need > usable:
       raise ValueError(
-        f"keep_mask: rows of T={t} need {need >> 20} MiB of VMEM, over 3/4 of this TPU's "
-        f"{capacity >> 20} MiB; use fewer block rows or keep_mask_reference"
+        f"keep_mask: rows of T={t} need {need >> 20} MiB of VMEM, over the {usable >> 20} MiB "
+        "usable (3/4 of this TPU's); use fewer block rows or keep_mask_reference"
       )
-    limit = min(need + (4 << 20), capacity * 3 // 4) if need > (12 << 20) else None
+    limit = min(need + (4 << 20), usable) if need > (12 << 20) else None
     params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=limit)
   rp = _round_up(r, rows)
   pad = ((0, rp - r), (0, tp - t))

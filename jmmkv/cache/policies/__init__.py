@@ -31,6 +31,7 @@ POLICIES = {
   "madakv": MadaKV,
 }
 NAMES = tuple(POLICIES)  # the built-in policies
+INTERFACE = ("stats", "capacity", "compress")  # what every policy has (base module docstring)
 
 
 def register(name: str, cls, *, replace: bool = False):
@@ -41,7 +42,7 @@ def register(name: str, cls, *, replace: bool = False):
     raise ValueError(f"a policy name must be a non-empty string, got {name!r}")
   if name in POLICIES and not replace:
     raise ValueError(f"policy {name!r} already exists; pass replace=True to override it")
-  missing = [a for a in ("stats", "capacity", "compress") if not hasattr(cls, a)]
+  missing = [a for a in INTERFACE if not hasattr(cls, a)]
   if missing:
     raise TypeError(f"{getattr(cls, '__name__', cls)} lacks {', '.join(missing)}: not a policy")
   params = getattr(cls, "__dataclass_params__", None)
