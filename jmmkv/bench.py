@@ -225,7 +225,7 @@ def _line(r) -> str:
 
 
 def main(args) -> int:
-  from jmmkv.cli import output_path
+  from jmmkv.files import output_path
 
   policies = jmmkv.policies.spec_list(args.policies)  # bad arguments fail before any work
   budgets = [float(b) for b in args.budgets.split(",")]

@@ -36,24 +36,6 @@ PRESETS = {
 }
 
 
-def output_path(path: str, flag: str = "--out") -> Path:
-  """``path`` as a file to write after a run, checked before it: not a directory, its folder
-  created (when missing) and writable. Errors name ``flag``."""
-  p = Path(path)
-  if p.is_dir():
-    raise ValueError(f"{flag} {p} is a directory; give a file name")
-  existing = next(q for q in p.absolute().parents if q.exists())
-  if not existing.is_dir():
-    raise ValueError(f"cannot write {flag} {p}: {existing} is not a directory")
-  try:
-    p.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"cannot write {flag} {p}: {e.strerror or e}") from None
-  if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-    raise ValueError(f"cannot write {flag} {p}: permission denied")
-  return p
-
-
 def _budget(args, policy=None):
   """``Budget(ratio=args.budget)``, checked even for ``full`` (which gets None: it ignores it)."""
   import jmmkv
@@ -148,46 +130,14 @@ def _convert(args) -> int:
   return 0
 
 
-def _read_image(path: str):
-  from PIL import Image, UnidentifiedImageError
-
-  try:
-    with Image.open(path) as im:
-      return im.convert("RGB")
-  except FileNotFoundError:
-    raise FileNotFoundError(f"image {path} does not exist") from None
-  except (UnidentifiedImageError, OSError) as e:
-    raise ValueError(f"cannot read image {path}: {e}") from None
-
-
-def _read_video(path: str):
-  """Frames of a directory of images (sorted by name) or of a multi-frame image (GIF, WebP)."""
-  from pathlib import Path
-
-  from PIL import Image, ImageSequence
-
-  p = Path(path)
-  if p.is_dir():
-    return [_read_image(str(f)) for f in sorted(p.iterdir()) if f.is_file()]
-  if not p.exists():
-    raise FileNotFoundError(f"video {path} does not exist")
-  try:
-    with Image.open(p) as im:
-      return [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-  except OSError:
-    raise ValueError(
-      f"cannot read video {path}: give a directory of frames or an animated GIF/WebP "
-      "(no video decoder is installed)"
-    ) from None
-
-
 def _generate(args) -> int:
   import jmmkv
+  from jmmkv import files
 
   policy = jmmkv.policies.from_spec(args.policy)  # bad specs and budgets fail before loading
   budget = _budget(args)
-  images = [_read_image(p) for p in args.image]
-  videos = [_read_video(p) for p in args.video]
+  images = [files.read_image(p) for p in args.image]
+  videos = [files.read_video(p) for p in args.video]
   model = jmmkv.load(args.model, dtype=args.dtype)
   if model.tokenizer is None:
     raise ValueError(f"{args.model} has no tokenizer files: jmmkv generate needs one")

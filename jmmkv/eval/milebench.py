@@ -32,6 +32,7 @@ from jmmkv.eval import milebench_metrics as metrics
 from jmmkv.eval import milebench_prompt as prompt
 from jmmkv.eval.milebench_data import CATEGORY_NAMES, LEVELS, Task, check_images, load_task
 from jmmkv.eval.milebench_data import resolve_tasks
+from jmmkv.files import read_image
 
 IMAGE_MODALITY = 2
 
@@ -45,12 +46,6 @@ def load_tasks(data_dir, tasks: str | None = None, limit: int | None = None) -> 
   out = [load_task(data_dir, name, limit) for name in resolve_tasks(tasks, data_dir)]
   check_images(out)
   return out
-
-
-def _read_image(path: Path):
-  from jmmkv.cli import _read_image as read  # the same one-line errors as `jmmkv generate`
-
-  return read(str(path))
 
 
 def _template_tokens(model, chat_template: bool) -> int:
@@ -82,7 +77,7 @@ class _Prompter:
 
   def __call__(self, task: Task, sample) -> tuple:
     instruction, context, order = prompt.build_prompt(sample, task.name)
-    images = [_read_image(task.image_dir / sample.images[k]) for k in order]
+    images = [read_image(task.image_dir / sample.images[k]) for k in order]
     batch = self._batch(prompt.join(instruction, context), images)
     if len(batch.input_ids[0]) - self.extra <= self.max_len:
       return batch, len(images)
@@ -187,7 +182,7 @@ def run(args) -> int:
 
   import jmmkv
   from jmmkv import runinfo
-  from jmmkv.cli import output_path
+  from jmmkv.files import output_path
 
   overrides = dict(jmmkv.policies.setting(item, "--hp") for item in args.hp)
   policy = jmmkv.policies.from_spec(args.policy, **overrides)  # the spec's settings win over --hp

@@ -99,7 +99,7 @@ def run(args) -> int:
   """``jmmkv eval synthetic``: arguments are checked before the model is loaded."""
   import jmmkv
   from jmmkv import runinfo
-  from jmmkv.cli import output_path
+  from jmmkv.files import output_path
   from jmmkv.synthetic import demo, tasks
 
   names = jmmkv.policies.spec_list(args.policies)
