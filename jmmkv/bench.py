@@ -225,10 +225,12 @@ def _line(r) -> str:
 
 
 def main(args) -> int:
-  from jmmkv.files import output_path
+  from jmmkv.arguments import numbers
+  from jmmkv.files import output_path, write_atomic
 
   policies = jmmkv.policies.spec_list(args.policies)  # bad arguments fail before any work
-  budgets = [float(b) for b in args.budgets.split(",")]
+  lengths = numbers(args.lengths, "--lengths", int, minimum=1)
+  budgets = numbers(args.budgets, "--budgets")
   for b in budgets:
     jmmkv.Budget(ratio=b)
   out = output_path(args.out)
@@ -241,7 +243,7 @@ def main(args) -> int:
   print(HEADER)
   result = run(
     args.preset,
-    [int(x) for x in args.lengths.split(",")],
+    lengths,
     policies,
     budgets,
     args.max_new_tokens,
@@ -257,8 +259,7 @@ def main(args) -> int:
         f"transformers (SDPA, DynamicCache, {r['hf_threads']} threads) "
         f"{r['hf_decode_ms_per_token']:.2f}"
       )
-  with open(out, "w") as fh:
-    json.dump(result, fh, indent=1)
+  write_atomic(out, json.dumps(result, indent=1))
   print(
     f"wrote {out}; decode floor uses a measured read bandwidth of "
     f"{result['meta']['read_bandwidth_GBps']:.1f} GB/s and {result['meta']['param_bytes'] / 2**20:.1f} MiB of params"

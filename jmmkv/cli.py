@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
+from pathlib import Path
 from pathlib import Path
 
 # What jmmkv.load accepts; every --dtype takes them.
@@ -37,11 +38,18 @@ PRESETS = {
 
 
 def _budget(args, policy=None):
-  """``Budget(ratio=args.budget)``, checked even for ``full`` (which gets None: it ignores it)."""
+  """``Budget(ratio=args.budget)``, checked even for ``full`` (which gets None: it ignores it);
+  a missing budget is refused for every other policy."""
   import jmmkv
 
+  spec = policy or args.policy
+  full = jmmkv.policies.spec_kwargs(spec)[0] == "full"
+  if args.budget is None:
+    if full:
+      return None
+    raise ValueError(f"--budget is needed for policy {spec} (a kept fraction in (0, 1], e.g. 0.2)")
   budget = jmmkv.Budget(ratio=args.budget)
-  return None if (policy or args.policy) == "full" else budget
+  return None if full else budget
 
 
 def _demo(args) -> int:
@@ -162,10 +170,21 @@ def _generate(args) -> int:
   return 0
 
 
+def _version() -> str:
+  """The installed jmmkv version, read without importing jax."""
+  import importlib.metadata
+
+  try:
+    return importlib.metadata.version("jmmkv")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="jmmkv", description="Multimodal LLMs in JAX with a compressible KV cache."
   )
+  parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
   sub = parser.add_subparsers(dest="command", required=True)
   demo = sub.add_parser(
     "demo",
@@ -225,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     default="full",
     help="a policy spec: a name from jmmkv.policies.NAMES, or name:key=value",
   )
-  gen.add_argument("--budget", type=float, default=0.2, help="kept fraction (not for full)")
+  gen.add_argument(
+    "--budget", type=float, default=None, help="kept fraction in (0, 1]: needed except for full"
+  )
   gen.add_argument("--max-new-tokens", type=int, default=64)
   gen.add_argument("--dtype", choices=DTYPES, default="float32")
   gen.set_defaults(func=_generate)
@@ -269,19 +290,34 @@ def _bench(args) -> int:
   return bench.main(args)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+  """jmmkv's own warnings as one ``jmmkv: warning: ...`` line; others as Python shows them."""
+  package = str(Path(__file__).parent)
+  if str(filename).startswith(package):
+    print(f"jmmkv: warning: {message}", file=sys.stderr if file is None else file)
+  else:
+    _default_show(message, category, filename, lineno, file, line)
+
+
+_default_show = warnings.showwarning
+
+
 def main(argv=None) -> int:
-  # jmmkv needs no PyTorch: hide transformers' "PyTorch was not found" advice
-  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   args = build_parser().parse_args(argv)
   for name in ("batch", "prompt_len", "max_new_tokens", "repeats"):
     if getattr(args, name, 1) < 1:
       print(f"jmmkv: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
       return 2
   try:
-    return args.func(args)
+    with warnings.catch_warnings():
+      warnings.showwarning = _show_warning
+      return args.func(args)
   except USER_ERRORS as e:
     print(f"jmmkv: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("jmmkv: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

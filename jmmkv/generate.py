@@ -260,6 +260,7 @@ def generate(
       model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
     )
     cfg, dtype, params = model.text_config, model.dtype_name, model.params["text"]
+    _warn_past_max_positions(cache.rope_start, max_new_tokens, cfg.max_position_embeddings)
     (tokens_BM, cache, scores), decode_s = _timed(
       decode_loop,
       params,
@@ -283,6 +284,19 @@ def generate(
     cache if return_cache else None,
     None if scores is None else np.asarray(scores),
   )
+
+
+def _warn_past_max_positions(rope_start, max_new_tokens: int, max_positions: int) -> None:
+  """Warns when decoding would feed RoPE positions at or past ``max_positions`` (the model's
+  ``max_position_embeddings``): the model never saw them in training."""
+  last = int(np.asarray(rope_start).max()) + max_new_tokens - 2  # the last token fed back
+  if last >= max_positions:
+    warnings.warn(
+      f"the prompt plus max_new_tokens={max_new_tokens} reach position {last}, past the model's "
+      f"max_position_embeddings={max_positions}: output beyond it may be meaningless (shorten the "
+      "prompt or lower max_new_tokens)",
+      stacklevel=3,
+    )
 
 
 @contextlib.contextmanager

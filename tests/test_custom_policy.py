@@ -96,8 +96,55 @@ def test_policy_specs_parse_values_and_reject_bad_ones():
     jmmkv.policies.setting("=1", "--hp")
   with pytest.raises(ValueError, match="unknown policy"):
     jmmkv.policies.from_spec("nope:x=1")
-  with pytest.raises(ValueError, match="'h2o:bogus=1'"):
+  with pytest.raises(ValueError, match="^policy 'h2o' has no setting 'bogus'; its settings: "):
     jmmkv.policies.from_spec("h2o:bogus=1")
+
+
+def test_specs_take_several_settings_separated_by_commas():
+  """``snapkv:window=8,kernel=5`` is one spec, alone and inside a comma-separated list."""
+  P = jmmkv.policies
+  assert P.spec_kwargs("snapkv:window=8,kernel=5") == ("snapkv", {"window": 8, "kernel": 5})
+  assert P.spec_kwargs("meda:split=(1,1),merge=false:variant=code") == (
+    "meda",
+    {"split": (1, 1), "merge": False, "variant": "code"},
+  )
+  policy = P.from_spec("snapkv:window=8,kernel=5")
+  assert (policy.window, policy.kernel) == (8, 5)
+  assert P.spec_list("full,snapkv:window=8,kernel=5,h2o") == [
+    "full",
+    "snapkv:window=8,kernel=5",
+    "h2o",
+  ]
+  assert P.spec_list("lookm:merge=none,meda:split=(1,1),variant=code") == [
+    "lookm:merge=none",
+    "meda:split=(1,1),variant=code",
+  ]
+  with pytest.raises(ValueError, match="setting 'window=8' comes before any policy name"):
+    P.spec_list("window=8,snapkv")
+  with pytest.raises(ValueError, match=r"expected key=value, got '1' .*split=\(1,1\)"):
+    P.from_spec("meda:split=1,1")
+
+
+@pytest.mark.parametrize(
+  "name, hp, message",
+  [
+    ("snapkv", {"kernal": 5}, "policy 'snapkv' has no setting 'kernal'; its settings: window, kernel, pooling, gqa"),
+    ("full", {"window": 8}, "policy 'full' has no setting 'window'; it takes none"),
+    ("adakv", {"beta": 1}, "policy 'adakv' has no setting 'beta'; its settings: alpha_safeguard, window, kernel, pooling, gqa"),
+  ],
+)
+def test_an_unknown_setting_lists_the_valid_ones(name, hp, message):
+  with pytest.raises(ValueError) as e:
+    jmmkv.policies.get(name, **hp)
+  assert str(e.value) == message
+
+
+def test_every_policy_takes_exactly_its_listed_settings():
+  for name in jmmkv.policies.NAMES:
+    for key in jmmkv.policies.settings(name):  # each listed setting is accepted as it is
+      default = jmmkv.policies.get(name)
+      value = getattr(default.scorer if name == "adakv" and key != "alpha_safeguard" else default, key)
+      jmmkv.policies.get(name, **{key: value})
 
 
 @pytest.mark.parametrize(

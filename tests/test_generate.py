@@ -287,3 +287,25 @@ def test_input_ids_must_be_integer_rows(model):
     batch = model.prepare(input_ids=one_row)
     assert [r.tolist() for r in batch.input_ids] == [[4, 5, 6]]
     assert batch.input_ids[0].dtype == np.int32
+
+
+@pytest.mark.parametrize("batch_lengths", [[40], [17, 40]])
+def test_warns_when_decoding_passes_max_position_embeddings(batch_lengths):
+  """The longest row's prompt (positions 0..39) plus the fed-back new tokens (all but the last)
+  must stay below max_position_embeddings (64): 25 new tokens reach 63, 26 reach 64."""
+  import dataclasses
+  import warnings
+
+  model = jmmkv.random_model(dataclasses.replace(CFG, max_position_embeddings=64), seed=3)
+  batch = model.prepare(input_ids=_prompts(4, batch_lengths))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no warning at the limit
+    jmmkv.generate(model, batch, max_new_tokens=25, eos_token_id=[])
+  with pytest.warns(UserWarning) as record:
+    jmmkv.generate(model, batch, max_new_tokens=26, eos_token_id=[])
+  assert [str(w.message) for w in record] == [
+    "the prompt plus max_new_tokens=26 reach position 64, past the model's "
+    "max_position_embeddings=64: output beyond it may be meaningless (shorten the prompt or "
+    "lower max_new_tokens)"
+  ]
+  assert record[0].filename == __file__  # points at the caller's generate line

@@ -102,3 +102,14 @@ def test_generation_config_eos_ids_are_used(tmp_path):
 def test_unsupported_dtype(model_dir, dtype):
   with pytest.raises(ValueError, match="unsupported dtype"):
     jmmkv.load(model_dir, dtype=dtype)
+
+
+def test_an_empty_list_of_prompts_is_one_clear_error():
+  import jmmkv
+  from jmmkv.models.configs import tiny_decoder
+
+  model = jmmkv.random_model(tiny_decoder(num_layers=1, hidden_size=32, intermediate_size=64))
+  with pytest.raises(ValueError, match="^prompts is empty: give at least one prompt$"):
+    model.prepare(prompts=[])
+  with pytest.raises(ValueError, match="^a batch needs at least one prompt$"):
+    model.prepare(input_ids=[])

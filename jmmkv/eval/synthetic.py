@@ -17,16 +17,6 @@ from pathlib import Path
 BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 
 
-def _floats(text: str, what: str) -> list[float]:
-  try:
-    out = [float(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
-  if not out:
-    raise ValueError(f"{what} is empty")
-  return out
-
-
 def evaluate_grid(model, samples, policies, budgets, batch_size=16, progress=True):
   """Rows ``{policy, budget, accuracy: {task: acc, mean}, kept_fraction, seconds}``: the full
   cache once (budget 1.0), then every other policy at every budget."""
@@ -91,7 +81,7 @@ def plot(rows, task_names, path: Path) -> None:
   axes[0].set_ylabel("accuracy")
   axes[-1].legend(fontsize=7, loc="lower right")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")
   plt.close(fig)
 
 
@@ -99,11 +89,12 @@ def run(args) -> int:
   """``jmmkv eval synthetic``: arguments are checked before the model is loaded."""
   import jmmkv
   from jmmkv import runinfo
-  from jmmkv.files import output_path
+  from jmmkv.arguments import numbers
+  from jmmkv.files import atomic_path, output_path, write_atomic
   from jmmkv.synthetic import demo, tasks
 
   names = jmmkv.policies.spec_list(args.policies)
-  budgets = _floats(args.budgets, "--budgets")
+  budgets = numbers(args.budgets, "--budgets")
   for b in budgets:
     jmmkv.Budget(ratio=b)  # range check
   task_names = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(tasks.TASKS)
@@ -116,7 +107,7 @@ def run(args) -> int:
   out_path = output_path(args.out, "--out")
   plot_path = output_path(args.plot, "--plot") if args.plot else None
   if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
-    raise ValueError("--plot needs matplotlib: pip install -e '.[plot]' (or --plot '' for none)")
+    raise ValueError("--plot needs matplotlib: pip install -e '.[plot]' (or leave --plot out)")
   model = demo.load_bundled(args.model or demo.MODEL_DIR, args.dtype)
   samples = tasks.heldout_all(args.n, settings, task_names)
   t0 = time.perf_counter()
@@ -134,9 +125,10 @@ def run(args) -> int:
     date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   )
   print(format_table(rows, task_names))
-  out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+  write_atomic(out_path, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
   print(f"wrote {out_path}", file=sys.stderr)
   if plot_path is not None:
-    plot(rows, task_names, plot_path)
+    with atomic_path(plot_path) as tmp:
+      plot(rows, task_names, tmp)
     print(f"wrote {plot_path}", file=sys.stderr)
   return 0

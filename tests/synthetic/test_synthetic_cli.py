@@ -20,6 +20,30 @@ def test_demo_answers_with_each_policy(capsys):
   assert float(rows["full"][-3]) == 1.0 and float(rows["snapkv"][-3]) < 0.6
   assert float(rows["snapkv"][-2]) < float(rows["full"][-2])
   assert rows["full"].count("ok") + rows["full"].count("WRONG") == len(tasks.TASKS)
+  assert "expected answer" in lines[1]  # the prompts' table says what the answer should be
+  assert "ok / WRONG: the answer decoded from the compressed cache vs the expected one" in lines
+
+
+def test_demo_snippets_end_on_whole_words_and_the_legend_explains_overruns():
+  from jmmkv.synthetic.demo import legend, snippet
+
+  text = "the cat sat on a mat what colour is the diamond ?"
+  assert snippet(text, 80) == text
+  assert snippet(text, 32) == "... what colour is the diamond ?"  # 32 characters
+  assert snippet(text, 31) == "... colour is the diamond ?"  # "what" no longer fits
+  rows = [
+    dict(policy="meda", budget=0.2, kept_fraction=0.42),
+    dict(policy="lookm:merge=none", budget=0.2, kept_fraction=0.31),
+    dict(policy="snapkv", budget=0.2, kept_fraction=0.2),
+    dict(policy="madakv", budget=0.2, kept_fraction=0.17),
+  ]
+  lines = legend(rows).splitlines()
+  assert lines[2:] == [
+    "meda kept 0.42 at a 0.20 budget: it keeps every text token by design, as its paper does "
+    "(meda:keep_all_text=false holds the budget)",
+    "lookm:merge=none kept 0.31 at a 0.20 budget: it keeps every text token by design, as its "
+    "paper does (lookm:keep_all_text=false holds the budget)",
+  ]
 
 
 def test_demo_errors_are_one_line(capsys, tmp_path):

@@ -1,11 +1,13 @@
 """Policy registry: ``get(name, **hyperparameters)`` builds any policy; ``NAMES`` lists them;
 ``register(name, cls)`` adds one of your own (docs/adding_a_policy.md); ``from_spec`` parses a
-command-line spec such as ``"lookm:keep_all_text=false:merge=average"``; ``spec_list`` a
-comma-separated list of them."""
+command-line spec such as ``"lookm:keep_all_text=false,merge=average"`` (settings after the
+name's colon, separated by commas or colons); ``spec_list`` a comma-separated list of them;
+``settings(name)`` what a policy takes."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 
@@ -52,10 +54,25 @@ def register(name: str, cls, *, replace: bool = False):
   return cls
 
 
-def get(name: str, **hyperparameters):
-  """Builds the policy ``name`` with the given hyperparameters (the paper defaults otherwise)."""
+def settings(name: str) -> tuple[str, ...]:
+  """The hyperparameters policy ``name`` takes: its dataclass fields, or what its ``settings()``
+  class method lists (wrappers such as AdaKV, whose ``from_kwargs`` routes its scorer's)."""
   if name not in POLICIES:
     raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
+  cls = POLICIES[name]
+  if hasattr(cls, "settings"):
+    return tuple(cls.settings())
+  return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def get(name: str, **hyperparameters):
+  """Builds the policy ``name`` with the given hyperparameters (the paper defaults otherwise).
+  An unknown hyperparameter is a ValueError listing the policy's `settings`."""
+  valid = settings(name)
+  unknown = [k for k in hyperparameters if k not in valid]
+  if unknown:
+    takes = f"its settings: {', '.join(valid)}" if valid else "it takes none"
+    raise ValueError(f"policy {name!r} has no setting {unknown[0]!r}; {takes}")
   cls = POLICIES[name]
   build = getattr(cls, "from_kwargs", cls)  # wrappers route their scorer's settings
   return build(**hyperparameters)
@@ -71,7 +88,10 @@ def setting(item: str, where: str) -> tuple[str, object]:
   key, sep, text = item.partition("=")
   key, text = key.strip(), text.strip()
   if not sep or not key:
-    raise ValueError(f"{where}: expected key=value, got {item!r}")
+    raise ValueError(
+      f"{where}: expected key=value, got {item!r} (settings: name:key=value,key=value; a tuple "
+      "in brackets: split=(1,1))"
+    )
   if text.lower() in KEYWORDS:
     return key, KEYWORDS[text.lower()]
   try:
@@ -84,17 +104,34 @@ def setting(item: str, where: str) -> tuple[str, object]:
     return key, text
 
 
+# Commas (and colons) outside brackets: "split=(1,1)" stays whole.
+_SEPARATORS = {",": r",(?![^(\[]*[)\]])", ":,": r"[:,](?![^(\[]*[)\]])"}
+
+
 def spec_kwargs(spec: str) -> tuple[str, dict]:
-  """``"name:key=value:key=value"`` -> (name, hyperparameters), values read as `setting` reads
-  them."""
-  name, *items = spec.strip().split(":")
+  """``"name:key=value,key=value"`` (or ``name:key=value:key=value``) -> (name, hyperparameters),
+  values read as `setting` reads them; a tuple value is written in brackets: ``split=(1,1)``."""
+  name, _, rest = spec.strip().partition(":")
+  items = [s for s in re.split(_SEPARATORS[":,"], rest) if s.strip()]
   return name.strip(), dict(setting(item, f"policy spec {spec!r}") for item in items)
 
 
 def split_specs(text: str) -> list[str]:
-  """A comma-separated list of specs, split at commas outside brackets:
-  ``"full,meda:split=(1,1)"`` -> ``["full", "meda:split=(1,1)"]``."""
-  return [s.strip() for s in re.split(r",(?![^(\[]*[)\]])", text) if s.strip()]
+  """A comma-separated list of specs, split at commas outside brackets; an item that is a
+  setting (``key=value``, no policy name) belongs to the spec before it:
+  ``"full,snapkv:window=8,kernel=5,meda:split=(1,1)"`` ->
+  ``["full", "snapkv:window=8,kernel=5", "meda:split=(1,1)"]``."""
+  out: list[str] = []
+  for item in (s.strip() for s in re.split(_SEPARATORS[","], text)):
+    if not item:
+      continue
+    if "=" in item.partition(":")[0]:  # a setting, not a name
+      if not out:
+        raise ValueError(f"setting {item!r} comes before any policy name in {text!r}")
+      out[-1] += ("," if ":" in out[-1] else ":") + item
+    else:
+      out.append(item)
+  return out
 
 
 def spec_list(text: str) -> list[str]:
@@ -116,5 +153,5 @@ def from_spec(spec: str, **defaults):
   name, kwargs = spec_kwargs(spec)
   try:
     return get(name, **(defaults | kwargs))
-  except TypeError as e:  # an unknown hyperparameter
+  except TypeError as e:  # e.g. a policy class that needs an argument
     raise ValueError(f"policy spec {spec!r}: {e}") from None

@@ -33,6 +33,11 @@ class AdaKV:
   name = "adakv"
 
   @classmethod
+  def settings(cls) -> tuple[str, ...]:
+    """What ``from_kwargs`` takes: its own setting and the SnapKV scorer's."""
+    return ("alpha_safeguard", *(f.name for f in dataclasses.fields(SnapKV)))
+
+  @classmethod
   def from_kwargs(cls, alpha_safeguard: float = 0.2, **scorer_kwargs) -> "AdaKV":
     """``get("adakv", window=8, alpha_safeguard=0.5)``: scorer settings go to SnapKV."""
     return cls(SnapKV(**scorer_kwargs), alpha_safeguard)
