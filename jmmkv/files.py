@@ -35,10 +35,18 @@ def atomic_path(path: str | os.PathLike):
   os.close(fd)
   try:
     yield Path(tmp)
+    # mkstemp makes the file owner-only: give it the mode a plain open() would have
+    os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
     os.replace(tmp, path)
   finally:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:

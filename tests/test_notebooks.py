@@ -1,5 +1,6 @@
-"""Every colab/*.ipynb: valid, saved without outputs or local paths, and runs end to end in smoke
-mode (``JMMKV_SMOKE=1``: a tiny random model on CPU, no installs or downloads)."""
+"""Every colab/*.ipynb: valid, saved without outputs or local paths, runs end to end in smoke
+mode (``JMMKV_SMOKE=1``: a tiny random model on CPU, no installs or downloads), and its install
+cell finds jmmkv (installed, cloned, uploaded, JMMKV_SOURCE) or says how to provide it."""
 
 from __future__ import annotations
 
@@ -126,3 +127,48 @@ def test_runs_in_smoke_mode(path, kernel_env, tmp_path):
     assert cell.execution_count is not None, f"cell {i} did not run"
     for text in _output_texts(cell):
       assert not LOCAL_PATH.search(text), f"cell {i} output names a local path:\n{text}"
+
+
+def _install_helper(path):
+  """``jmmkv_source`` of a notebook's install cell, defined with the cell's own imports, and a
+  switch for whether jmmkv counts as importable."""
+  import ast
+  import types
+
+  from IPython.core.inputtransformer2 import TransformerManager
+
+  nb = nbformat.read(path, as_version=4)
+  cell = next(c for c in nb.cells if "def jmmkv_source(" in c.source)
+  tree = ast.parse(TransformerManager().transform_cell(cell.source))  # %pip lines to Python
+  keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))]
+  namespace = {"os": os}  # imported by the first code cell
+  exec(compile(ast.Module(keep, type_ignores=[]), path.name, "exec"), namespace)
+  importable = []
+  find_spec = lambda name: object() if importable else None  # noqa: E731
+  namespace["importlib"] = types.SimpleNamespace(util=types.SimpleNamespace(find_spec=find_spec))
+  return namespace["jmmkv_source"], importable
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_install_cell_finds_jmmkv_or_says_how(path, tmp_path, monkeypatch):
+  source, importable = _install_helper(path)
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "jmmkv-main").mkdir()  # a project, but not jmmkv
+  (tmp_path / "jmmkv-main" / "pyproject.toml").write_text('[project]\nname = "other"\n')
+  with pytest.raises(FileNotFoundError) as e:  # nothing here and no JMMKV_SOURCE
+    source("")
+  message = str(e.value)
+  assert "\n" not in message and "JMMKV_SOURCE" in message
+  assert "upload" in message and "zip" in message and "git clone" in message
+  assert source("https://example.org/jmmkv") == "git+https://example.org/jmmkv"
+  assert source("git+https://example.org/jmmkv@v1") == "git+https://example.org/jmmkv@v1"
+  assert source("https://example.org/jmmkv.zip") == "https://example.org/jmmkv.zip"
+  (tmp_path / "jmmkv-0.1.0-py3-none-any.whl").write_bytes(b"wheel")  # an upload wins
+  wheel = Path(source("https://example.org/jmmkv")).resolve()
+  assert wheel == (tmp_path / "jmmkv-0.1.0-py3-none-any.whl").resolve()
+  clone = tmp_path / "jmmkv"
+  clone.mkdir()
+  (clone / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text())
+  assert Path(source("")).resolve() == clone.resolve()  # a clone wins over an upload
+  importable.append(True)
+  assert source("") is None  # installed: nothing to do

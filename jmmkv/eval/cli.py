@@ -69,7 +69,14 @@ def _add_milebench(benchmarks) -> None:
   mb.add_argument(
     "--out",
     default="milebench.json",
-    help="where to write the JSON results (default milebench.json)",
+    help="where to write the JSON results once the run ends (default milebench.json); "
+    "finished tasks are kept in OUT.partial.json until then",
+  )
+  mb.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue an interrupted run from OUT.partial.json: its finished tasks are skipped "
+    "(the other arguments must be the same)",
   )
   mb.add_argument("--dtype", choices=DTYPES, default="float32")
   mb.set_defaults(func=_milebench)
@@ -118,7 +125,11 @@ def _add_synthetic(benchmarks) -> None:
   )
   sy.add_argument("--batch-size", type=int, default=16)
   sy.add_argument("--out", default="synthetic.json", help="where to write the JSON results")
-  sy.add_argument("--plot", default="synthetic.png", help="accuracy-vs-budget PNG ('' for none)")
+  sy.add_argument(
+    "--plot",
+    default="",
+    help="also write an accuracy-vs-budget PNG here (needs matplotlib: pip install -e '.[plot]')",
+  )
   sy.add_argument("--dtype", choices=DTYPES, default="float32")
   sy.set_defaults(func=_synthetic)
 

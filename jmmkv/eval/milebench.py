@@ -10,7 +10,8 @@ matching: `milebench_metrics`), ``score.py`` and ``eval.sh`` (the 29 tasks and t
 Each sample is one prompt (batch 1), generated greedily; ``out.texts[0].strip()`` is the answer.
 Task scores are means over samples; category, image-quantity-level and overall scores are means
 over tasks (our reading: MileBench's own tables average tasks, and ``evaluate.py`` reports levels
-per task only). Usage::
+per task only). A progress file (``partial``) keeps finished tasks across an interruption: a run
+asked to resume skips them. Usage::
 
   from jmmkv.eval import milebench
   tasks = milebench.load_tasks("data/MileBench", "ALFRED,T", limit=50)
@@ -32,7 +33,9 @@ from jmmkv.eval import milebench_metrics as metrics
 from jmmkv.eval import milebench_prompt as prompt
 from jmmkv.eval.milebench_data import CATEGORY_NAMES, LEVELS, Task, check_images, load_task
 from jmmkv.eval.milebench_data import resolve_tasks
-from jmmkv.files import read_image
+from jmmkv.eval.milebench_progress import default_settings, progress_path, read_progress
+from jmmkv.eval.milebench_progress import refuse_progress
+from jmmkv.files import read_image, write_atomic
 
 IMAGE_MODALITY = 2
 
@@ -119,17 +122,36 @@ def evaluate(
   max_context_len: int | None = None,
   chat_template: bool = True,
   progress: bool = True,
+  partial: Path | None = None,
+  resume: bool = False,
+  settings: dict | None = None,
 ) -> dict:
   """Generates an answer to every sample of ``tasks`` and scores it.
 
   ``max_context_len``: prompt tokens allowed (chat template excluded); default: the model's
   ``max_position_embeddings`` minus ``max_new_tokens`` and the template's tokens. Returns
-  `milebench_metrics.aggregate`'s dict plus "predictions" (one record per sample).
+  `milebench_metrics.aggregate`'s dict plus "predictions" (one record per sample) and "seconds"
+  (summed over tasks, those of earlier runs included).
+
+  ``partial``: a progress file, rewritten whole (atomically) after each task with the records and
+  seconds of every finished task and ``settings`` (default: `default_settings`). With ``resume``
+  the tasks it holds are read back and skipped (`read_progress` refuses other settings); without,
+  an existing one is refused. The caller deletes it once the results are saved.
   """
   from tqdm import tqdm
 
   if model.tokenizer is None:
     raise ValueError(f"{model.path} has no tokenizer files: MileBench needs one")
+  options = dict(
+    max_new_tokens=max_new_tokens, max_context_len=max_context_len, chat_template=chat_template
+  )
+  if settings is None:
+    settings = default_settings(model, tasks, policy, budget, **options)
+  done = {}
+  if partial is not None and resume:
+    done = read_progress(partial, settings)
+  elif partial is not None:
+    refuse_progress(partial)
   extra = _template_tokens(model, chat_template)
   if max_context_len is None:
     max_context_len = model.text_config.max_position_embeddings - max_new_tokens - extra
@@ -137,18 +159,30 @@ def evaluate(
     raise ValueError(f"max_context_len must be >= 1, got {max_context_len}")
   prompter = _Prompter(model, max_context_len, chat_template, extra)
   rules = {t.name: metrics.scoring(t.name, t.question_type) for t in tasks}
-  records = []
+  finished = {}
   total = sum(len(t.samples) for t in tasks)
-  with tqdm(total=total, unit="sample", file=sys.stderr, disable=not progress) as bar:
+  initial = sum(len(t.samples) for t in tasks if t.name in done)
+  bar = tqdm(total=total, initial=initial, unit="sample", file=sys.stderr, disable=not progress)
+  with bar:
     for task in tasks:
+      if task.name in done:
+        finished[task.name] = done[task.name]
+        continue
       bar.set_description(task.name)
+      t0, records = time.perf_counter(), []
       for s in task.samples:
         records.append(
           _answer(model, prompter, task, s, rules[task.name], policy, budget, max_new_tokens)
         )
         bar.update()
+      finished[task.name] = {"seconds": time.perf_counter() - t0, "predictions": records}
+      if partial is not None:
+        text = json.dumps({"settings": settings, "tasks": finished}, default=str)
+        write_atomic(partial, text + "\n")
+  records = [r for t in finished.values() for r in t["predictions"]]
   res = metrics.aggregate(records, rules)
   res["max_context_len"] = max_context_len
+  res["seconds"] = round(sum(t["seconds"] for t in finished.values()), 2)
   res["predictions"] = records
   return res
 
@@ -176,16 +210,36 @@ def format_table(res: dict) -> str:
   return "\n".join(lines)
 
 
+def _policy(spec: str, hp: list[str]):
+  """The policy of ``--policy`` and ``--hp`` items (the spec's settings win); an error names the
+  argument it comes from."""
+  import jmmkv
+
+  name = jmmkv.policies.spec_kwargs(spec)[0]
+  jmmkv.policies.from_spec(spec)  # the spec alone: its errors name it
+  overrides = {}
+  for item in hp:
+    key, value = jmmkv.policies.setting(item, "--hp")
+    overrides[key] = value
+    try:
+      jmmkv.policies.get(name, **overrides)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"--hp {item}: {e}") from None
+  return jmmkv.policies.from_spec(spec, **overrides)
+
+
 def run(args) -> int:
-  """``jmmkv eval milebench``: arguments are checked before the model is loaded."""
+  """``jmmkv eval milebench``: arguments (and a progress file) are checked before the model is
+  loaded. Results go to ``--out`` once the run ends; until then finished tasks are kept in
+  `progress_path` (``--resume`` continues from it), which is deleted after ``--out`` is written."""
   import jax
 
   import jmmkv
   from jmmkv import runinfo
   from jmmkv.files import output_path
+  from jmmkv.models.model import dtype_name
 
-  overrides = dict(jmmkv.policies.setting(item, "--hp") for item in args.hp)
-  policy = jmmkv.policies.from_spec(args.policy, **overrides)  # the spec's settings win over --hp
+  policy = _policy(args.policy, args.hp)
   full = jmmkv.policies.spec_kwargs(args.policy)[0] == "full"
   if not full and args.budget is None:
     raise ValueError(f"--budget is needed for policy {args.policy}")
@@ -193,9 +247,26 @@ def run(args) -> int:
   if args.max_context_len is not None and args.max_context_len < 1:
     raise ValueError(f"--max-context-len must be >= 1, got {args.max_context_len}")
   out_path = output_path(args.out, "--out")
+  partial = progress_path(out_path)
+  if not args.resume:
+    refuse_progress(partial, "--resume")
   tasks = load_tasks(args.data, args.tasks, args.limit)
+  settings = {
+    "policy": args.policy,
+    "hyperparameters": dataclasses.asdict(policy) if dataclasses.is_dataclass(policy) else {},
+    "budget": None if full else args.budget,
+    "model": str(args.model),
+    "dtype": dtype_name(args.dtype),
+    "data": str(args.data),
+    "tasks": [t.name for t in tasks],
+    "limit": args.limit,
+    "max_new_tokens": args.max_new_tokens,
+    "max_context_len": args.max_context_len,
+    "chat_template": not args.no_chat_template,
+  }
+  if args.resume:
+    read_progress(partial, settings)  # refused here, before the model is loaded
   model = jmmkv.load(args.model, dtype=args.dtype)
-  t0 = time.perf_counter()
   res = evaluate(
     model,
     tasks,
@@ -204,26 +275,20 @@ def run(args) -> int:
     max_new_tokens=args.max_new_tokens,
     max_context_len=args.max_context_len,
     chat_template=not args.no_chat_template,
+    partial=partial,
+    resume=args.resume,
+    settings=settings,
   )
-  hp = dataclasses.asdict(policy) if dataclasses.is_dataclass(policy) else {}
   meta = {
-    "policy": args.policy,
-    "hyperparameters": hp,
-    "budget": None if full else args.budget,
-    "model": str(args.model),
-    "dtype": model.dtype_name,
-    "data": str(args.data),
-    "tasks": [t.name for t in tasks],
-    "limit": args.limit,
-    "max_new_tokens": args.max_new_tokens,
+    **settings,
     "max_context_len": res.pop("max_context_len"),
-    "chat_template": not args.no_chat_template,
     "versions": runinfo.versions(),
     "device": jax.devices()[0].device_kind,
-    "seconds": round(time.perf_counter() - t0, 2),
+    "seconds": res.pop("seconds"),
     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   print(format_table(res))
-  out_path.write_text(json.dumps({"meta": meta, **res}, indent=1, default=str) + "\n")
+  write_atomic(out_path, json.dumps({"meta": meta, **res}, indent=1, default=str) + "\n")
+  partial.unlink(missing_ok=True)
   print(f"wrote {out_path}", file=sys.stderr)
   return 0

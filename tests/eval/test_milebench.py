@@ -1,5 +1,6 @@
 """MileBench harness: loader, prompt builder, truncation and scores against hand-derived values,
-and `jmmkv eval milebench` end to end on a tiny random LLaVA (one-line errors included)."""
+and `jmmkv eval milebench` end to end on a tiny random LLaVA (one-line errors and --resume after
+an interruption included)."""
 
 from __future__ import annotations
 
@@ -260,6 +261,7 @@ def test_end_to_end(llava_dir, data_dir, tmp_path, capsys):
   code, out, err = _run(args + RUN, capsys)
   assert code == 0, err
   assert "overall" in out and "ActionSequence" in out and "%|" in err  # table; tqdm on stderr
+  assert [p.name for p in out_json.parent.iterdir()] == ["results.json"]  # no progress file left
   res = json.loads(out_json.read_text())
   meta = res["meta"]
   assert meta["policy"] == "snapkv" and meta["budget"] == 0.5 and meta["limit"] == 2
@@ -322,8 +324,8 @@ def test_end_to_end_truncation(llava_dir, data_dir, tmp_path, capsys):
     ({"--budget": "1.5"}, "ratio"),
     ({"--budget": "0"}, "ratio"),
     ({"--policy": "h2o", "--budget": None}, "--budget is needed"),
-    ({"--hp": "nope=1"}, "policy spec 'snapkv'"),
-    ({"--policy": "snapkv:nope=1"}, "policy spec 'snapkv:nope=1'"),
+    ({"--hp": "nope=1"}, "--hp nope=1: "),
+    ({"--policy": "snapkv:nope=1"}, "'nope'"),
     ({"--policy": "nope:window=8"}, "unknown policy 'nope'"),
     ({"--out": "DATA"}, "is a directory"),
     ({"--limit": "0"}, "--limit must be >= 1"),
@@ -350,6 +352,7 @@ def test_unreadable_image_is_one_line(llava_dir, data_dir, tmp_path, capsys):
   code, _, err = _run(args + RUN, capsys)
   last = err.strip().splitlines()[-1]  # after the progress bar
   assert code == 2 and last.startswith("jmmkv: error: cannot read image") and "0_1.png" in last
+  assert not list(tmp_path.glob("r.json*"))  # no task finished: no results, no progress file
 
 
 def test_policy_spec_settings_win_over_hp(llava_dir, data_dir, tmp_path, capsys):
@@ -361,3 +364,162 @@ def test_policy_spec_settings_win_over_hp(llava_dir, data_dir, tmp_path, capsys)
   meta = json.loads((tmp_path / "r.json").read_text())["meta"]
   assert meta["policy"] == spec and meta["budget"] == 0.5
   assert meta["hyperparameters"] == {"window": 8, "kernel": 3, "pooling": "avg", "gqa": "mean"}
+
+
+@pytest.mark.parametrize("hp", [["foo=1"], ["window=16", "foo=1"]])
+def test_unknown_hp_names_the_hp(data_dir, tmp_path, capsys, hp):
+  args = ["--model", str(tmp_path / "no_model"), "--data", str(data_dir), *RUN]
+  code, _, err = _run(args + [x for item in hp for x in ("--hp", item)], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert err.startswith("jmmkv: error: --hp foo=1") and "'foo'" in err
+
+
+# ---------------------------------------------------------------- --resume after an interruption
+
+
+def _interrupt(monkeypatch, at: str | None, answered: list) -> None:
+  """Answering a sample of task ``at`` raises KeyboardInterrupt (as Ctrl-C would); every sample
+  answered is listed in ``answered`` by task."""
+  answer = milebench._answer
+
+  def answer_or_stop(model, prompter, task, *rest):
+    if task.name == at:
+      raise KeyboardInterrupt
+    answered.append(task.name)
+    return answer(model, prompter, task, *rest)
+
+  monkeypatch.setattr(milebench, "_answer", answer_or_stop)
+
+
+def _main(args) -> int:
+  """`jmmkv.cli.main`'s exit code; 130 for a KeyboardInterrupt it lets through."""
+  try:
+    return cli.main(["eval", "milebench"] + args)
+  except KeyboardInterrupt:
+    return 130
+
+
+@pytest.fixture(scope="module")
+def interrupted(llava_dir, data_dir, tmp_path_factory):
+  """A run of the three tasks (one sample each) stopped by Ctrl-C in its second task: (its
+  arguments, its folder, the samples answered)."""
+  folder = tmp_path_factory.mktemp("interrupted")
+  args = ["--model", str(llava_dir), "--data", str(data_dir), "--limit", "1", *RUN]
+  answered = []
+  with pytest.MonkeyPatch.context() as mp:
+    _interrupt(mp, "ALFRED", answered)
+    code = _main(args + ["--out", str(folder / "r.json")])
+  assert code == 130
+  return args, folder, answered
+
+
+RUN_SPECIFIC = ("date", "versions", "device", "seconds")
+
+
+def _without_run_specifics(res: dict) -> dict:
+  return res | {"meta": {k: v for k, v in res["meta"].items() if k not in RUN_SPECIFIC}}
+
+
+def test_resume_after_an_interruption(interrupted, tmp_path, capsys, monkeypatch):
+  args, folder, answered = interrupted
+  assert answered == ["ActionSequence"]
+  # Only the progress file is left: the first task's record, no --out, no temporary file.
+  assert [p.name for p in folder.iterdir()] == ["r.json.partial.json"]
+  saved = json.loads((folder / "r.json.partial.json").read_text())
+  assert list(saved["tasks"]) == ["ActionSequence"]
+  (first,) = saved["tasks"]["ActionSequence"]["predictions"]
+  assert first["task"] == "ActionSequence" and first["sample_id"] == 0
+  assert saved["settings"]["limit"] == 1 and saved["settings"]["policy"] == "snapkv"
+
+  shutil.copytree(folder, tmp_path / "resumed")
+  resumed = tmp_path / "resumed" / "r.json"
+  answered = []
+  _interrupt(monkeypatch, None, answered)
+  code, _, err = _run(args + ["--out", str(resumed), "--resume"], capsys)
+  assert code == 0, err
+  assert answered == ["ALFRED", "TextNeedleInAHaystack"]  # the finished task is not redone
+  assert [p.name for p in resumed.parent.iterdir()] == ["r.json"]  # the progress file is gone
+
+  answered.clear()
+  code, _, err = _run(args + ["--out", str(tmp_path / "whole.json")], capsys)
+  assert code == 0, err
+  assert answered == ["ActionSequence", "ALFRED", "TextNeedleInAHaystack"]
+  got, want = json.loads(resumed.read_text()), json.loads((tmp_path / "whole.json").read_text())
+  assert _without_run_specifics(got) == _without_run_specifics(want)
+  assert got["predictions"][0] == first
+  assert got["meta"]["seconds"] >= round(saved["tasks"]["ActionSequence"]["seconds"], 2)
+
+
+def _no_load(*args, **kwargs):
+  raise AssertionError("the model was loaded")
+
+
+def test_progress_file_without_resume_is_refused(data_dir, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(jmmkv, "load", _no_load)
+  progress = tmp_path / "r.json.partial.json"
+  progress.write_text('{"settings": {}, "tasks": {}}')
+  args = ["--model", str(tmp_path / "no_model"), "--data", str(data_dir), *RUN]
+  code, _, err = _run(args + ["--out", str(tmp_path / "r.json")], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert err.startswith(f"jmmkv: error: {progress} holds the progress") and "--resume" in err
+  assert "delete" in err and progress.read_text() == '{"settings": {}, "tasks": {}}'
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (["--limit", "2"], "limit was 1, now 2"),
+    (["--max-new-tokens", "3"], "max_new_tokens was 4, now 3"),
+    (["--hp", "kernel=3"], "hyperparameters was {"),
+  ],
+)
+def test_resume_with_other_settings_is_refused(
+  interrupted, tmp_path, capsys, monkeypatch, change, message
+):
+  args, folder, _ = interrupted
+  progress = tmp_path / "r.json.partial.json"
+  shutil.copy(folder / progress.name, progress)
+  before = progress.read_text()
+  monkeypatch.setattr(jmmkv, "load", _no_load)  # refused before the model is loaded
+  code, _, err = _run(args + change + ["--out", str(tmp_path / "r.json"), "--resume"], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert err.startswith(f"jmmkv: error: progress file {progress}") and message in err
+  assert progress.read_text() == before and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+  "text, message",
+  [('{"settings": {"policy": "snap', "is not valid JSON"), ("[1, 2]", "not a MileBench progress")],
+)
+def test_unreadable_progress_file_is_one_line(
+  data_dir, tmp_path, capsys, monkeypatch, text, message
+):
+  monkeypatch.setattr(jmmkv, "load", _no_load)
+  progress = tmp_path / "r.json.partial.json"
+  progress.write_text(text)
+  args = ["--model", str(tmp_path / "no_model"), "--data", str(data_dir), *RUN, "--resume"]
+  code, _, err = _run(args + ["--out", str(tmp_path / "r.json")], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert err.startswith("jmmkv: error:") and str(progress) in err and message in err
+
+
+def test_evaluate_resumes_with_its_default_settings(llava_dir, data_dir, tmp_path, monkeypatch):
+  model = jmmkv.load(llava_dir)
+  tasks = milebench.load_tasks(data_dir, "ALFRED", limit=1)
+  snapkv, half = jmmkv.policies.get("snapkv"), jmmkv.Budget(ratio=0.5)
+  partial = tmp_path / "p.json"
+  kw = dict(max_new_tokens=2, progress=False, partial=partial)
+  first = milebench.evaluate(model, tasks, snapkv, half, **kw)
+  saved = json.loads(partial.read_text())
+  assert saved["settings"]["samples"] == {"ALFRED": [0]}
+  assert saved["settings"]["model"] == model.path and saved["settings"]["policy"] == "SnapKV"
+  with pytest.raises(ValueError, match="progress of an interrupted run: pass resume=True"):
+    milebench.evaluate(model, tasks, snapkv, half, **kw)
+  with pytest.raises(ValueError, match=r"budget was \{'ratio': 0.5, 'tokens': None\}, now"):
+    milebench.evaluate(model, tasks, snapkv, jmmkv.Budget(ratio=0.2), **kw, resume=True)
+  two = milebench.load_tasks(data_dir, "ALFRED", limit=2)
+  with pytest.raises(ValueError, match=r"samples was \{'ALFRED': \[0\]\}, now \{'ALFRED': \[0, 1"):
+    milebench.evaluate(model, two, snapkv, half, **kw, resume=True)
+  _interrupt(monkeypatch, "ALFRED", [])  # nothing is answered again
+  again = milebench.evaluate(model, tasks, snapkv, half, **kw, resume=True)
+  assert again == first and json.loads(partial.read_text()) == saved
