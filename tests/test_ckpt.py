@@ -1,6 +1,8 @@
 """Orbax checkpoints: HF dir -> `jmmkv convert` -> `jmmkv.load` gives the same model."""
 
 import json
+import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -140,6 +142,160 @@ def test_demo_and_eval_synthetic_take_a_jmmkv_checkpoint(tmp_path, capsys):
   _tree_equal(demo.load_bundled(out).params, jmmkv.load(MODEL_DIR).params)
   argv = ["demo", "--model", str(out), "--policies", "full", "--images", "2", "--dtype", "fp32"]
   assert cli.main(argv) == 0
-  assert capsys.readouterr().out.splitlines()[-1].startswith("full ")
+  assert any(line.startswith("full ") for line in capsys.readouterr().out.splitlines())
   with pytest.raises(FileNotFoundError, match="neither model.safetensors nor a jmmkv checkpoint"):
     demo.load_bundled(tmp_path)
+
+
+# ---------------------------------------------------------------- broken and unfinished checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved(jmmkv_model, tmp_path_factory):
+  """A jmmkv checkpoint of the tiny llama_gqa model (hidden 64, 2 layers, vocab 1000), shared:
+  tests break copies of it (`broken`)."""
+  return jmmkv.save(jmmkv_model("llama_gqa", 1), tmp_path_factory.mktemp("saved") / "ckpt")
+
+
+@pytest.fixture
+def broken(saved, tmp_path):
+  import shutil
+
+  return Path(shutil.copytree(saved, tmp_path / "ckpt"))
+
+
+def _cli_error(capsys, argv) -> str:
+  """The error of a `jmmkv` command that must fail with one ``jmmkv: error:`` line (exit 2)."""
+  capsys.readouterr()
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jmmkv: error: ") and err.count("\n") == 1, err
+  return err.removeprefix("jmmkv: error: ").rstrip("\n")
+
+
+def _generate_error(capsys, model_dir) -> str:
+  return _cli_error(capsys, ["generate", "--model", str(model_dir), "--prompt", "hi"])
+
+
+def _edit_config(path, key, value):
+  cfg = json.loads((path / "config.json").read_text())
+  cfg[key] = value
+  (path / "config.json").write_text(json.dumps(cfg))
+
+
+_LAYER = "text/params/layers_{}/"
+_EDITS = {  # config edit -> what the checkpoint's params say against it
+  "hidden_size": (
+    128,
+    "param text/params/embedding has shape (1000, 64), the config implies (1000, 128)",
+  ),
+  "vocab_size": (
+    999,
+    "param text/params/embedding has shape (1000, 64), the config implies (999, 64)",
+  ),
+  "num_hidden_layers=3": (
+    3,
+    "the config implies params it lacks: "
+    + ", ".join(
+      _LAYER.format(2) + p
+      for p in ("input_norm/scale", "post_norm/scale", "gate_proj/w", "up_proj/w", "down_proj/w")
+    )
+    + " and 4 more",
+  ),
+  "num_hidden_layers=1": (
+    1,
+    "params the config does not imply: "
+    + ", ".join(
+      _LAYER.format(1) + p
+      for p in ("down_proj/w", "gate_proj/w", "input_norm/scale", "k_proj/w", "o_proj/w")
+    )
+    + " and 4 more",
+  ),
+}
+
+
+@pytest.mark.parametrize("edit", list(_EDITS))
+def test_edited_config_is_refused_at_load(broken, capsys, edit):
+  value, problem = _EDITS[edit]
+  _edit_config(broken, edit.split("=")[0], value)
+  want = f"jmmkv checkpoint {broken} does not match its config.json: {problem}"
+  with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+    jmmkv.load(broken)
+  assert _generate_error(capsys, broken) == want
+
+
+def _drop_params(path):
+  import shutil
+
+  shutil.rmtree(path / "params")
+
+
+def _truncate(file):
+  file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _largest_file(path):
+  return max((f for f in path.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+_DAMAGE = {  # damage -> (what it does, the reason the error gives)
+  "no_params": (_drop_params, re.escape("no params/ directory")),
+  "truncated_metadata": (
+    lambda path: _truncate(path / "params" / "_METADATA"),
+    re.escape("params/ has no readable metadata"),
+  ),
+  "truncated_data": (lambda path: _truncate(_largest_file(path / "params")), ".+"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_damaged_checkpoint_is_one_line(broken, capsys, damage):
+  do, reason = _DAMAGE[damage]
+  do(broken)
+  want = (
+    rf"^cannot read jmmkv checkpoint {re.escape(str(broken))}: {reason}; "
+    r"it is incomplete or damaged, convert the model again$"
+  )
+  with pytest.raises(ValueError, match=want):
+    jmmkv.load(broken)
+  assert re.match(want, _generate_error(capsys, broken))
+
+
+@pytest.mark.parametrize("left", ["params", "orbax_tmp"])
+def test_unfinished_convert_is_reported_as_incomplete(broken, tmp_path, capsys, left):
+  (broken / "jmmkv.json").unlink()
+  if left == "orbax_tmp":  # orbax was still writing params/
+    (broken / "params").rename(broken / "params.orbax-checkpoint-tmp-1733400000")
+  want = (
+    f"{broken} is an incomplete jmmkv checkpoint (params/ but no jmmkv.json: its convert did "
+    "not finish); convert the model again"
+  )
+  with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+    jmmkv.load(broken)
+  assert _generate_error(capsys, broken) == want
+  assert _cli_error(capsys, ["convert", str(broken), str(tmp_path / "again")]) == want
+
+
+@pytest.mark.parametrize("target", ["absent", "empty_dir"])
+def test_interrupted_save_leaves_nothing_and_can_be_rerun(
+  jmmkv_model, tmp_path, monkeypatch, target
+):
+  import orbax.checkpoint as ocp
+
+  model = jmmkv_model("llama_gqa", 1)
+  out = tmp_path / "ckpt"
+  if target == "empty_dir":
+    out.mkdir()
+
+  def interrupted(self, *args, **kwargs):
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.StandardCheckpointer, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+      jmmkv.save(model, out)
+  left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+  assert left == ([] if target == "absent" else ["ckpt"])
+  assert jmmkv.save(model, out) == out
+  assert sorted(f.name for f in tmp_path.iterdir()) == ["ckpt"]
+  _tree_equal(jmmkv.load(out).params, model.params)

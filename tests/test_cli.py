@@ -244,7 +244,9 @@ def test_every_dtype_option_takes_both_spellings(capsys):
 def test_version_is_the_package_version():
   import jmmkv
 
-  out = subprocess.run([sys.executable, "-m", "jmmkv.cli", "--version"], capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, "-m", "jmmkv.cli", "--version"], capture_output=True, text=True
+  )
   assert out.returncode == 0 and out.stdout.strip() == f"jmmkv {jmmkv.__version__}"
 
 
@@ -270,11 +272,15 @@ def test_import_prints_nothing_and_hides_only_transformers_torch_advice():
     ("--budgets", "0.2,x", "--budgets must be comma-separated numbers, got '0.2,x'"),
   ],
 )
-def test_bench_number_lists_are_checked_before_any_run(monkeypatch, tmp_path, capsys, flag, value, message):
+def test_bench_number_lists_are_checked_before_any_run(
+  monkeypatch, tmp_path, capsys, flag, value, message
+):
   from jmmkv import bench
 
   monkeypatch.setattr(bench, "run", _no_run)
-  assert cli.main(["bench", "--preset", "tiny", flag, value, "--out", str(tmp_path / "b.json")]) == 2
+  assert (
+    cli.main(["bench", "--preset", "tiny", flag, value, "--out", str(tmp_path / "b.json")]) == 2
+  )
   assert capsys.readouterr().err.strip() == f"jmmkv: error: {message}"
 
 
@@ -305,7 +311,9 @@ def test_eval_synthetic_writes_no_plot_unless_asked(monkeypatch, tmp_path, capsy
 
   assert cli.build_parser().parse_args(["eval", "synthetic"]).plot == ""
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a))
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a)
+  )
   monkeypatch.setattr(demo, "load_bundled", _no_run)
   argv = ["eval", "synthetic", "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
   assert cli.main(argv) == 2

@@ -87,19 +87,25 @@ def _one_error_line(err: str) -> str:
 
 
 def test_a_compressing_policy_needs_a_budget(llava_dir, capsys):
-  code, _, err = _run(["generate", "--model", str(llava_dir), "--prompt", "w3", "--policy", "snapkv"], capsys)
+  code, _, err = _run(
+    ["generate", "--model", str(llava_dir), "--prompt", "w3", "--policy", "snapkv"], capsys
+  )
   assert code == 2
   assert _one_error_line(err) == (
     "jmmkv: error: --budget is needed for policy snapkv (a kept fraction in (0, 1], e.g. 0.2)"
   )
   # full needs none
-  code, out, _ = _run(["generate", "--model", str(llava_dir), "--prompt", "w3", "--max-new-tokens", "2"], capsys)
+  code, out, _ = _run(
+    ["generate", "--model", str(llava_dir), "--prompt", "w3", "--max-new-tokens", "2"], capsys
+  )
   assert code == 0 and out.strip()
 
 
 def test_policy_specs_take_several_settings_and_list_valid_ones(llava_dir, capsys):
   base = ["generate", "--model", str(llava_dir), "--prompt", "w3 w5 w7", "--budget", "0.5"]
-  code, _, err = _run(base + ["--policy", "snapkv:window=2,kernel=3", "--max-new-tokens", "2"], capsys)
+  code, _, err = _run(
+    base + ["--policy", "snapkv:window=2,kernel=3", "--max-new-tokens", "2"], capsys
+  )
   assert code == 0 and "[snapkv:window=2,kernel=3 0.5]" in err
   code, _, err = _run(base + ["--policy", "snapkv:window=2,kernal=3"], capsys)
   assert code == 2 and _one_error_line(err) == (
@@ -108,13 +114,17 @@ def test_policy_specs_take_several_settings_and_list_valid_ones(llava_dir, capsy
   )
 
 
-def test_an_image_over_the_decompression_bomb_limit_is_one_line(llava_dir, tmp_path, capsys, monkeypatch):
+def test_an_image_over_the_decompression_bomb_limit_is_one_line(
+  llava_dir, tmp_path, capsys, monkeypatch
+):
   """PIL refuses images over twice ``MAX_IMAGE_PIXELS`` (178956970 by default: a 15000 x 15000
   image); the limit is lowered here so that a small image passes it."""
   big = tmp_path / "big.png"
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 70, 3), np.uint8)).save(big)
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-  code, _, err = _run(["generate", "--model", str(llava_dir), "--prompt", "w3", "--image", str(big)], capsys)
+  code, _, err = _run(
+    ["generate", "--model", str(llava_dir), "--prompt", "w3", "--image", str(big)], capsys
+  )
   assert code == 2
   line = _one_error_line(err)
   assert line.startswith(f"jmmkv: error: image {big} is too large to read safely (")

@@ -128,9 +128,17 @@ def test_specs_take_several_settings_separated_by_commas():
 @pytest.mark.parametrize(
   "name, hp, message",
   [
-    ("snapkv", {"kernal": 5}, "policy 'snapkv' has no setting 'kernal'; its settings: window, kernel, pooling, gqa"),
+    (
+      "snapkv",
+      {"kernal": 5},
+      "policy 'snapkv' has no setting 'kernal'; its settings: window, kernel, pooling, gqa",
+    ),
     ("full", {"window": 8}, "policy 'full' has no setting 'window'; it takes none"),
-    ("adakv", {"beta": 1}, "policy 'adakv' has no setting 'beta'; its settings: alpha_safeguard, window, kernel, pooling, gqa"),
+    (
+      "adakv",
+      {"beta": 1},
+      "policy 'adakv' has no setting 'beta'; its settings: alpha_safeguard, window, kernel, pooling, gqa",
+    ),
   ],
 )
 def test_an_unknown_setting_lists_the_valid_ones(name, hp, message):
@@ -143,7 +151,9 @@ def test_every_policy_takes_exactly_its_listed_settings():
   for name in jmmkv.policies.NAMES:
     for key in jmmkv.policies.settings(name):  # each listed setting is accepted as it is
       default = jmmkv.policies.get(name)
-      value = getattr(default.scorer if name == "adakv" and key != "alpha_safeguard" else default, key)
+      value = getattr(
+        default.scorer if name == "adakv" and key != "alpha_safeguard" else default, key
+      )
       jmmkv.policies.get(name, **{key: value})
 
 

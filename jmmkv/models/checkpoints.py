@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from jmmkv.models import clip, convert, llava, qwen2_vl, qwen_vision
@@ -57,9 +58,16 @@ def _qwen_tables(cfg: qwen2_vl.QwenVLConfig):
   return table
 
 
-def load_config(model_dir: str | Path):
-  """The jmmkv config of an HF model directory (its config.json and generation_config.json)."""
-  return _config_and_table(model_dir)[0]
+def load_config_and_shapes(model_dir: str | Path):
+  """The jmmkv config of an HF model directory (its config.json and generation_config.json) and
+  the params it implies: ``{"text/params/norm/scale": shape}`` for every array `load_checkpoint`
+  would read."""
+  cfg, table = _config_and_table(model_dir)[:2]
+  shapes = {
+    "/".join(where): jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+    for where, shape, fn in table.values()
+  }
+  return cfg, shapes
 
 
 def load_checkpoint(model_dir: str | Path, dtype=jnp.float32):

@@ -13,7 +13,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jmmkv.models.configs import DecoderConfig, as_int_tuple
 
@@ -43,7 +43,9 @@ def read_config(model_dir: str | Path) -> tuple[dict, str]:
   """Reads ``config.json``; returns it with its (supported) architecture name."""
   path = Path(model_dir) / "config.json"
   if not path.is_file():
-    raise FileNotFoundError(f"no config.json in {model_dir} (expected an HF model directory)")
+    raise FileNotFoundError(
+      f"no config.json in {model_dir} (expected an HF model directory or a jmmkv checkpoint)"
+    )
   cfg = read_json(path)
   if not isinstance(cfg, dict):
     raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
@@ -124,6 +126,23 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
   return files
 
 
+def open_safetensors(path: Path):
+  """``safe_open`` of ``path``; a damaged file (truncated, empty, garbled header) is a ValueError
+  that names it."""
+  try:
+    return safe_open(path, framework="flax")
+  except SafetensorError as e:
+    reason = str(e).removeprefix("Error while deserializing header: ")
+    raise ValueError(f"cannot read {path}: not a valid safetensors file ({reason})") from None
+
+
+def first_few(names, n: int = 5) -> str:
+  """``a, b, c`` of the first ``n`` names, then ``and k more``."""
+  names = list(names)
+  more = f" and {len(names) - n} more" if len(names) > n else ""
+  return ", ".join(names[:n]) + more
+
+
 def read_tensors(
   model_dir: str | Path,
   table: dict[str, Entry],
@@ -139,7 +158,7 @@ def read_tensors(
   tree: dict = {}
   seen: dict[str, Path] = {}
   for path in safetensors_files(model_dir):
-    with safe_open(path, framework="flax") as fh:
+    with open_safetensors(path) as fh:
       for raw in fh.keys():
         key = rename(raw)
         if key not in table:
@@ -161,8 +180,7 @@ def read_tensors(
         node[where[-1]] = jnp.asarray(transform(x), dtype=dtype)
   missing = [k for k in table if k not in seen]
   if missing:
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    raise ValueError(f"missing tensors in {model_dir}: {shown}")
+    raise ValueError(f"missing tensors in {model_dir}: {first_few(missing)}")
   return tree
 
 

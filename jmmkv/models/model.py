@@ -17,7 +17,7 @@ import numpy as np
 
 from jmmkv import inputs, sharding
 from jmmkv.models import llava, mm, qwen2_vl
-from jmmkv.models.checkpoints import load_checkpoint, load_config
+from jmmkv.models.checkpoints import load_checkpoint, load_config_and_shapes
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.llama import Decoder, init_params
 from jmmkv.models.processing import load_processor, prompts_to_arrays
@@ -284,6 +284,8 @@ class Model:
     if prompts is not None:
       if isinstance(prompts, str):
         prompts = [prompts]
+      if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
       arrays = prompts_to_arrays(self, list(prompts), images, videos, chat_template, fps)
       return self.prepare(**arrays)
     media = inputs.Media(
@@ -319,6 +321,15 @@ def _load_tokenizer(model_dir: Path):
   return AutoTokenizer.from_pretrained(str(model_dir))
 
 
+def _check_model_dir(path: Path) -> None:
+  if not path.exists():
+    raise FileNotFoundError(f"model directory {path} does not exist")
+  if not path.is_dir():
+    raise NotADirectoryError(
+      f"{path} is not a directory; give a model directory (HF or jmmkv checkpoint)"
+    )
+
+
 def load(path: str | Path, dtype="float32", mesh=None) -> Model:
   """Loads an HF directory (config.json + *.safetensors, sharded or not, + tokenizer/processor
   files) or a checkpoint written by `jmmkv.save` (orbax params + the same config files).
@@ -331,15 +342,20 @@ def load(path: str | Path, dtype="float32", mesh=None) -> Model:
   `jmmkv.generate` keeps the cache split over batch and KV heads.
   """
   path = Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"model directory {path} does not exist")
+  _check_model_dir(path)
   name = dtype_name(dtype)
   from jmmkv import ckpt  # orbax is imported only for checkpoints
 
   if mesh is not None:
     mesh = sharding.check_mesh(mesh)
   if ckpt.is_checkpoint(path):  # written by jmmkv.save: orbax params + the HF config files
-    cfg, params = load_config(path), ckpt.restore_params(path, jnp.dtype(name), mesh)
+    cfg, shapes = load_config_and_shapes(path)
+    params = ckpt.restore_params(path, jnp.dtype(name), shapes, mesh)
+  elif ckpt.is_partial(path):
+    raise ValueError(
+      f"{path} is an incomplete jmmkv checkpoint (params/ but no {ckpt.MARKER}: its convert "
+      "did not finish); convert the model again"
+    )
   else:
     cfg, params = load_checkpoint(path, jnp.dtype(name))
     if mesh is not None:

@@ -156,3 +156,75 @@ def test_error_wrong_shape(tiny_model_copy):
   msg = str(exc.value)
   for part in ("model.safetensors", "(64, 32)", "(64, 64)"):
     assert part in msg, f"{part!r} not in {msg!r}"
+
+
+# ---------------------------------------------------------------- damaged files and wrong paths
+
+_DAMAGE = {  # what an interrupted download or copy leaves of a safetensors file
+  "empty": lambda data: b"",
+  "5_bytes": lambda data: data[:5],
+  "half": lambda data: data[: len(data) // 2],
+  "garbled_header": lambda data: data[:8] + b"{garbage" + data[16:],
+}
+
+
+def _cli_error(capsys, argv) -> str:
+  """The error of a `jmmkv` command that must fail with one ``jmmkv: error:`` line (exit 2)."""
+  from jmmkv import cli
+
+  capsys.readouterr()
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jmmkv: error: ") and err.count("\n") == 1, err
+  return err.removeprefix("jmmkv: error: ").rstrip("\n")
+
+
+def _damage(path: Path, how: str) -> None:
+  path.write_bytes(_DAMAGE[how](path.read_bytes()))
+
+
+@pytest.mark.parametrize("how", list(_DAMAGE))
+def test_error_damaged_safetensors(tiny_model_copy, tmp_path, capsys, how):
+  path = tiny_model_copy(NAME)
+  weights = path / "model.safetensors"
+  _damage(weights, how)
+  want = rf"^cannot read {re.escape(str(weights))}: not a valid safetensors file \(.+\)$"
+  with pytest.raises(ValueError, match=want) as exc:
+    _load(path)
+  out = tmp_path / "out"
+  assert _cli_error(capsys, ["convert", str(path), str(out)]) == str(exc.value)
+  assert not out.exists()
+  assert _cli_error(capsys, ["generate", "--model", str(path), "--prompt", "hi"]) == str(exc.value)
+
+
+def test_error_damaged_shard(tiny_model_copy, tiny_model_sharded):
+  path = tiny_model_copy(NAME, src=tiny_model_sharded(NAME, 0))
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  shard = path / sorted(set(index["weight_map"].values()))[1]
+  _damage(shard, "half")
+  want = rf"^cannot read {re.escape(str(shard))}: not a valid safetensors file \(.+\)$"
+  with pytest.raises(ValueError, match=want):
+    _load(path)
+
+
+@pytest.mark.parametrize("what", ["missing", "file", "empty_dir"])
+def test_error_not_a_model_directory(tmp_path, capsys, what):
+  path = tmp_path / what
+  if what == "file":
+    path.write_text("x")
+  elif what == "empty_dir":
+    path.mkdir()
+  want, error = {
+    "missing": (f"model directory {path} does not exist", FileNotFoundError),
+    "file": (
+      f"{path} is not a directory; give a model directory (HF or jmmkv checkpoint)",
+      NotADirectoryError,
+    ),
+    "empty_dir": (
+      f"no config.json in {path} (expected an HF model directory or a jmmkv checkpoint)",
+      FileNotFoundError,
+    ),
+  }[what]
+  with pytest.raises(error, match=f"^{re.escape(want)}$"):
+    _load(path)
+  assert _cli_error(capsys, ["generate", "--model", str(path), "--prompt", "hi"]) == want
