@@ -6,7 +6,6 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from pathlib import Path
 
 # What jmmkv.load accepts; every --dtype takes them.
 DTYPES = ["float32", "bfloat16", "bf16", "fp32"]
