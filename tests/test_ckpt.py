@@ -11,6 +11,7 @@ from mm_models import build_mm_model, llava_pixels, random_text
 
 import jmmkv
 from jmmkv import cli
+from cli_errors import cli_error
 
 
 def _tree_equal(a, b):
@@ -164,17 +165,8 @@ def broken(saved, tmp_path):
   return Path(shutil.copytree(saved, tmp_path / "ckpt"))
 
 
-def _cli_error(capsys, argv) -> str:
-  """The error of a `jmmkv` command that must fail with one ``jmmkv: error:`` line (exit 2)."""
-  capsys.readouterr()
-  assert cli.main(argv) == 2
-  err = capsys.readouterr().err
-  assert err.startswith("jmmkv: error: ") and err.count("\n") == 1, err
-  return err.removeprefix("jmmkv: error: ").rstrip("\n")
-
-
 def _generate_error(capsys, model_dir) -> str:
-  return _cli_error(capsys, ["generate", "--model", str(model_dir), "--prompt", "hi"])
+  return cli_error(capsys, ["generate", "--model", str(model_dir), "--prompt", "hi"])
 
 
 def _edit_config(path, key, value):
@@ -273,7 +265,7 @@ def test_unfinished_convert_is_reported_as_incomplete(broken, tmp_path, capsys, 
   with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
     jmmkv.load(broken)
   assert _generate_error(capsys, broken) == want
-  assert _cli_error(capsys, ["convert", str(broken), str(tmp_path / "again")]) == want
+  assert cli_error(capsys, ["convert", str(broken), str(tmp_path / "again")]) == want
 
 
 @pytest.mark.parametrize("target", ["absent", "empty_dir"])

@@ -1,7 +1,12 @@
 """Prefill attention over query blocks, with the statistics policies ask for, in float32.
 
-Each block of ``block`` queries attends to all T keys (exact softmax rows), so nothing of size
-T x T is ever built: extra memory is O(B * N * block * T). Statistics, when requested by a
+The causal mask hides half of the T x T pairs, and neither path below scores them. A prefill
+whose statistics need no normalised probability of every query (SnapKV's window sums are
+computed apart, from the last queries only) runs flash-style attention over key tiles
+(`jmmkv.models.attention.causal_attention`). Column sums and row entropies need each row's
+probabilities: then each block of ``block`` queries attends to the keys up to the end of its
+group of blocks (`_segments`) with exact softmax rows. Nothing of size T x T is ever built: extra
+memory is O(B * N * block * T). Statistics, when requested by a
 `StatsSpec`, accumulate over the valid query rows of every block:
 
   window   [B, N, T]  sum over the last ``window`` valid queries of their attention to each key
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.kernels import select as kernel_select
-from jmmkv.models.attention import MASK_VALUE
+from jmmkv.models.attention import MASK_VALUE, causal_attention
 from jmmkv.typing import IMAGE, TEXT, VIDEO, Array
 
 
@@ -150,55 +155,44 @@ def cross_entropies(
   return jnp.stack([tv, vt], axis=-1)
 
 
-def attention(
-  q_BTNH: Array,
-  k_BKTH: Array,
-  v_BKTH: Array,
-  valid_BT: Array,
-  modality_BT: Array,
-  spec: StatsSpec = NONE,
-  block: int = 128,
-) -> tuple[Array, Stats]:
-  """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked).
+def _segments(n_blocks: int, most: int) -> list[tuple[int, int]]:
+  """``most`` (or fewer) runs of consecutive query blocks, as (first, end) block indices: the
+  queries of a run attend to the keys of blocks ``[0, end)`` only, as the causal mask hides the
+  rest. With s runs the prefill scores ``(s + 1) / 2s`` of the ``T x T`` pairs (0.5625 for 8)."""
+  s = max(1, min(most, n_blocks))
+  ends = [-(-(i + 1) * n_blocks // s) for i in range(s)]
+  return [(0 if i == 0 else ends[i - 1], e) for i, e in enumerate(ends)]
 
-  Returns the output ``[B, T, N, H]`` and the requested `Stats` (others None).
-  """
-  t_in = q_BTNH.shape[1]
-  pad = -t_in % min(block, t_in)
-  if pad:  # pad to whole blocks with invalid tokens; they are neither queries nor keys
-    widths = lambda x, axis: [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)]
-    q_BTNH, valid_BT, modality_BT = (
-      jnp.pad(x, widths(x, 1)) for x in (q_BTNH, valid_BT, modality_BT)
-    )
-    k_BKTH, v_BKTH = (jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH))
-  b, t, n, h = q_BTNH.shape
-  kh = k_BKTH.shape[1]
-  block = min(block, t)
+
+def _run(q_BTNH, k_BKSH, v_BKSH, valid_BT, first: int, end: int, block: int, spec: StatsSpec):
+  """Causal attention of query blocks ``[first, end)`` to the ``S`` keys before them (``S =
+  end * block``): outputs ``[B, (end - first) * block, N, H]`` and the column sums ``[B, N, S]``
+  / summed row entropies ``[B, N]`` of those queries (as ``spec`` asks; else None)."""
+  b, _, n, h = q_BTNH.shape
+  kh, s_len = k_BKSH.shape[1], k_BKSH.shape[2]
   scale = h**-0.5
-  slots = jnp.arange(t)
-  is_text = (modality_BT == TEXT) & valid_BT
-  is_vis = ((modality_BT == IMAGE) | (modality_BT == VIDEO)) & valid_BT
+  slots = jnp.arange(s_len)
+  kvalid_BS = valid_BT[:, :s_len]
 
   def step(carry, i):
     start = i * block
     q_BQNH = jax.lax.dynamic_slice_in_dim(q_BTNH, start, block, axis=1)
     rows_Q = start + jnp.arange(block)
-    take = lambda x_BT: jax.lax.dynamic_slice_in_dim(x_BT, start, block, axis=1)
+    qv_BQ = jax.lax.dynamic_slice_in_dim(valid_BT, start, block, axis=1)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh)
-    raw = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKTH, preferred_element_type=jnp.float32)
+    raw = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
     raw = raw * scale
-    mask_BQS = (rows_Q[:, None] >= slots[None, :])[None] & valid_BT[:, None, :]
+    mask_BQS = (rows_Q[:, None] >= slots[None, :])[None] & kvalid_BS[:, None, :]
     s = jnp.where(mask_BQS[:, None, None], raw, MASK_VALUE)
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
     l = jnp.sum(e, axis=-1, keepdims=True)
     inv_BKGQ = 1.0 / l[..., 0]  # p = e / l is never built: every use of p is an einsum of e
-    qv_BQ = take(valid_BT)
-    o_BKGQH = jnp.einsum("BKGQS,BKSH->BKGQH", e.astype(v_BKTH.dtype), v_BKTH)
+    o_BKGQH = jnp.einsum("BKGQS,BKSH->BKGQH", e.astype(v_BKSH.dtype), v_BKSH)
     o_BKGQH = o_BKGQH * inv_BKGQ[..., None].astype(o_BKGQH.dtype)
     out = einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H")
     new = dict(carry)
-    # XLA CPU: einsums run as fast matmuls; reductions of a materialised T-wide array re-read it
+    # XLA CPU: einsums run as fast matmuls; reductions of a materialised S-wide array re-read it
     # from memory, and fused multiply-reduce (sum(p * x)) is slower still. So every statistic
     # below is an einsum of e (the column sum costs ~5% of the block instead of ~40%).
     if spec.colsum:  # padding queries weigh 0 (their outputs are never used)
@@ -214,14 +208,78 @@ def attention(
       new["entropy"] = carry["entropy"] + ent_BN
     return new, out
 
-  zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
   carry = {}
   if spec.colsum:
-    carry["colsum"] = zeros(b, n, t)
+    carry["colsum"] = jnp.zeros((b, n, s_len), jnp.float32)
   if spec.entropy:
-    carry["entropy"] = zeros(b, n)
-  carry, out_CBQNH = jax.lax.scan(step, carry, jnp.arange(t // block))
-  out_BTNH = einops.rearrange(out_CBQNH, "C B Q N H -> B (C Q) N H")
+    carry["entropy"] = jnp.zeros((b, n), jnp.float32)
+  carry, out_CBQNH = jax.lax.scan(step, carry, jnp.arange(first, end))
+  return einops.rearrange(out_CBQNH, "C B Q N H -> B (C Q) N H"), carry
+
+
+# Flash tiles (`attention.causal_attention`): the fastest on XLA CPU of those measured at T=8192.
+FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK = 256, 512
+
+
+def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT) -> Array:
+  """`attention.causal_attention` of any T: one tile up to `FLASH_KEY_BLOCK` keys, else padded
+  to whole key tiles (padding is never a key; its rows are cut off)."""
+  t = q_BTNH.shape[1]
+  if t <= FLASH_KEY_BLOCK:
+    return causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, t, t)
+  pad = -t % FLASH_KEY_BLOCK
+  widths = lambda x, axis: [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)]
+  q_BTNH, valid_BT = jnp.pad(q_BTNH, widths(q_BTNH, 1)), jnp.pad(valid_BT, widths(valid_BT, 1))
+  k_BKTH, v_BKTH = (jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH))
+  out = causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)
+  return out[:, :t]
+
+
+def attention(
+  q_BTNH: Array,
+  k_BKTH: Array,
+  v_BKTH: Array,
+  valid_BT: Array,
+  modality_BT: Array,
+  spec: StatsSpec = NONE,
+  block: int = 128,
+  segments: int = 8,
+) -> tuple[Array, Stats]:
+  """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked).
+
+  Without column sums or row entropies (``spec``), the attention is flash style
+  (`attention.causal_attention`). With them, query blocks run in up to ``segments`` consecutive
+  groups, each scoring only the keys up to its last block (`_segments`), with exact softmax rows
+  whose normalised probabilities the statistics sum; the masked pairs are not computed.
+  Returns the output ``[B, T, N, H]`` and the requested `Stats` (others None).
+  """
+  t_in = q_BTNH.shape[1]
+  pad = -t_in % min(block, t_in)
+  if pad:  # pad to whole blocks with invalid tokens; they are neither queries nor keys
+    widths = lambda x, axis: [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)]
+    q_BTNH, valid_BT, modality_BT = (
+      jnp.pad(x, widths(x, 1)) for x in (q_BTNH, valid_BT, modality_BT)
+    )
+    k_BKTH, v_BKTH = (jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH))
+  b, t, n, h = q_BTNH.shape
+  block = min(block, t)
+  is_text = (modality_BT == TEXT) & valid_BT
+  is_vis = ((modality_BT == IMAGE) | (modality_BT == VIDEO)) & valid_BT
+
+  outs, carry = [], {}
+  if not (spec.colsum or spec.entropy):  # no statistic of every query: flash attention
+    outs.append(_flash(q_BTNH, k_BKTH, v_BKTH, valid_BT))
+  else:
+    for first, end in _segments(t // block, segments):
+      keys = end * block
+      out, part = _run(
+        q_BTNH, k_BKTH[:, :, :keys], v_BKTH[:, :, :keys], valid_BT, first, end, block, spec
+      )
+      outs.append(out)
+      for name, x in part.items():  # column sums: the keys after this run's got nothing from it
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, t - keys))) if name == "colsum" else x
+        carry[name] = carry[name] + x if name in carry else x
+  out_BTNH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
   if "entropy" in carry:
     carry["entropy"] = carry["entropy"] / jnp.maximum(valid_BT.sum(1), 1)[:, None]
   if spec.cross:

@@ -1,5 +1,7 @@
 """Blockwise prefill statistics vs a dense reference built from transformers' own attention."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,38 @@ def test_block_size_does_not_change_anything(block):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=1e-5)
 
 
+def test_causal_segments_do_not_change_anything():
+  """Query groups that skip the keys the causal mask hides: the same outputs and statistics as
+  every block reading all T keys (``segments=1``), with padding and GQA, on 3 seeds."""
+  b, t, n, kh, h = 2, 100, 4, 2, 8  # 13 blocks of 8, the last one padded
+  fns = {
+    s: jax.jit(lambda q, k, v, valid, mod, s=s: stats.attention(q, k, v, valid, mod, SPEC, 8, s))
+    for s in (1, 3, 64)
+  }
+  for seed in range(3):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, kh, t, h)), jnp.float32) for _ in range(2))
+    valid = jnp.asarray(np.arange(t)[None] < np.array([[100], [57]]))
+    modality = jnp.asarray(np.where(rng.random((b, t)) < 0.5, 2, 1) * valid)
+    one = fns[1](q, k, v, valid, modality)
+    for segments in (3, 64):
+      many = fns[segments](q, k, v, valid, modality)
+      for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-5)
+
+
+def test_segments_cover_every_block_once_and_skip_the_masked_pairs():
+  for n_blocks, most in [(1, 8), (3, 8), (13, 8), (128, 8), (130, 7)]:
+    runs = stats._segments(n_blocks, most)
+    assert runs[0][0] == 0 and runs[-1][1] == n_blocks and len(runs) == min(n_blocks, most)
+    assert all(a < e for a, e in runs) and all(
+      runs[i][1] == runs[i + 1][0] for i in range(len(runs) - 1)
+    )
+  scored = sum((e - a) * e for a, e in stats._segments(128, 8)) / 128**2  # query x key blocks
+  assert scored == 9 / 16
+
+
 def test_16k_prompt_never_builds_a_t_by_t_array():
   t, b, n, kh, h = 16384, 1, 2, 1, 16
   spec = stats.StatsSpec(window=32, colsum=True, entropy=True, cross=True)
@@ -124,3 +158,52 @@ def test_16k_prompt_never_builds_a_t_by_t_array():
   )
   temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
   assert temp < t * t * 4 / 8, f"{temp / 2**20:.0f} MiB of temporaries for T={t}"
+
+
+def _dense_causal(q, k, v, valid):
+  """NumPy reference: softmax over the keys at or before each query, padding never a key."""
+  b, t, n, h = q.shape
+  g = n // k.shape[1]
+  kk, vv = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)  # [B, N, T, H]
+  s = np.einsum("bqnh,bnsh->bnqs", q.astype(np.float64), kk) / np.sqrt(h)
+  mask = (np.arange(t)[:, None] >= np.arange(t)[None, :])[None, None] & valid[:, None, None, :]
+  s = np.where(mask, s, -1e30)  # a query without keys (left padding) is never compared
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bnqs,bnsh->bqnh", p, vv)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+  "t, blocks", [(96, (8, 32)), (96, (16, 16)), (64, (64, 64)), (128, (32, 128))]
+)
+def test_flash_causal_attention_equals_dense(seed, t, blocks):
+  from jmmkv.models.attention import causal_attention
+
+  rng = np.random.default_rng(seed)
+  b, n, kh, h = 3, 4, 2, 8
+  q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  k, v = (rng.normal(size=(b, kh, t, h)).astype(np.float32) for _ in range(2))
+  slots = np.arange(t)[None]
+  valid = np.stack([slots[0] < t, slots[0] < t - 29, slots[0] >= 11])  # full, right, left padded
+  got = np.asarray(causal_attention(q, k, v, jnp.asarray(valid), *blocks))
+  want = _dense_causal(q, k, v, valid)
+  rows = valid & (np.cumsum(valid, axis=1) > 0)  # valid queries (each sees itself)
+  np.testing.assert_allclose(got[rows], want[rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [37, 700])  # one tile; several tiles after padding to 512
+def test_attention_without_query_statistics_is_flash_and_exact(t):
+  rng = np.random.default_rng(t)
+  b, n, kh, h = 2, 4, 2, 8
+  q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  k, v = (rng.normal(size=(b, kh, t, h)).astype(np.float32) for _ in range(2))
+  valid = np.arange(t)[None] < np.array([[t], [t - 13]])
+  modality = np.where(rng.random((b, t)) < 0.5, 2, 1) * valid
+  spec = stats.StatsSpec(window=8)  # SnapKV's: no statistic of every query
+  out, st = stats.attention(q, k, v, jnp.asarray(valid), jnp.asarray(modality), spec, block=16)
+  np.testing.assert_allclose(
+    np.asarray(out)[valid], _dense_causal(q, k, v, valid)[valid], atol=1e-5, rtol=1e-5
+  )
+  both = stats.attention(q, k, v, valid, modality, dataclasses.replace(spec, colsum=True), block=16)
+  np.testing.assert_allclose(np.asarray(st.window), np.asarray(both[1].window), atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from hf_models import hf_logits, pad_batch, positions_from_mask, random_ids
+from cli_errors import cli_error
 
 NAME = "llama_gqa"  # the checkpoint the error cases break (hidden 64, 4 heads of 16, 2 layers)
 
@@ -168,17 +169,6 @@ _DAMAGE = {  # what an interrupted download or copy leaves of a safetensors file
 }
 
 
-def _cli_error(capsys, argv) -> str:
-  """The error of a `jmmkv` command that must fail with one ``jmmkv: error:`` line (exit 2)."""
-  from jmmkv import cli
-
-  capsys.readouterr()
-  assert cli.main(argv) == 2
-  err = capsys.readouterr().err
-  assert err.startswith("jmmkv: error: ") and err.count("\n") == 1, err
-  return err.removeprefix("jmmkv: error: ").rstrip("\n")
-
-
 def _damage(path: Path, how: str) -> None:
   path.write_bytes(_DAMAGE[how](path.read_bytes()))
 
@@ -192,9 +182,9 @@ def test_error_damaged_safetensors(tiny_model_copy, tmp_path, capsys, how):
   with pytest.raises(ValueError, match=want) as exc:
     _load(path)
   out = tmp_path / "out"
-  assert _cli_error(capsys, ["convert", str(path), str(out)]) == str(exc.value)
+  assert cli_error(capsys, ["convert", str(path), str(out)]) == str(exc.value)
   assert not out.exists()
-  assert _cli_error(capsys, ["generate", "--model", str(path), "--prompt", "hi"]) == str(exc.value)
+  assert cli_error(capsys, ["generate", "--model", str(path), "--prompt", "hi"]) == str(exc.value)
 
 
 def test_error_damaged_shard(tiny_model_copy, tiny_model_sharded):
@@ -227,4 +217,4 @@ def test_error_not_a_model_directory(tmp_path, capsys, what):
   }[what]
   with pytest.raises(error, match=f"^{re.escape(want)}$"):
     _load(path)
-  assert _cli_error(capsys, ["generate", "--model", str(path), "--prompt", "hi"]) == want
+  assert cli_error(capsys, ["generate", "--model", str(path), "--prompt", "hi"]) == want
