@@ -3,6 +3,9 @@ errors that name the flag."""
 
 from __future__ import annotations
 
+# What jmmkv.load accepts; every --dtype takes them.
+DTYPES = ["float32", "bfloat16", "bf16", "fp32"]
+
 
 def numbers(text: str, flag: str, kind=float, minimum=None) -> list:
   """``"4096,16384"`` -> ``[4096, 16384]`` (``kind`` int or float), each at least ``minimum``."""

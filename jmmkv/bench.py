@@ -25,7 +25,7 @@ import tqdm
 import jmmkv
 import jmmkv.inputs
 from jmmkv import runinfo
-from jmmkv.generate import _compress, _prefill, decode_loop, kept_fraction
+from jmmkv.generate import compress_stage, prefill_stage, decode_loop, kept_fraction
 from jmmkv.cache.paged import PagedKVCache
 from jmmkv.inputs import Batch
 from jmmkv.sampling import Sampling
@@ -150,11 +150,11 @@ def run(
         policy = jmmkv.policies.from_spec(spec, **SMALL_WINDOW.get(name, {}))
         budget = None if name == "full" else jmmkv.Budget(ratio=ratio)
         if policy.stats not in prefills:
-          prefills[policy.stats] = _prefill(model, batch, policy.stats, compile_first=True)
+          prefills[policy.stats] = prefill_stage(model, batch, policy.stats, compile_first=True)
         padded, logits_BV, prompt_kv, rope_start, prefill_s = prefills[policy.stats]
         compress_s = []
         for _ in range(1 + repeats):  # warm-up (compiles), then the timed runs
-          cache, seconds = _compress(
+          cache, seconds = compress_stage(
             _copy(prompt_kv), rope_start, policy, budget, max(1, max_new_tokens - 1), "auto"
           )
           compress_s.append(seconds)

@@ -7,8 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
-# What jmmkv.load accepts; every --dtype takes them.
-DTYPES = ["float32", "bfloat16", "bf16", "fp32"]
+from jmmkv.arguments import DTYPES
+
 # Errors a user causes (bad arguments, paths): one `jmmkv: error:` line, exit code 2.
 USER_ERRORS = (
   ValueError,

@@ -23,7 +23,7 @@ import numpy as np
 from jmmkv import inputs, sharding
 from jmmkv.cache import kv_cache, paged, policies
 from jmmkv.cache.budget import Budget
-from jmmkv.cache.policies.base import PromptKV
+from jmmkv.cache.prompt import PromptKV
 from jmmkv.cache.policies.full import Full
 from jmmkv.cache.stats import NONE, StatsSpec
 from jmmkv.models.configs import DecoderConfig
@@ -310,8 +310,9 @@ def _donation_quiet():
 LAYOUTS = ("auto", "dense", "paged")
 
 
-def _prefill(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bool = False):
-  """Host padding + jitted prompt forward with the statistics ``spec`` asks for.
+def prefill_stage(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bool = False):
+  """The first stage of `generate`: host padding + jitted prompt forward with the statistics
+  ``spec`` asks for (then `compress_stage`, then `decode_loop`; benchmarks time each).
 
   Returns ``(padded, logits_BV, prompt, rope_start, prefill_s)``. ``compile_first`` compiles
   the embedding (one untimed call) and the forward ahead of time, outside the timed seconds
@@ -354,9 +355,12 @@ def _prefill(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bool = 
   return padded, logits_BV, prompt, rope_start_B, time.perf_counter() - t0
 
 
-def _compress(prompt: PromptKV, rope_start_B, policy, budget, append_capacity: int, layout: str):
-  """Policy on the (donated) prompt K/V, then the smallest decode layout. Returns the cache and
-  the seconds taken (selection + gather + merge + re-layout)."""
+def compress_stage(
+  prompt: PromptKV, rope_start_B, policy, budget, append_capacity: int, layout: str
+):
+  """The second stage of `generate`: the policy on the (donated) prompt K/V, then the smallest
+  decode layout. Returns the cache and the seconds taken (selection + gather + merge +
+  re-layout)."""
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if not jax.sharding.get_abstract_mesh().empty:  # pages mix KV heads: no head split
@@ -395,8 +399,8 @@ def _prefill_and_compress(
   policy, budget = as_policy(policy), as_budget(budget)
   if budget is not None and all(budget.kept(int(n)) >= n for n in batch.lengths):
     policy = Full()  # the budget keeps every prompt whole: an exact no-op, no statistics needed
-  padded, logits_BV, prompt, rope_start_B, prefill_s = _prefill(model, batch, policy.stats)
-  cache, compress_s = _compress(prompt, rope_start_B, policy, budget, append_capacity, layout)
+  padded, logits_BV, prompt, rope_start_B, prefill_s = prefill_stage(model, batch, policy.stats)
+  cache, compress_s = compress_stage(prompt, rope_start_B, policy, budget, append_capacity, layout)
   return padded, logits_BV, cache, prefill_s, compress_s
 
 

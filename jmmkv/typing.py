@@ -20,3 +20,7 @@ HostArray = np.ndarray
 
 # Modality ids carried by every token and every cache slot.
 PAD, TEXT, IMAGE, VIDEO = 0, 1, 2, 3
+
+# A finite "minus infinity" for masked attention scores: fully masked rows stay NaN-free and
+# vanish when blocks are merged.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)

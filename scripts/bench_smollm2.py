@@ -278,11 +278,15 @@ class Runner:
     import jax.numpy as jnp
 
     from jmmkv.cache.stats import NONE
-    from jmmkv.generate import _compress, _prefill, decode_loop
+    from jmmkv.generate import compress_stage, prefill_stage, decode_loop
     from jmmkv.sampling import Sampling
 
     self.model, self.policies, self.m = model, policies, max_new_tokens
-    self._compress, self._prefill, self._decode = _compress, _prefill, decode_loop
+    self.compress_stage, self.prefill_stage, self._decode = (
+      compress_stage,
+      prefill_stage,
+      decode_loop,
+    )
     self._sampling, self._jnp = Sampling(0.0), jnp
     windows = {p.stats.window for p in policies.values() if p.stats.window}
     if len(windows) > 1:
@@ -292,7 +296,9 @@ class Runner:
       self.spec = self.spec | p.stats
 
   def prefill(self, batch):
-    padded, logits_BV, prompt, rope_start, seconds = self._prefill(self.model, batch, self.spec)
+    padded, logits_BV, prompt, rope_start, seconds = self.prefill_stage(
+      self.model, batch, self.spec
+    )
     self.state = (padded, logits_BV, prompt, rope_start)
     return seconds
 
@@ -306,7 +312,7 @@ class Runner:
     padded, logits_BV, prompt, rope_start = self.state
     copy = prompt._replace(k=jnp.copy(prompt.k), v=jnp.copy(prompt.v))  # compress donates k/v
     t0 = time.perf_counter()
-    cache, _ = self._compress(
+    cache, _ = self.compress_stage(
       copy, rope_start, self.policies[name], budget, max(1, self.m - 1), "auto"
     )
     mask = kept_mask(cache, prompt.k.shape[3])

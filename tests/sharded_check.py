@@ -49,7 +49,7 @@ def spec(x) -> list:
 def kv_all_gathers(model, batch, policy, budget) -> list[str]:
   """Result shapes of the all-gathers in the compiled compression that are as large as K/V."""
   with jax.set_mesh(model.mesh):
-    _, _, prompt, rope_start, _ = G._prefill(model, batch, policy.stats)
+    _, _, prompt, rope_start, _ = G.prefill_stage(model, batch, policy.stats)
     capacity = policy.capacity(budget, prompt.k.shape[3])
     hlo = (
       G.compress_step.lower(

@@ -230,7 +230,7 @@ def test_bench_prefill_time_excludes_the_first_embed_call(monkeypatch):
     return embed(self, ids_BT, media)
 
   monkeypatch.setattr(type(model), "embed", slow_first)
-  seconds = gen._prefill(model, model.prepare(input_ids=_prompts(13, [20])), NONE, True)[-1]
+  seconds = gen.prefill_stage(model, model.prepare(input_ids=_prompts(13, [20])), NONE, True)[-1]
   assert len(calls) == 2 and seconds < 0.5
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv import sharding
-from jmmkv.cache.policies.base import Prefix, PromptKV
+from jmmkv.cache.prompt import Prefix, PromptKV
 from jmmkv.kernels import gather as kernel_gather
 from jmmkv.kernels import select as kernel_select
 from jmmkv.typing import Array

@@ -3,7 +3,7 @@
 The causal mask hides half of the T x T pairs, and neither path below scores them. A prefill
 whose statistics need no normalised probability of every query (SnapKV's window sums are
 computed apart, from the last queries only) runs flash-style attention over key tiles
-(`jmmkv.models.attention.causal_attention`). Column sums and row entropies need each row's
+(`jmmkv.kernels.flash_attention`). Column sums and row entropies need each row's
 probabilities: then each block of ``block`` queries attends to the keys up to the end of its
 group of blocks (`_segments`) with exact softmax rows. Nothing of size T x T is ever built: extra
 memory is O(B * N * block * T). Statistics, when requested by a
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.kernels import select as kernel_select
-from jmmkv.models.attention import MASK_VALUE, causal_attention
-from jmmkv.typing import IMAGE, TEXT, VIDEO, Array
+from jmmkv.kernels.flash_attention import causal_attention
+from jmmkv.typing import IMAGE, MASK_VALUE, TEXT, VIDEO, Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,12 +217,12 @@ def _run(q_BTNH, k_BKSH, v_BKSH, valid_BT, first: int, end: int, block: int, spe
   return einops.rearrange(out_CBQNH, "C B Q N H -> B (C Q) N H"), carry
 
 
-# Flash tiles (`attention.causal_attention`): the fastest on XLA CPU of those measured at T=8192.
+# Flash tiles (`jmmkv.kernels.flash_attention`): the fastest on XLA CPU of those measured at T=8192.
 FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK = 256, 512
 
 
 def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT) -> Array:
-  """`attention.causal_attention` of any T: one tile up to `FLASH_KEY_BLOCK` keys, else padded
+  """`flash_attention.causal_attention` of any T: one tile up to `FLASH_KEY_BLOCK` keys, else padded
   to whole key tiles (padding is never a key; its rows are cut off)."""
   t = q_BTNH.shape[1]
   if t <= FLASH_KEY_BLOCK:
@@ -248,7 +248,7 @@ def attention(
   """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked).
 
   Without column sums or row entropies (``spec``), the attention is flash style
-  (`attention.causal_attention`). With them, query blocks run in up to ``segments`` consecutive
+  (`jmmkv.kernels.flash_attention`). With them, query blocks run in up to ``segments`` consecutive
   groups, each scoring only the keys up to its last block (`_segments`), with exact softmax rows
   whose normalised probabilities the statistics sum; the masked pairs are not computed.
   Returns the output ``[B, T, N, H]`` and the requested `Stats` (others None).

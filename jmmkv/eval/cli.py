@@ -10,7 +10,7 @@ def _milebench(args) -> int:
 
 
 def _add_milebench(benchmarks) -> None:
-  from jmmkv.cli import DTYPES
+  from jmmkv.arguments import DTYPES
 
   mb = benchmarks.add_parser(
     "milebench",
@@ -89,7 +89,7 @@ def _synthetic(args) -> int:
 
 
 def _add_synthetic(benchmarks) -> None:
-  from jmmkv.cli import DTYPES
+  from jmmkv.arguments import DTYPES
   from jmmkv.synthetic import tasks
 
   sy = benchmarks.add_parser(

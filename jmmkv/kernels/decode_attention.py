@@ -23,8 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jmmkv import kernels
-from jmmkv.models import attention as _attention  # a module, not the name: import cycle
-from jmmkv.typing import Array
+from jmmkv.typing import MASK_VALUE, Array
 
 f32 = jnp.float32
 
@@ -38,10 +37,6 @@ class PageBlocks:
   def __post_init__(self):
     if self.pages < 1:
       raise ValueError(f"PageBlocks.pages must be >= 1, got {self.pages}")
-
-
-def _mask_value() -> float:
-  return _attention.MASK_VALUE
 
 
 def page_partials_reference(
@@ -59,7 +54,7 @@ def page_partials_reference(
   del block, interpret, platform
   s_PGS = jnp.einsum("PGH,PSH->PGS", q_PGH, k_PSH, preferred_element_type=f32) * scale
   valid_P1S = valid_PS[:, None, :]
-  s_PGS = jnp.where(valid_P1S, s_PGS, _mask_value())
+  s_PGS = jnp.where(valid_P1S, s_PGS, MASK_VALUE)
   m_PG = jnp.max(s_PGS, axis=-1)
   p_PGS = jnp.where(valid_P1S, jnp.exp(s_PGS - m_PG[..., None]), 0.0)
   o_PGH = jnp.einsum("PGS,PSH->PGH", p_PGS, v_PSH.astype(f32), preferred_element_type=f32)
@@ -145,7 +140,7 @@ def page_partials(
   valid = jnp.pad(valid_PS.astype(jnp.int32), [(0, pp - p), (0, sp - s)]).reshape(pp, 1, sp)
   page_spec = lambda *dims: pl.BlockSpec((bp, *dims), lambda i: (i,) + (0,) * len(dims))
   o, m, l = pl.pallas_call(
-    functools.partial(_page_partials_kernel, scale=float(scale), mask=_mask_value()),
+    functools.partial(_page_partials_kernel, scale=float(scale), mask=MASK_VALUE),
     grid=(pp // bp,),
     in_specs=[page_spec(gp, hp), page_spec(sp, hp), page_spec(sp, hp), page_spec(1, sp)],
     out_specs=[page_spec(gp, hp), page_spec(1, gp), page_spec(1, gp)],
@@ -173,7 +168,7 @@ def combine(
   seg_P = jnp.where((owner_P >= 0) & (owner_P < n), owner_P, n)
   sorted_segments = dict(segment_ids=seg_P, num_segments=n + 1, indices_are_sorted=True)
   m_OG = jax.ops.segment_max(m_PG, **sorted_segments)  # -inf where an owner has no page
-  m_OG = jnp.maximum(m_OG, _mask_value())
+  m_OG = jnp.maximum(m_OG, MASK_VALUE)
   alpha_PG = jnp.exp(m_PG - m_OG[seg_P])
   o_OGH = jax.ops.segment_sum(o_PGH * alpha_PG[..., None], **sorted_segments)
   l_OG = jax.ops.segment_sum(l_PG * alpha_PG, **sorted_segments)

@@ -17,6 +17,10 @@ from jmmkv.models.layers import Einsum, RMSNorm
 from jmmkv.typing import Array, DType
 
 
+# Prompt tokens per MLP chunk in the prefill (a power of two: prompt buckets divide by it).
+MLP_CHUNK = 1024
+
+
 class Block(nn.Module):
   """Pre-norm attention + SwiGLU MLP."""
 
@@ -51,11 +55,23 @@ class Block(nn.Module):
     up_BTF = self.up_proj("BTD,DF->BTF", h_BTD)
     return x_BTD + self.down_proj("BTF,FD->BTD", gate_BTF * up_BTF)
 
+  def _finish_in_chunks(self, x_BTD, o_BTNH):
+    """`_finish` over `MLP_CHUNK`-token chunks in turn (a scan), so that the MLP's ``[B, T, F]``
+    activations of a long prompt are never all alive: at most ``[B, MLP_CHUNK, F]``."""
+    b, t, d = x_BTD.shape
+    if t <= MLP_CHUNK or t % MLP_CHUNK or self.is_initializing():
+      return self._finish(x_BTD, o_BTNH)
+    split = lambda x: x.reshape(b, t // MLP_CHUNK, MLP_CHUNK, *x.shape[2:]).swapaxes(0, 1)
+    body = lambda block, carry, xo: (carry, block._finish(*xo))
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
+    _, y_CBQD = scan(self, None, (split(x_BTD), split(o_BTNH)))
+    return y_CBQD.swapaxes(0, 1).reshape(b, t, d)
+
   def prefill(self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec: stats.StatsSpec):
     q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, cos_BTH, sin_BTH)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
     o_BTNH, st = stats.attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT, spec)
-    return self._finish(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
+    return self._finish_in_chunks(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
 
   def decode(self, x_B1D, cos_B1H, sin_B1H, cache, layer: int):
     """``cache``: a dense `KVCache` or a `PagedKVCache` (same append buffer, other prefix)."""

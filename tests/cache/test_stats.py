@@ -107,8 +107,10 @@ def test_block_size_does_not_change_anything(block):
   k, v = (jnp.asarray(rng.normal(size=(b, kh, t, h)), jnp.float32) for _ in range(2))
   valid = jnp.asarray(np.arange(t)[None] < np.array([[64], [41]]))
   modality = jnp.asarray(np.where(rng.random((b, t)) < 0.5, 2, 1) * valid)
-  whole = stats.attention(q, k, v, valid, modality, SPEC, block=t)
-  blocked = stats.attention(q, k, v, valid, modality, SPEC, block=block)
+  run = lambda block: jax.jit(lambda *a: stats.attention(*a, SPEC, block=block))(
+    q, k, v, valid, modality
+  )
+  whole, blocked = run(t), run(block)
   for a, c in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=1e-5)
 
@@ -178,7 +180,7 @@ def _dense_causal(q, k, v, valid):
   "t, blocks", [(96, (8, 32)), (96, (16, 16)), (64, (64, 64)), (128, (32, 128))]
 )
 def test_flash_causal_attention_equals_dense(seed, t, blocks):
-  from jmmkv.models.attention import causal_attention
+  from jmmkv.kernels.flash_attention import causal_attention_reference as causal_attention
 
   rng = np.random.default_rng(seed)
   b, n, kh, h = 3, 4, 2, 8
@@ -201,9 +203,12 @@ def test_attention_without_query_statistics_is_flash_and_exact(t):
   valid = np.arange(t)[None] < np.array([[t], [t - 13]])
   modality = np.where(rng.random((b, t)) < 0.5, 2, 1) * valid
   spec = stats.StatsSpec(window=8)  # SnapKV's: no statistic of every query
-  out, st = stats.attention(q, k, v, jnp.asarray(valid), jnp.asarray(modality), spec, block=16)
+  run = lambda spec: jax.jit(lambda *a: stats.attention(*a, spec, block=16))(
+    q, k, v, jnp.asarray(valid), jnp.asarray(modality)
+  )
+  out, st = run(spec)
   np.testing.assert_allclose(
     np.asarray(out)[valid], _dense_causal(q, k, v, valid)[valid], atol=1e-5, rtol=1e-5
   )
-  both = stats.attention(q, k, v, valid, modality, dataclasses.replace(spec, colsum=True), block=16)
+  both = run(dataclasses.replace(spec, colsum=True))
   np.testing.assert_allclose(np.asarray(st.window), np.asarray(both[1].window), atol=1e-6)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import PromptKV
+from jmmkv.cache.prompt import PromptKV
 from jmmkv.kernels import gather as kg
 
 SEEDS = (0, 1, 2)
