@@ -4,7 +4,9 @@ Per prompt length: prefill ms (statistics included), compression ms (selection +
 merge) and decode ms per token (medians over repeats after a warm-up, block_until_ready), KV
 bytes allocated / used from the cache arrays, each as a ratio to Full measured in the same run,
 and a floor for a decode step: the bytes it must read (parameters + allocated KV) over this
-machine's measured read bandwidth (a reduction over a 256 MiB array). Prompts mix text and
+machine's measured read bandwidth (a reduction over a 256 MiB array), and the peak memory of a
+whole `jmmkv.generate` call above what was held before it (`jmmkv.memory`: the device's peak
+where the backend reports one, else the process's peak RSS on Linux). Prompts mix text and
 576-token image spans (modality ids), so multimodal policies see images. Prints a table and
 writes JSON.
 """
@@ -24,7 +26,7 @@ import tqdm
 
 import jmmkv
 import jmmkv.inputs
-from jmmkv import runinfo
+from jmmkv import memory, runinfo
 from jmmkv.generate import compress_stage, prefill_stage, decode_loop, kept_fraction
 from jmmkv.cache.paged import PagedKVCache
 from jmmkv.inputs import Batch
@@ -174,6 +176,16 @@ def run(
           floor_ms_per_token=(param_bytes + cache.kv_bytes_allocated()) / bandwidth * 1e3,
         )
         row["compress_vs_prefill"] = row["compress_ms"] / row["prefill_ms"]
+        peak = memory.peak_bytes(
+          jmmkv.generate,
+          model,
+          batch,
+          policy,
+          budget,
+          max_new_tokens=max_new_tokens,
+          eos_token_id=[],
+        )[1]  # a whole generate call (its stages compiled above), from host batch to tokens
+        row["peak_bytes"] = peak
         if name == "full":
           full_ref = row
           if hf_model is not None:
@@ -185,6 +197,8 @@ def run(
         if full_ref is not None:
           for key in ("decode_ms_per_token", "kv_bytes_allocated", "kv_bytes_used", "prefill_ms"):
             row[f"{key}_vs_full"] = row[key] / full_ref[key]
+          if row["peak_bytes"] and full_ref["peak_bytes"]:
+            row["peak_bytes_vs_full"] = row["peak_bytes"] / full_ref["peak_bytes"]
         rows.append(row)
         tqdm.tqdm.write(_line(row), file=sys.stdout)
         bar.update()
@@ -202,6 +216,7 @@ def run(
     device=str(jax.devices()[0]),
     machine=platform.machine(),
     cpu_count=__import__("os").cpu_count(),
+    peak_memory=memory.peak_bytes(lambda: None)[2],
   )
   return dict(meta=meta, rows=rows)
 
@@ -209,7 +224,7 @@ def run(
 HEADER = (
   f"{'T':>6} {'policy':>24} {'budget':>6} {'layout':>6} {'prefill ms':>10} {'compr ms':>8} "
   f"{'/prefill':>8} {'decode ms/tok':>13} {'x full':>7} {'floor ms':>8} {'KV alloc MiB':>12} "
-  f"{'x full':>7} {'KV used MiB':>11} {'kept':>5}"
+  f"{'x full':>7} {'KV used MiB':>11} {'kept':>5} {'peak MiB':>9} {'x full':>7}"
 )
 
 
@@ -220,8 +235,13 @@ def _line(r) -> str:
     f"{r['decode_ms_per_token']:13.2f} {r.get('decode_ms_per_token_vs_full', float('nan')):7.3f} "
     f"{r['floor_ms_per_token']:8.2f} {r['kv_bytes_allocated'] / 2**20:12.2f} "
     f"{r.get('kv_bytes_allocated_vs_full', float('nan')):7.3f} {r['kv_bytes_used'] / 2**20:11.2f} "
-    f"{r['kept_fraction']:5.2f}"
+    f"{r['kept_fraction']:5.2f} {_mib(r['peak_bytes']):>9} "
+    f"{r.get('peak_bytes_vs_full', float('nan')):7.3f}"
   )
+
+
+def _mib(n) -> str:
+  return "-" if n is None else f"{n / 2**20:.1f}"
 
 
 def main(args) -> int:

@@ -72,6 +72,8 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
   assert rows["full"]["kv_bytes_allocated_vs_full"] == 1.0
   assert rows["snapkv"]["kv_bytes_allocated_vs_full"] < 0.3  # 25% of a 128-token prompt, measured
   assert rows["full"]["hf_decode_ms_per_token"] > 0  # transformers timed in the same run
+  assert result["meta"]["peak_memory"] == "process peak RSS (VmHWM)"  # Linux CPU
+  assert all(isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0 for r in rows.values())
   printed = capsys.readouterr().out
   assert "decode ms/tok" in printed and "transformers (SDPA, DynamicCache" in printed
 

@@ -1,0 +1,49 @@
+"""Peak memory of one call above the memory held just before it, for `jmmkv bench`.
+
+On an accelerator whose `memory_stats` report ``peak_bytes_in_use`` (TPU, GPU), the device's
+peak; that counter cannot be reset, so a call whose peak stays below an earlier call's is not
+measured (None). On CPU, the process's peak resident memory (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs`` before the call) above its resident memory before the call: host
+arrays, XLA's buffers and temporaries alike. Elsewhere None.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import jax
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kib(field: str) -> int:
+  text = _STATUS.read_text()
+  return int(text.split(f"{field}:")[1].split()[0])
+
+
+def _reset_host_peak() -> bool:
+  try:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    return True
+  except OSError:
+    return False
+
+
+def peak_bytes(fn, *args, **kwargs):
+  """``(fn(*args, **kwargs), peak bytes above the baseline or None, what was measured)``; the
+  result is waited for (`jax.block_until_ready`)."""
+  device = jax.devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    before = stats["bytes_in_use"], stats["peak_bytes_in_use"]
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    peak = device.memory_stats()["peak_bytes_in_use"]
+    return out, (peak - before[0] if peak > before[1] else None), "device peak_bytes_in_use"
+  if device.platform == "cpu" and _STATUS.is_file():
+    gc.collect()
+    if _reset_host_peak():
+      base = _status_kib("VmRSS")
+      out = jax.block_until_ready(fn(*args, **kwargs))
+      return out, (_status_kib("VmHWM") - base) * 1024, "process peak RSS (VmHWM)"
+  return jax.block_until_ready(fn(*args, **kwargs)), None, "not measured on this platform"
