@@ -20,3 +20,28 @@ def numbers(text: str, flag: str, kind=float, minimum=None) -> list:
   if low:
     raise ValueError(f"{flag} must be >= {minimum}, got {low[0]}")
   return out
+
+
+def ratios(text: str, flag: str = "--budgets") -> list[float]:
+  """`numbers`, each a valid `jmmkv.Budget` ratio in (0, 1]."""
+  from jmmkv.cache.budget import Budget
+
+  out = numbers(text, flag)
+  for r in out:
+    Budget(ratio=r)  # range check
+  return out
+
+
+def budget(spec: str, ratio: float | None):
+  """``Budget(ratio=ratio)`` for the policy ``spec``, checked even for ``full`` (which gets None:
+  it ignores it); a missing ratio is refused for every other policy."""
+  from jmmkv.cache import policies
+  from jmmkv.cache.budget import Budget
+
+  full = policies.spec_kwargs(spec)[0] == "full"
+  if ratio is None:
+    if full:
+      return None
+    raise ValueError(f"--budget is needed for policy {spec} (a kept fraction in (0, 1], e.g. 0.2)")
+  checked = Budget(ratio=ratio)
+  return None if full else checked

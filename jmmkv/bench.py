@@ -216,7 +216,7 @@ def run(
     device=str(jax.devices()[0]),
     machine=platform.machine(),
     cpu_count=__import__("os").cpu_count(),
-    peak_memory=memory.peak_bytes(lambda: None)[2],
+    peak_memory=memory.method(),
   )
   return dict(meta=meta, rows=rows)
 
@@ -245,14 +245,12 @@ def _mib(n) -> str:
 
 
 def main(args) -> int:
-  from jmmkv.arguments import numbers
+  from jmmkv.arguments import numbers, ratios
   from jmmkv.files import output_path, write_atomic
 
   policies = jmmkv.policies.spec_list(args.policies)  # bad arguments fail before any work
   lengths = numbers(args.lengths, "--lengths", int, minimum=1)
-  budgets = numbers(args.budgets, "--budgets")
-  for b in budgets:
-    jmmkv.Budget(ratio=b)
+  budgets = ratios(args.budgets)
   out = output_path(args.out)
   if args.compare_hf:
     from jmmkv import bench_hf

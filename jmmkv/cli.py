@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from jmmkv import arguments
 from jmmkv.arguments import DTYPES
 
 # Errors a user causes (bad arguments, paths): one `jmmkv: error:` line, exit code 2.
@@ -36,21 +37,6 @@ PRESETS = {
 }
 
 
-def _budget(args, policy=None):
-  """``Budget(ratio=args.budget)``, checked even for ``full`` (which gets None: it ignores it);
-  a missing budget is refused for every other policy."""
-  import jmmkv
-
-  spec = policy or args.policy
-  full = jmmkv.policies.spec_kwargs(spec)[0] == "full"
-  if args.budget is None:
-    if full:
-      return None
-    raise ValueError(f"--budget is needed for policy {spec} (a kept fraction in (0, 1], e.g. 0.2)")
-  budget = jmmkv.Budget(ratio=args.budget)
-  return None if full else budget
-
-
 def _demo(args) -> int:
   import jmmkv
 
@@ -65,7 +51,7 @@ def _demo(args) -> int:
 
   if args.images < 2:
     raise ValueError(f"--images must be >= 2, got {args.images}")
-  _budget(args, "check")
+  jmmkv.Budget(ratio=args.budget)  # range check before loading
   settings = tasks.TaskSettings(n_images=args.images, filler=tasks.DEFAULTS.filler)
   model_dir = args.model if args.model is not None else demo.MODEL_DIR
   demo.run(names, args.budget, settings, args.seed, model_dir, args.dtype)
@@ -86,7 +72,7 @@ def _random_demo(args, policy_name: str) -> None:
     input_ids=[rng.integers(3, model.text_config.vocab_size, n) for n in lengths]
   )
   policy = jmmkv.policies.from_spec(policy_name)
-  budget = _budget(args, policy_name)
+  budget = arguments.budget(policy_name, args.budget)
   print(f"jmmkv demo: random-weight '{args.preset}' preset ({desc}), {model.dtype_name}")
   print(
     f"batch {args.batch}, prompt lengths {lengths}, {args.max_new_tokens} new tokens, policy {policy_name}"
@@ -142,7 +128,7 @@ def _generate(args) -> int:
   from jmmkv import files
 
   policy = jmmkv.policies.from_spec(args.policy)  # bad specs and budgets fail before loading
-  budget = _budget(args)
+  budget = arguments.budget(args.policy, args.budget)
   images = [files.read_image(p) for p in args.image]
   videos = [files.read_video(p) for p in args.video]
   model = jmmkv.load(args.model, dtype=args.dtype)

@@ -30,20 +30,37 @@ def _reset_host_peak() -> bool:
     return False
 
 
+DEVICE, HOST, NONE = (
+  "device peak_bytes_in_use",
+  "process peak RSS (VmHWM)",
+  "not measured on this platform",
+)
+
+
+def method() -> str:
+  """How `peak_bytes` measures on this platform: `DEVICE`, `HOST` or `NONE`."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    return DEVICE if "peak_bytes_in_use" in (device.memory_stats() or {}) else NONE
+  return HOST if _STATUS.is_file() else NONE
+
+
 def peak_bytes(fn, *args, **kwargs):
   """``(fn(*args, **kwargs), peak bytes above the baseline or None, what was measured)``; the
   result is waited for (`jax.block_until_ready`)."""
-  device = jax.devices()[0]
-  stats = device.memory_stats() if device.platform != "cpu" else None
-  if stats and "peak_bytes_in_use" in stats:
+  how = method()
+  if how == DEVICE:
+    device = jax.devices()[0]
+    stats = device.memory_stats()
     before = stats["bytes_in_use"], stats["peak_bytes_in_use"]
     out = jax.block_until_ready(fn(*args, **kwargs))
     peak = device.memory_stats()["peak_bytes_in_use"]
-    return out, (peak - before[0] if peak > before[1] else None), "device peak_bytes_in_use"
-  if device.platform == "cpu" and _STATUS.is_file():
+    return out, (peak - before[0] if peak > before[1] else None), how
+  if how == HOST:
     gc.collect()
     if _reset_host_peak():
       base = _status_kib("VmRSS")
       out = jax.block_until_ready(fn(*args, **kwargs))
-      return out, (_status_kib("VmHWM") - base) * 1024, "process peak RSS (VmHWM)"
-  return jax.block_until_ready(fn(*args, **kwargs)), None, "not measured on this platform"
+      return out, (_status_kib("VmHWM") - base) * 1024, how
+    how = NONE
+  return jax.block_until_ready(fn(*args, **kwargs)), None, how

@@ -221,18 +221,24 @@ def _run(q_BTNH, k_BKSH, v_BKSH, valid_BT, first: int, end: int, block: int, spe
 FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK = 256, 512
 
 
+def _pad_tokens(pad: int, q_BTNH, k_BKTH, v_BKTH, *x_BT):
+  """The prompt arrays with ``pad`` more tokens (zeros, so invalid: neither queries nor keys)."""
+  widths = lambda x, axis: [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)]
+  return (
+    jnp.pad(q_BTNH, widths(q_BTNH, 1)),
+    *(jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH)),
+    *(jnp.pad(x, widths(x, 1)) for x in x_BT),
+  )
+
+
 def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT) -> Array:
   """`flash_attention.causal_attention` of any T: one tile up to `FLASH_KEY_BLOCK` keys, else padded
   to whole key tiles (padding is never a key; its rows are cut off)."""
   t = q_BTNH.shape[1]
   if t <= FLASH_KEY_BLOCK:
     return causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, t, t)
-  pad = -t % FLASH_KEY_BLOCK
-  widths = lambda x, axis: [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)]
-  q_BTNH, valid_BT = jnp.pad(q_BTNH, widths(q_BTNH, 1)), jnp.pad(valid_BT, widths(valid_BT, 1))
-  k_BKTH, v_BKTH = (jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH))
-  out = causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)
-  return out[:, :t]
+  padded = _pad_tokens(-t % FLASH_KEY_BLOCK, q_BTNH, k_BKTH, v_BKTH, valid_BT)
+  return causal_attention(*padded, FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)[:, :t]
 
 
 def attention(
@@ -255,12 +261,10 @@ def attention(
   """
   t_in = q_BTNH.shape[1]
   pad = -t_in % min(block, t_in)
-  if pad:  # pad to whole blocks with invalid tokens; they are neither queries nor keys
-    widths = lambda x, axis: [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)]
-    q_BTNH, valid_BT, modality_BT = (
-      jnp.pad(x, widths(x, 1)) for x in (q_BTNH, valid_BT, modality_BT)
+  if pad:  # whole blocks
+    q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT = _pad_tokens(
+      pad, q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT
     )
-    k_BKTH, v_BKTH = (jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH))
   b, t, n, h = q_BTNH.shape
   block = min(block, t)
   is_text = (modality_BT == TEXT) & valid_BT

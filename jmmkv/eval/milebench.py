@@ -235,15 +235,12 @@ def run(args) -> int:
   import jax
 
   import jmmkv
-  from jmmkv import runinfo
+  from jmmkv import arguments, runinfo
   from jmmkv.files import output_path
   from jmmkv.models.model import dtype_name
 
   policy = _policy(args.policy, args.hp)
-  full = jmmkv.policies.spec_kwargs(args.policy)[0] == "full"
-  if not full and args.budget is None:
-    raise ValueError(f"--budget is needed for policy {args.policy}")
-  budget = None if args.budget is None else jmmkv.Budget(ratio=args.budget)
+  budget = arguments.budget(args.policy, args.budget)  # None for full
   if args.max_context_len is not None and args.max_context_len < 1:
     raise ValueError(f"--max-context-len must be >= 1, got {args.max_context_len}")
   out_path = output_path(args.out, "--out")
@@ -254,7 +251,7 @@ def run(args) -> int:
   settings = {
     "policy": args.policy,
     "hyperparameters": dataclasses.asdict(policy) if dataclasses.is_dataclass(policy) else {},
-    "budget": None if full else args.budget,
+    "budget": None if budget is None else args.budget,
     "model": str(args.model),
     "dtype": dtype_name(args.dtype),
     "data": str(args.data),
@@ -271,7 +268,7 @@ def run(args) -> int:
     model,
     tasks,
     policy,
-    None if full else budget,
+    budget,
     max_new_tokens=args.max_new_tokens,
     max_context_len=args.max_context_len,
     chat_template=not args.no_chat_template,

@@ -89,14 +89,12 @@ def run(args) -> int:
   """``jmmkv eval synthetic``: arguments are checked before the model is loaded."""
   import jmmkv
   from jmmkv import runinfo
-  from jmmkv.arguments import numbers
+  from jmmkv.arguments import ratios
   from jmmkv.files import atomic_path, output_path, write_atomic
   from jmmkv.synthetic import demo, tasks
 
   names = jmmkv.policies.spec_list(args.policies)
-  budgets = numbers(args.budgets, "--budgets")
-  for b in budgets:
-    jmmkv.Budget(ratio=b)  # range check
+  budgets = ratios(args.budgets)
   task_names = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(tasks.TASKS)
   for t in task_names:
     if t not in tasks.TASKS:

@@ -112,12 +112,14 @@ def legend(rows: list[dict]) -> str:
     "ok / WRONG: the answer decoded from the compressed cache vs the expected one",
     "kept: fraction of the prompt's KV kept; KV MiB: cache allocated; ms/token: decode (compiled)",
   ]
+  from jmmkv.cache import policies
+
   for r in rows:
-    if r["kept_fraction"] > r["budget"] + 0.005 and r["policy"].split(":")[0] in ("meda", "lookm"):
+    name = policies.spec_kwargs(r["policy"])[0]
+    if r["kept_fraction"] > r["budget"] + 0.005 and "keep_all_text" in policies.settings(name):
       lines.append(
         f"{r['policy']} kept {r['kept_fraction']:.2f} at a {r['budget']:.2f} budget: it keeps every "
-        f"text token by design, as its paper does ({r['policy'].split(':')[0]}:keep_all_text=false "
-        "holds the budget)"
+        f"text token by design, as its paper does ({name}:keep_all_text=false holds the budget)"
       )
   return "\n".join(lines)
 
