@@ -1,7 +1,7 @@
 """`jmmkv bench`: KV memory and latency of every policy x budget on a random-weight preset.
 
-Per prompt length: prefill ms (statistics included), compression ms (selection + gather +
-merge) and decode ms per token (medians over repeats after a warm-up, block_until_ready), KV
+Per prompt length: prefill ms (statistics and the layer-by-layer compression included), layout
+ms (the kept slots re-laid out for decoding: pages or a dense prefix) and decode ms per token (medians over repeats after a warm-up, block_until_ready), KV
 bytes allocated / used from the cache arrays, each as a ratio to Full measured in the same run,
 and a floor for a decode step: the bytes it must read (parameters + allocated KV) over this
 machine's measured read bandwidth (a reduction over a 256 MiB array), and the peak memory of a
@@ -27,7 +27,14 @@ import tqdm
 import jmmkv
 import jmmkv.inputs
 from jmmkv import memory, runinfo
-from jmmkv.generate import compress_stage, prefill_stage, decode_loop, kept_fraction
+from jmmkv.generate import (
+  as_budget,
+  as_policy,
+  decode_loop,
+  kept_fraction,
+  layout_stage,
+  prefill_stage,
+)
 from jmmkv.cache.paged import PagedKVCache
 from jmmkv.inputs import Batch
 from jmmkv.sampling import Sampling
@@ -128,8 +135,8 @@ def run(
   batch_size: int = 1,
   compare_hf: bool = False,
 ):
-  """Every policy x budget at every length. Prefill runs once per statistics spec (compiled
-  ahead of time); compression (on a copy of the prompt K/V) and decode are the medians over
+  """Every policy x budget at every length. Prefill (with compression) runs once per policy and
+  budget (compiled ahead of time); the layout (on a copy) and decode are the medians over
   ``repeats`` after a warm-up. Ratios are to Full at the same length."""
   cfg = tiny_decoder(**PRESETS[preset])
   model = jmmkv.random_model(cfg, seed=0, dtype=dtype)
@@ -145,21 +152,19 @@ def run(
   bar = tqdm.tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, leave=False)
   for length in lengths:
     batch = prompt(length, cfg.vocab_size, batch_size=batch_size)
-    prefills, full_ref = {}, None
+    full_ref = None
     for spec in policies:
       name = jmmkv.policies.spec_kwargs(spec)[0]
       for ratio in budgets if name != "full" else [1.0]:
         policy = jmmkv.policies.from_spec(spec, **SMALL_WINDOW.get(name, {}))
         budget = None if name == "full" else jmmkv.Budget(ratio=ratio)
-        if policy.stats not in prefills:
-          prefills[policy.stats] = prefill_stage(model, batch, policy.stats, compile_first=True)
-        padded, logits_BV, prompt_kv, rope_start, prefill_s = prefills[policy.stats]
-        compress_s = []
-        for _ in range(1 + repeats):  # warm-up (compiles), then the timed runs
-          cache, seconds = compress_stage(
-            _copy(prompt_kv), rope_start, policy, budget, max(1, max_new_tokens - 1), "auto"
-          )
-          compress_s.append(seconds)
+        padded, logits_BV, stored, storage, prefill_s = prefill_stage(
+          model, batch, as_policy(policy), as_budget(budget), max(1, max_new_tokens - 1), True
+        )
+        layout_s = []
+        for _ in range(1 + repeats):  # warm-up (compiles), then the timed runs, each on a copy
+          cache, seconds = layout_stage(_copy(stored), storage, "auto")
+          layout_s.append(seconds)
         decode_ms = _decode_ms(model, logits_BV, cache, max_new_tokens, repeats)
         row = dict(
           length=length,
@@ -168,14 +173,14 @@ def run(
           budget=ratio,
           layout="paged" if isinstance(cache, PagedKVCache) else "dense",
           prefill_ms=prefill_s * 1e3,
-          compress_ms=statistics.median(compress_s[1:]) * 1e3,
+          layout_ms=statistics.median(layout_s[1:]) * 1e3,
           decode_ms_per_token=decode_ms,
           kv_bytes_allocated=cache.kv_bytes_allocated(),
           kv_bytes_used=cache.kv_bytes_used(),
           kept_fraction=kept_fraction(cache.kept_LBK(), int(padded.lengths_B.sum())),
           floor_ms_per_token=(param_bytes + cache.kv_bytes_allocated()) / bandwidth * 1e3,
         )
-        row["compress_vs_prefill"] = row["compress_ms"] / row["prefill_ms"]
+        row["layout_vs_prefill"] = row["layout_ms"] / row["prefill_ms"]
         peak = memory.peak_bytes(
           jmmkv.generate,
           model,
@@ -222,7 +227,7 @@ def run(
 
 
 HEADER = (
-  f"{'T':>6} {'policy':>24} {'budget':>6} {'layout':>6} {'prefill ms':>10} {'compr ms':>8} "
+  f"{'T':>6} {'policy':>24} {'budget':>6} {'layout':>6} {'prefill ms':>10} {'layout ms':>9} "
   f"{'/prefill':>8} {'decode ms/tok':>13} {'x full':>7} {'floor ms':>8} {'KV alloc MiB':>12} "
   f"{'x full':>7} {'KV used MiB':>11} {'kept':>5} {'peak MiB':>9} {'x full':>7}"
 )
@@ -231,7 +236,7 @@ HEADER = (
 def _line(r) -> str:
   return (
     f"{r['length']:6d} {r['policy']:>24} {r['budget']:6.2f} {r['layout']:>6} "
-    f"{r['prefill_ms']:10.1f} {r['compress_ms']:8.1f} {r['compress_vs_prefill']:8.3f} "
+    f"{r['prefill_ms']:10.1f} {r['layout_ms']:9.1f} {r['layout_vs_prefill']:8.3f} "
     f"{r['decode_ms_per_token']:13.2f} {r.get('decode_ms_per_token_vs_full', float('nan')):7.3f} "
     f"{r['floor_ms_per_token']:8.2f} {r['kv_bytes_allocated'] / 2**20:12.2f} "
     f"{r.get('kv_bytes_allocated_vs_full', float('nan')):7.3f} {r['kv_bytes_used'] / 2**20:11.2f} "

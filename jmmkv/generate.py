@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmkv import inputs, sharding
-from jmmkv.cache import kv_cache, paged, policies
+from jmmkv.cache import kv_cache, paged, policies, stream
 from jmmkv.cache.budget import Budget
-from jmmkv.cache.prompt import PromptKV
-from jmmkv.cache.policies.full import Full
-from jmmkv.cache.stats import NONE, StatsSpec
+from jmmkv.cache.policies.base import Context, HostPrompt
+from jmmkv.cache.stats import NONE, Stats, StatsSpec
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.llama import Decoder
 from jmmkv.sampling import Sampling
@@ -53,6 +52,30 @@ class _LoopState:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "spec"))
+def survey_step(
+  params,
+  x_BTD,
+  positions,
+  valid_BT,
+  modality_BT,
+  *,
+  cfg: DecoderConfig,
+  dtype: str,
+  spec: StatsSpec,
+):
+  """A prompt forward that keeps no K/V: the statistics ``spec`` asks for, of every layer
+  (`Stats` stacked ``[L, ...]``), for a policy whose ``survey`` needs them before compressing."""
+  dec = Decoder(cfg, jnp.dtype(dtype))
+  keep_stats = lambda index, k, v, st, acc: acc + (st,)
+  _, sts = dec.apply(
+    params, x_BTD, positions, valid_BT, modality_BT, spec, keep_stats, (), method=Decoder.prefill
+  )
+  return Stats(*(None if f[0] is None else jnp.stack(f) for f in zip(*sts)))
+
+
+@functools.partial(
+  jax.jit, static_argnames=("cfg", "dtype", "spec", "policy", "storage", "append_capacity")
+)
 def prefill_step(
   params,
   x_BTD,
@@ -60,48 +83,37 @@ def prefill_step(
   valid_BT,
   modality_BT,
   lengths_B,
+  rope_start_B,
+  kept_B,
+  survey: Stats,
   *,
   cfg: DecoderConfig,
   dtype: str,
-  spec: StatsSpec = NONE,
+  spec: StatsSpec,
+  policy,
+  storage: stream.Storage,
+  append_capacity: int,
 ):
-  """Prompt forward from embeddings (``positions``: ``[B, T]`` or M-RoPE ``[3, B, T]``).
+  """Prompt forward from embeddings (``positions``: ``[B, T]`` or M-RoPE ``[3, B, T]``) that
+  compresses each layer's K/V as soon as its attention is done (`jmmkv.cache.stream`).
 
-  Returns the last valid token's logits ``[B, V]`` and the prompt K/V.
+  Returns the last valid token's logits ``[B, V]``, the decode cache (empty append buffer) and,
+  when ``storage`` is a pool, the `Pool` (the cache's prefix is then empty: `stream.from_pool`).
   """
   dec = Decoder(cfg, jnp.dtype(dtype))
-  h_BTD, k, v, st = dec.apply(
-    params, x_BTD, positions, valid_BT, modality_BT, spec, method=Decoder.prefill
+  ctx = Context(kept_B, lengths_B, survey, cfg.num_layers)
+  k_shape = (valid_BT.shape[0], cfg.num_kv_heads, valid_BT.shape[1], cfg.head_dim)
+  state = (policy.start(ctx), stream.start(storage, cfg.num_layers, k_shape, jnp.dtype(dtype)))
+  hook = stream.on_layer(policy, storage, ctx, valid_BT, modality_BT, lengths_B)
+  h_BTD, (_, store) = dec.apply(
+    params, x_BTD, positions, valid_BT, modality_BT, spec, hook, state, method=Decoder.prefill
   )
   h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
   logits_BV = dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
-  k, v = sharding.constrain_BK(k, lead=1), sharding.constrain_BK(v, lead=1)  # [L, B, K, T, H]
-  return logits_BV, PromptKV(k, v, valid_BT, modality_BT, lengths_B, st)
-
-
-@functools.partial(
-  jax.jit,
-  static_argnames=("policy", "budget", "capacity", "append_capacity"),
-  donate_argnames=("k", "v"),
-)
-def compress_step(
-  k,
-  v,
-  valid_BT,
-  modality_BT,
-  lengths_B,
-  prompt_stats,
-  rope_start_B,
-  *,
-  policy,
-  budget: Budget | None,
-  capacity: int,
-  append_capacity: int,
-) -> kv_cache.KVCache:
-  """Runs the policy on the prompt K/V (donated) and returns the decode cache (prefix + empty append)."""
-  prompt = PromptKV(k, v, valid_BT, modality_BT, lengths_B, prompt_stats)
-  prefix = policy.compress(prompt, budget, capacity)
-  return kv_cache.from_prefix(*prefix, prompt.lengths_B, rope_start_B, append_capacity)
+  cache, pool = stream.stored(
+    storage, store, lengths_B, rope_start_B, append_capacity, k_shape, jnp.dtype(dtype)
+  )
+  return logits_BV, cache, pool
 
 
 @functools.partial(
@@ -167,24 +179,7 @@ def decode_loop(
   return state.tokens_BM, state.cache, state.scores_BMV
 
 
-def as_policy(policy):
-  """``policy`` as a policy object: None is `Full`, a string a spec for `jmmkv.policies.from_spec`
-  (``"snapkv"``, ``"snapkv:window=8"``); an instance passes through."""
-  if policy is None:
-    return Full()
-  if isinstance(policy, str):
-    return policies.from_spec(policy)
-  if isinstance(policy, type):
-    raise TypeError(
-      f"policy must be a policy instance or a name, got the class {policy.__name__}: "
-      f"use {policy.__name__}() or jmmkv.policies.get(name)"
-    )
-  if not all(hasattr(policy, a) for a in policies.INTERFACE):
-    raise TypeError(
-      "policy must be a policy (jmmkv.policies.get(name)), a name or spec string, or None; "
-      f"got {type(policy).__name__}"
-    )
-  return policy
+as_policy = policies.as_policy  # (kept here: older code imports it from jmmkv.generate)
 
 
 def as_budget(budget) -> Budget | None:
@@ -310,17 +305,32 @@ def _donation_quiet():
 LAYOUTS = ("auto", "dense", "paged")
 
 
-def prefill_stage(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bool = False):
-  """The first stage of `generate`: host padding + jitted prompt forward with the statistics
-  ``spec`` asks for (then `compress_stage`, then `decode_loop`; benchmarks time each).
+def prefill_stage(
+  model,
+  batch: inputs.Batch,
+  policy,
+  budget: Budget | None,
+  append_capacity: int,
+  compile_first: bool = False,
+):
+  """The first stage of `generate`: host padding, then the jitted prompt forward that compresses
+  each layer as it goes (then `layout_stage`, then `decode_loop`; benchmarks time each). A
+  policy with a ``survey`` gets a first forward that only computes it (timed with the rest).
 
-  Returns ``(padded, logits_BV, prompt, rope_start, prefill_s)``. ``compile_first`` compiles
-  the embedding (one untimed call) and the forward ahead of time, outside the timed seconds
-  (benchmarks).
+  ``policy`` and ``budget`` must be resolved (`as_policy`, `as_budget`). Returns ``(padded,
+  logits_BV, (cache, pool), storage, prefill_s)``. ``compile_first`` compiles the embedding and
+  the forward ahead of time, outside the timed seconds (benchmarks).
   """
   if not isinstance(batch, inputs.Batch):
     raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
+  if budget is None and policy.needs_budget:
+    raise ValueError(
+      f"policy {policy.name!r} needs a budget: jmmkv.Budget(ratio=...) or Budget(tokens=...)"
+    )
   padded = inputs.pad(batch, pad_id=0)
+  cfg, mesh = model.text_config, model.mesh
+  lengths = np.asarray(padded.lengths_B)
+  kept_B = np.array([budget.kept(int(n)) for n in lengths] if budget else lengths, np.int32)
   if compile_first:  # the first embed call compiles it (and the vision tower)
     jax.block_until_ready(model.embed(padded.ids_BT, padded.media))
     model.positions(padded.ids_BT, padded.valid_BT, padded.media)
@@ -329,57 +339,74 @@ def prefill_stage(model, batch: inputs.Batch, spec: StatsSpec, compile_first: bo
   positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
   # New tokens continue from the last prompt token's position + 1, on each M-RoPE axis (as
   # transformers' generate; with M-RoPE this can be below the prompt length).
-  rows, last = np.arange(len(padded.lengths_B)), padded.lengths_B - 1
-  rope_start_B = (positions[..., rows, last] + 1).astype(np.int32)  # [B], or [3, B] with M-RoPE
-  mesh = model.mesh
+  rows = np.arange(len(lengths))
+  rope_start_B = (positions[..., rows, lengths - 1] + 1).astype(np.int32)  # [B], or [3, B]
   args = (
     model.params["text"],
     sharding.put_batch(x_BTD, mesh),
     sharding.put_batch(positions.astype(np.int32), mesh, axis=positions.ndim - 2),
     sharding.put_batch(padded.valid_BT, mesh),
     sharding.put_batch(padded.modality_BT, mesh),
-    sharding.put_batch(padded.lengths_B, mesh),
   )
-  # spec: the statistics the policy scores with, computed inside prefill attention
-  if spec.cross:  # bound the text x visual pairs MEDA's cross-modal entropies score
-    mod_BT, valid_BT = np.asarray(padded.modality_BT), np.asarray(padded.valid_BT)
-    spec = spec.with_cross_bounds(
-      (mod_BT == TEXT) & valid_BT, ((mod_BT == IMAGE) | (mod_BT == VIDEO)) & valid_BT
-    )
-  kw = dict(cfg=model.text_config, dtype=model.dtype_name, spec=spec)
+  mod_BT, valid_BT = np.asarray(padded.modality_BT), np.asarray(padded.valid_BT)
+  bound = lambda spec: spec.with_cross_bounds(  # the text x visual pairs cross entropies score
+    (mod_BT == TEXT) & valid_BT, ((mod_BT == IMAGE) | (mod_BT == VIDEO)) & valid_BT
+  )
+  kw = dict(cfg=cfg, dtype=model.dtype_name)
+  survey = Stats()
+  if policy.survey != NONE:
+    if compile_first:
+      seconds = time.perf_counter() - t0
+      survey_step.lower(*jax.block_until_ready(args), spec=bound(policy.survey), **kw).compile()
+      t0 = time.perf_counter() - seconds
+    survey = survey_step(*args, spec=bound(policy.survey), **kw)
+  host = HostPrompt(
+    lengths,
+    kept_B,
+    valid_BT,
+    mod_BT,
+    cfg.num_layers,
+    cfg.num_kv_heads,
+    Stats(*(None if x is None else np.asarray(x) for x in survey)),
+  )
+  plan = policy.plan(host)
+  storage = stream.storage_for(
+    plan, cfg.num_layers, len(lengths), cfg.num_kv_heads, pool_ok=mesh is None
+  )
+  args += (
+    sharding.put_batch(padded.lengths_B, mesh),
+    sharding.put_batch(rope_start_B, mesh, axis=rope_start_B.ndim - 1),
+    sharding.put_batch(kept_B, mesh),
+    survey,
+  )
+  kw.update(
+    spec=bound(policy.stats), policy=policy, storage=storage, append_capacity=append_capacity
+  )
   if compile_first:
     seconds = time.perf_counter() - t0
     prefill_step.lower(*jax.block_until_ready(args), **kw).compile()  # fills the jit cache
     t0 = time.perf_counter() - seconds
-  logits_BV, prompt = jax.block_until_ready(prefill_step(*args, **kw))
-  return padded, logits_BV, prompt, rope_start_B, time.perf_counter() - t0
+  logits_BV, cache, pool = jax.block_until_ready(prefill_step(*args, **kw))
+  return padded, logits_BV, (cache, pool), storage, time.perf_counter() - t0
 
 
-def compress_stage(
-  prompt: PromptKV, rope_start_B, policy, budget, append_capacity: int, layout: str
-):
-  """The second stage of `generate`: the policy on the (donated) prompt K/V, then the smallest
-  decode layout. Returns the cache and the seconds taken (selection + gather + merge +
-  re-layout)."""
+def layout_stage(stored, storage: stream.Storage, layout: str):
+  """The second stage of `generate`: the smallest decode layout of what the prefill kept (a
+  pool's pages per layer or a dense prefix; a dense prefix cut to its longest (layer, row, head),
+  or paged when that saves over 10%). Returns the cache and the seconds taken."""
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if not jax.sharding.get_abstract_mesh().empty:  # pages mix KV heads: no head split
     if layout == "paged":
       raise ValueError("layout='paged' is not supported under a mesh; use 'dense' or 'auto'")
     layout = "dense"
-  capacity = policy.capacity(budget, prompt.k.shape[3])
+  cache, pool = stored
   t0 = time.perf_counter()
   with _donation_quiet():
-    cache = jax.block_until_ready(
-      compress_step(
-        *prompt,
-        rope_start_B,
-        policy=policy,
-        budget=budget,
-        capacity=capacity,
-        append_capacity=append_capacity,
-      )
-    )
+    if pool is not None:
+      return jax.block_until_ready(
+        stream.from_pool(cache, pool, storage, layout)
+      ), time.perf_counter() - t0
     kept_LBK = cache.kept_LBK()
     if cache.capacity > 32:  # drop trailing slots no row, layer or head uses
       cache = kv_cache.shrink(cache, kv_cache.compact_capacity(cache))
@@ -396,12 +423,16 @@ def compress_stage(
 def _prefill_and_compress(
   model, batch: inputs.Batch, policy, budget, append_capacity: int, layout: str = "dense"
 ):
-  policy, budget = as_policy(policy), as_budget(budget)
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  policy, budget = policies.as_policy(policy), as_budget(budget)
   if budget is not None and all(budget.kept(int(n)) >= n for n in batch.lengths):
-    policy = Full()  # the budget keeps every prompt whole: an exact no-op, no statistics needed
-  padded, logits_BV, prompt, rope_start_B, prefill_s = prefill_stage(model, batch, policy.stats)
-  cache, compress_s = compress_stage(prompt, rope_start_B, policy, budget, append_capacity, layout)
-  return padded, logits_BV, cache, prefill_s, compress_s
+    policy = policies.as_policy(None)  # the budget keeps every prompt whole: an exact no-op
+  padded, logits_BV, stored, storage, prefill_s = prefill_stage(
+    model, batch, policy, budget, append_capacity
+  )
+  cache, layout_s = layout_stage(stored, storage, layout)
+  return padded, logits_BV, cache, prefill_s, layout_s
 
 
 def compress(

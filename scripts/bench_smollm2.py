@@ -272,35 +272,23 @@ def kept_mask(cache, t: int) -> np.ndarray:
 
 
 class Runner:
-  """Prefill once per batch, then compress + decode per (policy, budget) from a copy."""
+  """Per (policy, budget): the streaming prefill (compression inside it), layout, decode."""
 
   def __init__(self, model, policies: dict, max_new_tokens: int):
     import jax.numpy as jnp
 
-    from jmmkv.cache.stats import NONE
-    from jmmkv.generate import compress_stage, prefill_stage, decode_loop
+    from jmmkv.generate import as_budget, decode_loop, layout_stage, prefill_stage
     from jmmkv.sampling import Sampling
 
     self.model, self.policies, self.m = model, policies, max_new_tokens
-    self.compress_stage, self.prefill_stage, self._decode = (
-      compress_stage,
-      prefill_stage,
-      decode_loop,
-    )
+    self.layout_stage, self.prefill_stage, self._decode = layout_stage, prefill_stage, decode_loop
+    self._as_budget = as_budget
     self._sampling, self._jnp = Sampling(0.0), jnp
-    windows = {p.stats.window for p in policies.values() if p.stats.window}
-    if len(windows) > 1:
-      raise ValueError(f"policies use different observation windows {windows}: prefill apart")
-    self.spec = NONE
-    for p in policies.values():
-      self.spec = self.spec | p.stats
 
   def prefill(self, batch):
-    padded, logits_BV, prompt, rope_start, seconds = self.prefill_stage(
-      self.model, batch, self.spec
-    )
-    self.state = (padded, logits_BV, prompt, rope_start)
-    return seconds
+    """Remembers the batch (each policy prefills it itself); no time of its own."""
+    self.state = batch
+    return 0.0
 
   def run(self, name: str, budget):
     """Tokens, kept mask ``[L, B, K, T]``, kept fraction and seconds for one policy / budget."""
@@ -309,13 +297,12 @@ class Runner:
     from jmmkv.generate import kept_fraction
 
     jnp = self._jnp
-    padded, logits_BV, prompt, rope_start = self.state
-    copy = prompt._replace(k=jnp.copy(prompt.k), v=jnp.copy(prompt.v))  # compress donates k/v
     t0 = time.perf_counter()
-    cache, _ = self.compress_stage(
-      copy, rope_start, self.policies[name], budget, max(1, self.m - 1), "auto"
+    padded, logits_BV, stored, storage, _ = self.prefill_stage(
+      self.model, self.state, self.policies[name], self._as_budget(budget), max(1, self.m - 1)
     )
-    mask = kept_mask(cache, prompt.k.shape[3])
+    cache, _ = self.layout_stage(stored, storage, "auto")
+    mask = kept_mask(cache, padded.ids_BT.shape[1])
     fraction = kept_fraction(cache.kept_LBK(), int(padded.lengths_B.sum()))
     cfg, params = self.model.text_config, self.model.params["text"]
     eos = jnp.asarray(np.atleast_1d(np.asarray(cfg.eos_token_ids, np.int32)).reshape(-1))

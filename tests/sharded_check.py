@@ -47,18 +47,25 @@ def spec(x) -> list:
 
 
 def kv_all_gathers(model, batch, policy, budget) -> list[str]:
-  """Result shapes of the all-gathers in the compiled compression that are as large as K/V."""
+  """Result shapes of the all-gathers in the compiled prefill (with its layer-by-layer
+  compression) that are larger than one device's share of a layer's K."""
+  captured = {}
+  real = G.prefill_step
+
+  def spy(*args, **kw):  # prefill_stage calls the module's prefill_step: catch its arguments
+    captured.update(args=args, kw=kw)
+    return real(*args, **kw)
+
   with jax.set_mesh(model.mesh):
-    _, _, prompt, rope_start, _ = G.prefill_stage(model, batch, policy.stats)
-    capacity = policy.capacity(budget, prompt.k.shape[3])
-    hlo = (
-      G.compress_step.lower(
-        *prompt, rope_start, policy=policy, budget=budget, capacity=capacity, append_capacity=5
-      )
-      .compile()
-      .as_text()
-    )
-  per_layer = int(np.prod(prompt.k.shape[1:])) // 8  # one device's share of a layer's K
+    G.prefill_step = spy
+    try:
+      G.prefill_stage(model, batch, jmmkv.policies.as_policy(policy), budget, 5)
+    finally:
+      G.prefill_step = real
+    hlo = real.lower(*captured["args"], **captured["kw"]).compile().as_text()
+  cfg = captured["kw"]["cfg"]
+  b, t = captured["args"][1].shape[:2]
+  per_layer = b * cfg.num_kv_heads * t * cfg.head_dim // 8  # one device's share of a layer's K
   big = []
   for shape in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo):
     if int(np.prod([int(n) for n in shape.split(",") if n])) > per_layer:

@@ -31,20 +31,27 @@ def test_documented_policy_keeps_the_smallest_key_norms(knorm, jmmkv_model, seed
   rows = [rng.integers(3, 200, n).tolist() for n in (37, 29)]
   batch = model.prepare(input_ids=rows)
   full = jmmkv.compress(model, batch)  # every prompt key, in position order
-  cache = jmmkv.compress(model, batch, jmmkv.policies.get("knorm"), jmmkv.Budget(ratio=0.25))
+  budget = jmmkv.Budget(ratio=0.25)
+  cache = jmmkv.compress(model, batch, jmmkv.policies.get("knorm"), budget)
+  # The scorer under AdaKV's head allocation, by name (one line): each layer keeps K * n in all.
+  ada = jmmkv.compress(model, batch, jmmkv.policies.get("adakv", scorer="knorm"), budget)
   keys = np.asarray(full.k, np.float64)  # [L, B, K, C, H]
   l, _, kh = keys.shape[:3]
   for b, row in enumerate(rows):
     n, keep = len(row), int(np.ceil(0.25 * len(row)))
     norms = np.linalg.norm(keys[:, b, :, :n], axis=-1)  # [L, K, n]
+    assert (ada.kept_LBK()[:, b].sum(-1) == kh * keep).all()
     for layer in range(l):
       for h in range(kh):
-        got = np.asarray(cache.positions[layer, b, h])
-        kept = got[got >= 0]
-        assert len(kept) == keep and np.all(np.diff(kept) > 0)  # ascending, no repeats
-        evicted = np.setdiff1d(np.arange(n), kept)
         nk = norms[layer, h]  # near-ties (fp32 vs fp64 norms) may go either way
-        assert nk[kept].max() <= nk[evicted].min() + 1e-5 * nk.max()
+        for c, count in ((cache, keep), (ada, None)):
+          got = np.asarray(c.positions[layer, b, h])
+          kept = got[got >= 0]
+          assert count is None or len(kept) == count
+          assert np.all(np.diff(kept) > 0)  # ascending, no repeats
+          evicted = np.setdiff1d(np.arange(n), kept)
+          if len(kept) and len(evicted):
+            assert nk[kept].max() <= nk[evicted].min() + 1e-5 * nk.max()
   out = jmmkv.generate(
     model,
     batch,
@@ -57,22 +64,18 @@ def test_documented_policy_keeps_the_smallest_key_norms(knorm, jmmkv_model, seed
 
 
 def test_register_rejects_what_is_not_a_policy():
+  from jmmkv.cache.policies.base import Scorer
+
   @dataclasses.dataclass  # not frozen
-  class Loose:
-    stats = None
-
-    def capacity(self, budget, t):
-      return t
-
-    def compress(self, prompt, budget, c):
-      return None
+  class Loose(Scorer):
+    name = "loose"
 
   with pytest.raises(TypeError, match="frozen dataclass"):
     policies.register("loose", Loose)
-  with pytest.raises(TypeError, match="lacks compress"):
-    policies.register(
-      "nothing", dataclasses.dataclass(frozen=True)(type("N", (), {"stats": 0, "capacity": 0}))
-    )
+  with pytest.raises(
+    TypeError, match="lacks name, stats, survey, needs_budget, plan, start, compress_layer"
+  ):
+    policies.register("nothing", dataclasses.dataclass(frozen=True)(type("N", (), {})))
   with pytest.raises(ValueError, match="already exists"):
     policies.register("snapkv", policies.POLICIES["h2o"])
   assert "loose" not in policies.POLICIES
@@ -137,7 +140,8 @@ def test_specs_take_several_settings_separated_by_commas():
     (
       "adakv",
       {"beta": 1},
-      "policy 'adakv' has no setting 'beta'; its settings: alpha_safeguard, window, kernel, pooling, gqa",
+      "policy 'adakv' has no setting 'beta'; its settings: alpha_safeguard, scorer, window, "
+      "kernel, pooling, gqa",
     ),
   ],
 )
@@ -151,9 +155,8 @@ def test_every_policy_takes_exactly_its_listed_settings():
   for name in jmmkv.policies.NAMES:
     for key in jmmkv.policies.settings(name):  # each listed setting is accepted as it is
       default = jmmkv.policies.get(name)
-      value = getattr(
-        default.scorer if name == "adakv" and key != "alpha_safeguard" else default, key
-      )
+      owner = default if hasattr(default, key) else default.scorer  # wrappers route to it
+      value = getattr(owner, key)
       jmmkv.policies.get(name, **{key: value})
 
 

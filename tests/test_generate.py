@@ -217,8 +217,6 @@ def test_bench_prefill_time_excludes_the_first_embed_call(monkeypatch):
   import importlib
   import time
 
-  from jmmkv.cache.stats import NONE
-
   gen = importlib.import_module("jmmkv.generate")
   model = jmmkv.random_model(CFG, seed=13)
   embed, calls = type(model).embed, []
@@ -230,7 +228,8 @@ def test_bench_prefill_time_excludes_the_first_embed_call(monkeypatch):
     return embed(self, ids_BT, media)
 
   monkeypatch.setattr(type(model), "embed", slow_first)
-  seconds = gen.prefill_stage(model, model.prepare(input_ids=_prompts(13, [20])), NONE, True)[-1]
+  batch = model.prepare(input_ids=_prompts(13, [20]))
+  seconds = gen.prefill_stage(model, batch, gen.as_policy(None), None, 1, True)[-1]
   assert len(calls) == 2 and seconds < 0.5
 
 

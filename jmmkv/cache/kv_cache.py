@@ -94,13 +94,34 @@ def from_prefix(
   append_capacity: int,
 ) -> KVCache:
   """Builds a decode cache from a (compressed) prefix and an empty append buffer of M slots."""
-  l, b, kh, _, h = k_LBKCH.shape
-  empty = jnp.zeros((l, b, kh, append_capacity, h), k_LBKCH.dtype)
+  return from_layers(
+    tuple(k_LBKCH),
+    tuple(v_LBKCH),
+    tuple(positions_LBKC),
+    tuple(modality_LBKC),
+    lengths_B,
+    rope_start_B,
+    append_capacity,
+  )
+
+
+def from_layers(
+  k_L: tuple[Array, ...],
+  v_L: tuple[Array, ...],
+  positions_L: tuple[Array, ...],
+  modality_L: tuple[Array, ...],
+  lengths_B: Array,
+  rope_start_B: Array,
+  append_capacity: int,
+) -> KVCache:
+  """`from_prefix` from per-layer arrays (``[B, K, C, H]`` / ``[B, K, C]`` each; no stacking)."""
+  b, kh, _, h = k_L[0].shape
+  empty = jnp.zeros((len(k_L), b, kh, append_capacity, h), k_L[0].dtype)
   cache = KVCache(
-    layer_k=tuple(k_LBKCH),
-    layer_v=tuple(v_LBKCH),
-    layer_positions=tuple(positions_LBKC.astype(jnp.int32)),
-    layer_modality=tuple(modality_LBKC.astype(jnp.int32)),
+    layer_k=tuple(k_L),
+    layer_v=tuple(v_L),
+    layer_positions=tuple(x.astype(jnp.int32) for x in positions_L),
+    layer_modality=tuple(x.astype(jnp.int32) for x in modality_L),
     append_k=empty,
     append_v=empty,
     lengths=lengths_B.astype(jnp.int32),

@@ -140,22 +140,34 @@ class Decoder(nn.Module):
     valid_BT: Array,
     modality_BT: Array | None = None,
     spec: stats.StatsSpec = stats.NONE,
+    on_layer=None,
+    state=None,
   ):
     """Prompt forward from embeddings. ``positions``: ``[B, T]``, or ``[3, B, T]`` M-RoPE ids.
 
-    Returns final-normed hidden ``[B, T, D]``, K/V ``[L, B, K, T, H]`` and the `stats.Stats`
-    that ``spec`` asks for, stacked over layers (``[L, ...]``; None for the others).
+    Without ``on_layer``: returns final-normed hidden ``[B, T, D]``, K/V ``[L, B, K, T, H]`` and
+    the `stats.Stats` that ``spec`` asks for, stacked over layers (``[L, ...]``; None for the
+    others). With it (`jmmkv.cache.stream`): after each layer,
+    ``state = on_layer(index, k_BKTH, v_BKTH, stats, state)``, and an optimisation barrier
+    makes that finish before the next layer starts, so a layer's K/V can die there; returns the
+    hidden states and the final ``state``.
     """
     cos_BTH, sin_BTH = self._cos_sin(positions)
     modality_BT = valid_BT.astype(jnp.int32) if modality_BT is None else modality_BT
     ks, vs, sts = [], [], []
-    for block in self.layers:
+    for index, block in enumerate(self.layers):
       x_BTD, k_BKTH, v_BKTH, st = block.prefill(
         x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec
       )
+      if on_layer is not None:
+        state = on_layer(index, k_BKTH, v_BKTH, st, state)
+        x_BTD, state = jax.lax.optimization_barrier((x_BTD, state))
+        continue
       ks.append(k_BKTH)
       vs.append(v_BKTH)
       sts.append(st)
+    if on_layer is not None:
+      return self.norm(x_BTD), state
     stacked = stats.Stats(*(None if f[0] is None else jnp.stack(f) for f in zip(*sts)))
     return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs), stacked
 

@@ -87,7 +87,8 @@ def test_pyramidkv_layer_counts_match_the_reference(seed):
     beta = float(rng.choice([1.5, 5.0, 20.0]))
     budget = jmmkv.Budget(ratio=float(rng.integers(1, 101)) / 100)
     policy = jmmkv.policies.get("pyramidkv", window=window, beta=beta)
-    got = np.asarray(policy.layer_counts(budget, jnp.asarray(lengths, jnp.int32), layers))
+    lengths_B = jnp.asarray(lengths, jnp.int32)
+    got = np.asarray(policy.layer_counts(budget.kept_B(lengths_B), lengths_B, layers))
     for b, t in enumerate(lengths):
       want = layer_budgets(int(t), budget.kept(int(t)), layers, window, beta)
       np.testing.assert_array_equal(got[:, b], want, f"T={t} {budget} L={layers} w={window}")

@@ -1,13 +1,13 @@
 """Shrinking the prefix to the slots in use changes nothing, and really shrinks the arrays."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jmmkv
-from jmmkv import inputs
-from jmmkv.cache import kv_cache
-from jmmkv.generate import compress_step, decode_loop, prefill_step
+from jmmkv.cache import kv_cache, pool
+from jmmkv.generate import as_policy, decode_loop, prefill_stage
 from jmmkv.models.configs import tiny_decoder
 from jmmkv.sampling import Sampling
 
@@ -31,22 +31,19 @@ def test_shrunk_cache_decodes_identically(name):
   if name in ("adakv", "pyramidkv"):
     kw = dict(window=8)
   policy, budget = jmmkv.policies.get(name, **kw), jmmkv.Budget(ratio=0.2)
-  padded = inputs.pad(batch)
-  x = model.embed(padded.ids_BT, padded.media)
-  pos = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
-  logits, prompt = prefill_step(
-    model.params["text"],
-    x,
-    pos.astype(np.int32),
-    padded.valid_BT,
-    padded.modality_BT,
-    padded.lengths_B,
-    cfg=CFG,
-    dtype="float32",
-    spec=policy.stats,
-  )
-  rope = (pos[np.arange(2), padded.lengths_B - 1] + 1).astype(np.int32)
-  full = compress_step(*prompt, rope, policy=policy, budget=budget, capacity=256, append_capacity=7)
+  _, logits, (cache, store), storage, _ = prefill_stage(model, batch, as_policy(policy), budget, 7)
+  if store is None:  # a dense prefix at the policy's planned capacity: pad it to 256 slots
+    widths = lambda x: [(0, 0), (0, 0), (0, 256 - x.shape[2])] + [(0, 0)] * (x.ndim - 3)
+    pad = lambda xs, fill: tuple(jnp.pad(x, widths(x), constant_values=fill) for x in xs)
+    full = cache.replace(
+      layer_k=pad(cache.layer_k, 0),
+      layer_v=pad(cache.layer_v, 0),
+      layer_positions=pad(cache.layer_positions, -1),
+      layer_modality=pad(cache.layer_modality, 0),
+    )
+  else:  # the pool laid out as a dense prefix of 256 slots
+    kept = np.asarray(store.kept_LBK)
+    full = pool.to_dense(store, pool.dense_plan(kept, storage.page_size, storage.pages, 256), cache)
   small = kv_cache.shrink(jax.tree.map(lambda a: a.copy(), full), kv_cache.compact_capacity(full))
   assert small.capacity < full.capacity and small.capacity % 32 == 0
   assert small.kv_bytes_allocated() < full.kv_bytes_allocated()

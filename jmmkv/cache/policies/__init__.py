@@ -2,7 +2,7 @@
 ``register(name, cls)`` adds one of your own (docs/adding_a_policy.md); ``from_spec`` parses a
 command-line spec such as ``"lookm:keep_all_text=false,merge=average"`` (settings after the
 name's colon, separated by commas or colons); ``spec_list`` a comma-separated list of them;
-``settings(name)`` what a policy takes."""
+``settings(name)`` what a policy takes; ``as_policy`` turns what users pass into a policy."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import re
 
 from jmmkv.cache.policies.adakv import AdaKV
+from jmmkv.cache.policies.base import Policy
 from jmmkv.cache.policies.full import Full
 from jmmkv.cache.policies.h2o import H2O
 from jmmkv.cache.policies.lookm import LookM
@@ -33,18 +34,23 @@ POLICIES = {
   "madakv": MadaKV,
 }
 NAMES = tuple(POLICIES)  # the built-in policies
-INTERFACE = ("stats", "capacity", "compress")  # what every policy has (base module docstring)
+
+
+def _protocol_gaps(obj) -> list[str]:
+  """The members of the `Policy` protocol that ``obj`` (a class or an instance) lacks."""
+  members = dict.fromkeys([*Policy.__annotations__, *(m for m in vars(Policy) if m[0] != "_")])
+  return [m for m in members if not hasattr(obj, m)]
 
 
 def register(name: str, cls, *, replace: bool = False):
-  """Makes ``get(name)`` build ``cls`` (a frozen dataclass with ``stats``, ``capacity`` and
-  ``compress``; see `jmmkv.cache.policies.base`). Returns ``cls``, so it works as a decorator
-  factory's target: ``register("mine", Mine)``."""
+  """Makes ``get(name)`` build ``cls``: a frozen dataclass that satisfies
+  `jmmkv.cache.policies.base.Policy` (most simply a `Scorer` subclass with a ``scores``
+  method). Returns ``cls``: ``register("mine", Mine)``."""
   if not isinstance(name, str) or not name:
     raise ValueError(f"a policy name must be a non-empty string, got {name!r}")
   if name in POLICIES and not replace:
     raise ValueError(f"policy {name!r} already exists; pass replace=True to override it")
-  missing = [a for a in INTERFACE if not hasattr(cls, a)]
+  missing = _protocol_gaps(cls)
   if missing:
     raise TypeError(f"{getattr(cls, '__name__', cls)} lacks {', '.join(missing)}: not a policy")
   params = getattr(cls, "__dataclass_params__", None)
@@ -155,3 +161,25 @@ def from_spec(spec: str, **defaults):
     return get(name, **(defaults | kwargs))
   except TypeError as e:  # e.g. a policy class that needs an argument
     raise ValueError(f"policy spec {spec!r}: {e}") from None
+
+
+def as_policy(policy) -> Policy:
+  """``policy`` as a policy object: None is `Full`, a string a spec for `from_spec`
+  (``"snapkv"``, ``"snapkv:window=8"``); an instance of a `Policy` passes through."""
+  if policy is None:
+    return Full()
+  if isinstance(policy, str):
+    return from_spec(policy)
+  if isinstance(policy, type):
+    raise TypeError(
+      f"policy must be a policy instance or a name, got the class {policy.__name__}: "
+      f"use {policy.__name__}() or jmmkv.policies.get(name)"
+    )
+  if not isinstance(policy, Policy):
+    gaps = _protocol_gaps(policy)
+    lacks = f" (it lacks {', '.join(gaps)})" if gaps else ""
+    raise TypeError(
+      "policy must be a policy (jmmkv.policies.get(name)), a name or spec string, or None; "
+      f"got {type(policy).__name__}{lacks}"
+    )
+  return policy

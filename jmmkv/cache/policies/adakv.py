@@ -1,14 +1,14 @@
-"""AdaKV: head-adaptive budgets over any scoring policy (joint top over a layer's KV heads).
+"""AdaKV: head-adaptive budgets over any scorer (joint top over a layer's KV heads).
 
 Based on "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM
 Inference" (Feng et al., arXiv 2407.11550), with kvpress 0.5.5's ``AdaKVPress`` rule: per layer and
 row, each KV head first secures its own top ``max(1, floor(n * alpha_safeguard))`` tokens; then the
 layer keeps ``K * n`` (head, position) pairs in total, ordered by (secured, the scorer's level,
 score, lower position, lower head). Per-head counts vary; the layer total equals the uniform one.
-Wraps a scorer with a ``scores(prompt) -> (score, level)`` method (default SnapKV with its own
-defaults, window 32, kernel 5, avg pooling, as kvpress wraps its SnapKV press, so that AdaKV and
-SnapKV differ only in the budget split; the AdaKV repository scores with kernel 7 and max
-pooling: ``get("adakv", kernel=7, pooling="max")``).
+Wraps any `Scorer` (``AdaKV(H2O())``; default SnapKV with its own defaults, window 32, kernel 5,
+avg pooling, as kvpress wraps its SnapKV press, so that AdaKV and SnapKV differ only in the budget
+split; the AdaKV repository scores with kernel 7 and max pooling: ``get("adakv", kernel=7,
+pooling="max")``; another scorer by name: ``get("adakv", scorer="h2o")``).
 Defaults: alpha_safeguard 0.2 (the AdaKV LongBench setting and kvpress' default).
 """
 
@@ -21,49 +21,71 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, uniform_capacity
+from jmmkv.cache.policies.base import (
+  Base,
+  Context,
+  HostPrompt,
+  Plan,
+  PromptKV,
+  Scorer,
+  check_fields,
+  keep_best,
+)
 from jmmkv.cache.policies.snapkv import SnapKV
+from jmmkv.typing import Array
+
+
+def scorer_from(name: str, kwargs: dict) -> Scorer:
+  """The scorer a wrapper's ``scorer=`` setting names (a registered policy with ``scores``)."""
+  from jmmkv.cache import policies  # the registry imports this module
+
+  scorer = policies.get(name, **kwargs)
+  if not isinstance(scorer, Scorer):
+    raise ValueError(f"scorer must name a scoring policy (one with scores()), got {name!r}")
+  return scorer
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaKV:
-  scorer: SnapKV = SnapKV()
+class AdaKV(Base):
+  scorer: Scorer = SnapKV()
   alpha_safeguard: float = 0.2
 
   name = "adakv"
 
   @classmethod
   def settings(cls) -> tuple[str, ...]:
-    """What ``from_kwargs`` takes: its own setting and the SnapKV scorer's."""
-    return ("alpha_safeguard", *(f.name for f in dataclasses.fields(SnapKV)))
+    """What ``from_kwargs`` takes: its own settings and the (SnapKV) scorer's."""
+    return ("alpha_safeguard", "scorer", *(f.name for f in dataclasses.fields(SnapKV)))
 
   @classmethod
-  def from_kwargs(cls, alpha_safeguard: float = 0.2, **scorer_kwargs) -> "AdaKV":
-    """``get("adakv", window=8, alpha_safeguard=0.5)``: scorer settings go to SnapKV."""
-    return cls(SnapKV(**scorer_kwargs), alpha_safeguard)
+  def from_kwargs(cls, alpha_safeguard: float = 0.2, scorer="snapkv", **scorer_kwargs) -> "AdaKV":
+    """``get("adakv", window=8, alpha_safeguard=0.5)``: other settings go to the scorer."""
+    if isinstance(scorer, str):
+      scorer = scorer_from(scorer, scorer_kwargs)
+    return cls(scorer, alpha_safeguard)
 
   def __post_init__(self):
     check_fields(self)
     if not 0.0 <= self.alpha_safeguard <= 1.0:
       raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
-    if not hasattr(self.scorer, "scores"):
-      raise ValueError(f"AdaKV needs a scoring policy with a scores() method, got {self.scorer!r}")
+    if not isinstance(self.scorer, Scorer):
+      raise ValueError(f"AdaKV needs a scorer (a policy with scores()), got {self.scorer!r}")
 
   @property
   def stats(self):
     return self.scorer.stats
 
-  def capacity(self, budget, prompt_len: int) -> int:
-    uniform_capacity(budget, prompt_len, self.name)
-    return prompt_len  # a head may keep up to the whole prompt
+  def plan(self, host: HostPrompt) -> Plan:
+    n = host.kept_B
+    layer_total = int(host.num_layers * host.num_kv_heads * n.sum())
+    return Plan(int(min(host.bucket, host.num_kv_heads * n.max(initial=1))), layer_total)
 
-  def head_counts(self, score, level, prompt: PromptKV, budget):
+  def head_counts(self, score: Array, level: Array, valid_BT: Array, n_B: Array) -> Array:
     """Kept tokens per (layer, row, KV head) ``[L, B, K]`` by the joint rule."""
     l, b, kh, t = score.shape
-    n_B = budget.kept_B(prompt.lengths_B)
     safe_B = jnp.maximum(1, jnp.floor(n_B * self.alpha_safeguard)).astype(jnp.int32)
-    secured = select.own_rank(score, level, prompt.valid_BT) < safe_B[None, :, None, None]
-    valid = jnp.broadcast_to(prompt.valid_BT[None, :, None, :], score.shape)
+    secured = select.own_rank(score, level, valid_BT) < safe_B[None, :, None, None]
+    valid = jnp.broadcast_to(valid_BT[None, :, None, :], score.shape)
     flat = lambda x: einops.rearrange(x, "L B K T -> L B (K T)")
     head = jnp.broadcast_to(jnp.arange(kh)[:, None], (kh, t))
     pos = jnp.broadcast_to(jnp.arange(t)[None, :], (kh, t))
@@ -78,8 +100,7 @@ class AdaKV:
     chosen = jnp.arange(kh * t)[None, None, :] < (kh * n_B)[None, :, None]
     return jnp.sum(jax.nn.one_hot(head_order, kh, dtype=jnp.int32) * chosen[..., None], axis=2)
 
-  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
-    score, level = self.scorer.scores(prompt)
-    n_LBK = self.head_counts(score, level, prompt, budget)
-    idx = select.top_positions(score, level, prompt.valid_BT, n_LBK, capacity)
-    return select.gather(prompt, idx)
+  def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry):
+    score, level = self.scorer.scores(layer, ctx.kept_B)
+    n_1BK = self.head_counts(score, level, layer.valid_BT, ctx.kept_B)
+    return keep_best(layer, score, level, n_1BK, capacity), carry

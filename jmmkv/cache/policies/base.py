@@ -1,10 +1,24 @@
-"""What every policy sees (`PromptKV`: the prompt K/V after prefill) and returns (`Prefix`: a
-static-capacity prefix), both defined in `jmmkv.cache.prompt`, and helpers policies share.
+"""The policy interface: a policy compresses one layer at a time, inside the prefill.
 
-A policy is a frozen, hashable dataclass (static under jit) with a ``stats`` attribute (the
-`StatsSpec` of prefill statistics it scores with) and two pure methods:
-``capacity(budget, prompt_len) -> C`` on the host, and ``compress(prompt, budget, C) -> Prefix``
-under jit.
+The prefill (`jmmkv.cache.stream`) runs the decoder layer by layer; right after a layer's
+attention it hands the policy that layer's prompt K/V and statistics, stores what the policy
+keeps, and drops the rest, so that at most one layer's full prompt K/V is alive. The driver turns
+the budget into kept counts once (``Context.kept_B``); no policy reads or validates a budget.
+
+A policy is a frozen, hashable dataclass (static under jit) that satisfies `Policy`:
+
+- ``stats``: the `StatsSpec` of per-layer prefill statistics it scores with;
+- ``survey``: statistics of *every* layer it needs before compressing the first (MEDA's layer
+  entropies; `NONE` for the others): the driver then runs a first pass that keeps no K/V;
+- ``plan(host) -> Plan`` (host side): static bounds on what it keeps;
+- ``start(ctx) -> carry`` and ``compress_layer(layer, index, ctx, capacity, carry) ->
+  (Kept, carry)`` under jit; the carry is any pytree passed from layer to layer (MadaKV's HCC
+  budget, MEDA's layer budgets).
+
+Most policies are a **scorer** (`Scorer`: a ``scores(layer, kept_B) -> (score, level)`` method)
+and inherit the rest: every (layer, row, KV head) keeps its ``kept_B`` best candidates. AdaKV
+(head allocation) and PyramidKV (layer allocation) wrap any scorer. Policies that build a keep
+mask themselves (LOOK-M, MEDA, MadaKV) implement ``compress_layer``.
 """
 
 from __future__ import annotations
@@ -12,25 +26,116 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import jax.numpy as jnp
+import numpy as np
 
+from jmmkv.cache import select
 from jmmkv.cache.prompt import Prefix, PromptKV  # noqa: F401 (policies import them from here)
+from jmmkv.cache.stats import NONE, Stats, StatsSpec
+from jmmkv.typing import IMAGE, VIDEO, Array
 
 
-def uniform_capacity(budget, prompt_len: int, name: str) -> int:
-  """Static prefix capacity C of a policy that keeps the same count in every layer and head."""
-  if budget is None:
-    raise ValueError(
-      f"policy {name!r} needs a budget: jmmkv.Budget(ratio=...) or Budget(tokens=...)"
-    )
-  return budget.kept(prompt_len)
+class HostPrompt(NamedTuple):
+  """What the driver knows on the host before the prefill (NumPy arrays)."""
+
+  lengths_B: np.ndarray  # [B] prompt lengths
+  kept_B: np.ndarray  # [B] the budget's kept count per (layer, KV head); the length without one
+  valid_BT: np.ndarray  # [B, T] bool (T: the padded bucket)
+  modality_BT: np.ndarray  # [B, T] int32
+  num_layers: int
+  num_kv_heads: int
+  survey: Stats = Stats()  # the survey pass's statistics [L, ...] (NumPy), when asked for
+
+  @property
+  def bucket(self) -> int:  # T
+    return self.valid_BT.shape[1]
+
+  def visual_B(self) -> np.ndarray:
+    """[B] image + video tokens per row."""
+    mod = self.modality_BT
+    return (((mod == IMAGE) | (mod == VIDEO)) & self.valid_BT).sum(1)
 
 
-def kept_counts(budget, prompt: PromptKV):
-  """Per (layer, row, KV head) kept counts ``[L, B, K]`` of a uniform budget (row-dependent)."""
-  l, b, kh = prompt.k.shape[:3]
-  return jnp.broadcast_to(budget.kept_B(prompt.lengths_B)[None, :, None], (l, b, kh))
+class Plan(NamedTuple):
+  """Static bounds on what a policy keeps, from `Policy.plan`."""
+
+  capacity: int  # the most slots any (layer, row, KV head) keeps
+  total: int | None = None  # the most slots kept summed over (layer, row, KV head), when far below
+  # L * B * K * capacity (per-head or per-layer allocation): the driver may then store the kept
+  # slots in a page pool sized by it instead of a dense [B, K, capacity] prefix per layer
+
+
+class Context(NamedTuple):
+  """What every layer's compression shares, under jit."""
+
+  kept_B: Array  # [B] int32: the budget's kept count per (layer, KV head)
+  lengths_B: Array  # [B] int32
+  survey: Stats  # [L, ...] the survey pass's statistics (empty without one)
+  num_layers: int  # static
+
+
+class Kept(NamedTuple):
+  """What a policy keeps of one layer."""
+
+  positions: Array | None  # [1, B, K, C] kept positions, ascending, -1 last; None: every token
+  k: Array | None = None  # [1, B, K, T, H] K/V to take them from when the policy changed them
+  v: Array | None = None  # (merging); None: the layer's own
+
+
+@runtime_checkable
+class Policy(Protocol):
+  """What `jmmkv.generate` needs of a policy (module docstring)."""
+
+  name: ClassVar[str]
+  stats: StatsSpec
+  survey: StatsSpec
+  needs_budget: bool
+
+  def plan(self, host: HostPrompt) -> Plan: ...
+
+  def start(self, ctx: Context) -> Any: ...
+
+  def compress_layer(
+    self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry: Any
+  ) -> tuple[Kept, Any]: ...
+
+
+class Base:
+  """Defaults for a policy: no survey, needs a budget, no carry, the uniform plan (every (layer,
+  row, KV head) keeps at most the budget's count)."""
+
+  stats: ClassVar[StatsSpec] = NONE
+  survey: ClassVar[StatsSpec] = NONE
+  needs_budget: ClassVar[bool] = True
+
+  def plan(self, host: HostPrompt) -> Plan:
+    return Plan(int(host.kept_B.max(initial=1)))
+
+  def start(self, ctx: Context):
+    return None
+
+
+class Scorer(Base):
+  """A policy from a score: per (layer, row, KV head) the ``kept_B`` candidates first by (level
+  desc, score desc, position asc). Subclasses define ``scores``."""
+
+  def scores(self, layer: PromptKV, kept_B: Array) -> tuple[Array, Array]:
+    """(score, level) ``[1, B, K, T]`` of one layer's candidates (``kept_B``: the counts)."""
+    raise NotImplementedError
+
+  def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry):
+    score, level = self.scores(layer, ctx.kept_B)
+    return keep_best(layer, score, level, ctx.kept_B[None, :, None], capacity), carry
+
+
+def keep_best(layer: PromptKV, score: Array, level: Array, n: Array, capacity: int) -> Kept:
+  """The shared selection: per (layer, row, KV head) the first ``n`` (``[1, B, K]`` or
+  broadcastable to it) candidates by (level desc, score desc, position asc); padding is never
+  kept."""
+  n_1BK = jnp.broadcast_to(n, score.shape[:3])
+  return Kept(select.top_positions(score, level, layer.valid_BT, n_1BK, capacity))
 
 
 _KINDS = {

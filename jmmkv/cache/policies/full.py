@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
-from jmmkv.cache.budget import Budget
-from jmmkv.cache.policies.base import Prefix, PromptKV
-from jmmkv.cache.stats import NONE
+from jmmkv.cache.policies.base import Base, Context, HostPrompt, Kept, Plan, PromptKV
 
 
 @dataclasses.dataclass(frozen=True)
-class Full:
+class Full(Base):
   """No compression: the prefix holds every prompt token. Any budget is ignored (kept fraction 1).
 
   Capacity C equals the padded prompt length T; padding slots are empty (position -1).
   """
 
   name = "full"
-  stats = NONE
+  needs_budget = False
 
-  def capacity(self, budget: Budget | None, prompt_len: int) -> int:
-    del budget
-    return prompt_len
+  def plan(self, host: HostPrompt) -> Plan:
+    return Plan(host.bucket)
 
-  def compress(self, prompt: PromptKV, budget: Budget | None, capacity: int) -> Prefix:
-    del budget, capacity
-    l, b, kh, t, _ = prompt.k.shape
-    positions_BT = jnp.where(prompt.valid_BT, jnp.arange(t)[None, :], -1)
-    modality_BT = jnp.where(prompt.valid_BT, prompt.modality_BT, 0)
-    expand = lambda x_BT: jnp.broadcast_to(x_BT[None, :, None, :], (l, b, kh, t))
-    return Prefix(prompt.k, prompt.v, expand(positions_BT), expand(modality_BT))
+  def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry):
+    return Kept(None), carry

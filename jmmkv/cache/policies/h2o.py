@@ -14,12 +14,12 @@ import dataclasses
 import jax.numpy as jnp
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, kept_counts, uniform_capacity
+from jmmkv.cache.policies.base import PromptKV, Scorer, check_fields
 from jmmkv.cache.stats import StatsSpec
 
 
 @dataclasses.dataclass(frozen=True)
-class H2O:
+class H2O(Scorer):
   recent_fraction: float = 0.5
   gqa: str = "mean"
 
@@ -33,17 +33,9 @@ class H2O:
     if self.gqa not in ("mean", "max"):
       raise ValueError(f"gqa must be 'mean' or 'max', got {self.gqa!r}")
 
-  def capacity(self, budget, prompt_len: int) -> int:
-    return uniform_capacity(budget, prompt_len, self.name)
-
-  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
-    kh = prompt.k.shape[2]
-    score = select.reduce_heads(prompt.stats.colsum, kh, self.gqa)
-    n_LBK = kept_counts(budget, prompt)
-    recent_B = jnp.floor(n_LBK[0, :, 0] * self.recent_fraction).astype(jnp.int32)
-    level = jnp.broadcast_to(
-      select.recent_rows(prompt.valid_BT, recent_B)[None, :, None], score.shape
-    )
-    return select.gather(
-      prompt, select.top_positions(score, level, prompt.valid_BT, n_LBK, capacity)
-    )
+  def scores(self, layer: PromptKV, kept_B):
+    """Column sums (GQA-reduced); level 1 on the last ``floor(n * recent_fraction)`` tokens."""
+    score = select.reduce_heads(layer.stats.colsum, layer.k.shape[2], self.gqa)
+    recent_B = jnp.floor(kept_B * self.recent_fraction).astype(jnp.int32)
+    level = select.recent_rows(layer.valid_BT, recent_B)[None, :, None]
+    return score, jnp.broadcast_to(level, score.shape)

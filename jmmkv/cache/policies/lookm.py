@@ -20,11 +20,20 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from jmmkv import sharding
 from jmmkv.cache import merge as merging
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, uniform_capacity
+from jmmkv.cache.policies.base import (
+  Base,
+  Context,
+  HostPrompt,
+  Kept,
+  Plan,
+  PromptKV,
+  check_fields,
+)
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import IMAGE, VIDEO, Array
 
@@ -62,7 +71,7 @@ def text_prior_keep(
 
 
 @dataclasses.dataclass(frozen=True)
-class LookM:
+class LookM(Base):
   recent_ratio: float = 0.1
   important_ratio: float = 0.1
   merge: str | None = "pivot"
@@ -88,31 +97,30 @@ class LookM:
         f"merge must be None or one of {', '.join(merging.RULES)}, got {self.merge!r}"
       )
 
-  def capacity(self, budget, prompt_len: int) -> int:
-    kept = uniform_capacity(budget, prompt_len, self.name)
-    return prompt_len if self.keep_all_text else kept  # all text kept: the budget can overrun
+  def plan(self, host: HostPrompt) -> Plan:
+    """At most n, or with every text token kept n plus the row's text (rows with visual tokens)."""
+    n = host.kept_B
+    if self.keep_all_text and self.text_prior:
+      text_B = np.where(host.visual_B() > 0, host.lengths_B - host.visual_B(), 0)
+      n = np.minimum(host.lengths_B, n + text_B)
+    return Plan(int(n.max(initial=1)))
 
-  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
-    l, _, kh = prompt.k.shape[:3]
-    score = select.reduce_heads(prompt.stats.colsum, kh, "mean")
-    recent_B, important_B = split_recent(
-      budget.kept_B(prompt.lengths_B), self.recent_ratio, self.important_ratio
-    )
-    tile = lambda x: jnp.broadcast_to(x[None], (l,) + x.shape)
+  def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry):
+    score = select.reduce_heads(layer.stats.colsum, layer.k.shape[2], "mean")
+    recent_B, important_B = split_recent(ctx.kept_B, self.recent_ratio, self.important_ratio)
     keep = text_prior_keep(
-      prompt, score, tile(recent_B), tile(important_B), self.text_prior, self.keep_all_text
+      layer, score, recent_B[None], important_B[None], self.text_prior, self.keep_all_text
     )
-    return finish(prompt, keep, self.merge, capacity)
+    return finish(layer, keep, self.merge, capacity), carry
 
 
-def finish(
-  prompt: PromptKV, keep_LBKT: Array, rule: str | None, capacity: int, per_layer: bool = False
-) -> Prefix:
-  """Merge the evicted tokens into the kept ones (``rule`` None: evict only; ``per_layer``: the
-  layers keep different counts, see `merging.merge`), then gather."""
-  if rule is not None:
-    evict = prompt.valid_BT[None, :, None, :] & ~keep_LBKT
-    merge = lambda *xs: merging.merge(*xs, rule, per_layer)
-    k, v = sharding.per_head(merge, prompt.k, prompt.v, keep_LBKT, evict)  # shard-local
-    prompt = prompt._replace(k=k, v=v)
-  return select.gather(prompt, select.positions_from_mask(keep_LBKT, capacity))
+def finish(layer: PromptKV, keep_1BKT: Array, rule: str | None, capacity: int) -> Kept:
+  """The kept positions of one layer, and its K/V with the evicted tokens merged into the kept
+  ones (``rule`` None: evict only; see `merging.merge`)."""
+  positions = select.positions_from_mask(keep_1BKT, capacity)
+  if rule is None:
+    return Kept(positions)
+  evict = layer.valid_BT[None, :, None, :] & ~keep_1BKT
+  merge = lambda *xs: merging.merge(*xs, rule)
+  k, v = sharding.per_head(merge, layer.k, layer.v, keep_1BKT, evict)  # shard-local
+  return Kept(positions, k, v)

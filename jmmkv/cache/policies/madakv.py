@@ -26,9 +26,18 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, uniform_capacity
+from jmmkv.cache.policies.base import (
+  Base,
+  Context,
+  HostPrompt,
+  Kept,
+  Plan,
+  PromptKV,
+  check_fields,
+)
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import IMAGE, VIDEO
 
@@ -44,7 +53,7 @@ def _demand(psi, members, theta):
 
 
 @dataclasses.dataclass(frozen=True)
-class MadaKV:
+class MadaKV(Base):
   proxy_window: int = 32
   theta: float = 0.9
   reading: str = "B"
@@ -73,47 +82,54 @@ class MadaKV:
   def stats(self) -> StatsSpec:
     return StatsSpec(window=self.proxy_window)
 
-  def capacity(self, budget, prompt_len: int) -> int:
-    uniform_capacity(budget, prompt_len, self.name)
-    return prompt_len  # slots vary by layer and head
+  def plan(self, host: HostPrompt) -> Plan:
+    """Without HCC every head keeps n. With reading B's pool cap a layer never takes what the
+    later layers need, so the kept total stays within L K n (b_min when larger); reading A's
+    budgets and the "layer_total" units have no such bound (a dense prefix of the prompt)."""
+    n, t = host.kept_B, host.bucket
+    if not self.hcc:
+      return Plan(int(n.max(initial=1)))
+    if self.reading == "B" and self.pool_cap and self.hcc_units == "per_head":
+      per_row = np.where(n >= host.lengths_B, host.lengths_B, np.maximum(n, self.b_min))
+      return Plan(t, int(host.num_layers * host.num_kv_heads * per_row.sum()))
+    return Plan(t)
 
-  def _slots(self, d_LBK, n_B, t_B):
-    """Per-head slots b ``[L, B, K]`` and layer budgets phi ``[L, B]`` (the HCC recurrence)."""
-    l_count, _, kh = d_LBK.shape
-    phi, slots, phis = n_B, [], []
-    for l in range(l_count):
-      r = l_count - 1 - l
-      if self.reading == "B" and self.hcc:
-        cap = jnp.clip((r + 1) * phi - self.b_min * r, self.b_min, t_B) if self.pool_cap else t_B
-        b = jnp.clip(d_LBK[l], self.b_min, cap[:, None])
+  def start(self, ctx: Context):
+    return ctx.kept_B  # phi^0 = n
+
+  def layer_slots(self, d_BK, phi_B, n_B, t_B, index: int, num_layers: int):
+    """One step of the HCC recurrence: layer ``index``'s slots b ``[B, K]`` and phi of the next."""
+    kh = d_BK.shape[-1]
+    r = num_layers - 1 - index
+    if self.reading == "B" and self.hcc:
+      cap = jnp.clip((r + 1) * phi_B - self.b_min * r, self.b_min, t_B) if self.pool_cap else t_B
+      b = jnp.clip(d_BK, self.b_min, cap[:, None])
+    else:
+      b = jnp.broadcast_to(phi_B[:, None], d_BK.shape)
+    b = jnp.where((n_B >= t_B)[:, None], t_B[:, None], b)  # n == T: keep everything
+    if self.hcc and r > 0:
+      x = (d_BK if self.reading == "A" else b).sum(-1)
+      if self.hcc_units == "per_head":
+        nxt = (kh * (r + 1) * phi_B - x) // (kh * r)
       else:
-        b = jnp.broadcast_to(phi[:, None], d_LBK[l].shape)
-      b = jnp.where((n_B >= t_B)[:, None], t_B[:, None], b)  # n == T: keep everything
-      slots.append(b)
-      phis.append(phi)
-      if self.hcc and r > 0:
-        x = (d_LBK[l] if self.reading == "A" else b).sum(-1)
-        if self.hcc_units == "per_head":
-          nxt = (kh * (r + 1) * phi - x) // (kh * r)
-        else:
-          nxt = ((r + kh) * phi - x) // r
-        phi = jnp.clip(nxt, 1, t_B)
-    return jnp.stack(slots), jnp.stack(phis)
+        nxt = ((r + kh) * phi_B - x) // r
+      phi_B = jnp.clip(nxt, 1, t_B)
+    return b, phi_B
 
-  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
-    l, b, kh, t = prompt.k.shape[:4]
-    psi = select.reduce_heads(prompt.stats.window, kh, "mean")  # [L, B, K, T]
-    valid = prompt.valid_BT[None, :, None, :]
-    p_B = jnp.minimum(self.proxy_window, prompt.lengths_B)
-    proxy = select.recent_rows(prompt.valid_BT, p_B)[None, :, None, :]
+  def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, phi_B):
+    kh = layer.k.shape[2]
+    psi = select.reduce_heads(layer.stats.window, kh, "mean")  # [L, B, K, T]
+    valid = layer.valid_BT[None, :, None, :]
+    p_B = jnp.minimum(self.proxy_window, layer.lengths_B)
+    proxy = select.recent_rows(layer.valid_BT, p_B)[None, :, None, :]
     cand = valid & ~proxy
-    mod = prompt.modality_BT[None, :, None, :]
+    mod = layer.modality_BT[None, :, None, :]
     vis = cand & ((mod == IMAGE) | (mod == VIDEO))
     txt = cand & ~vis
     k_v, k_t = _demand(psi, vis, self.theta), _demand(psi, txt, self.theta)
     d = p_B[None, :, None] + k_v + k_t
-    n_B = budget.kept_B(prompt.lengths_B)
-    slots, _ = self._slots(d, n_B, prompt.lengths_B)
+    b_BK, phi_B = self.layer_slots(d[0], phi_B, ctx.kept_B, layer.lengths_B, index, ctx.num_layers)
+    slots = b_BK[None]
     p = p_B[None, :, None]
     c = jnp.maximum(0, slots - p)
     n_v, n_t = vis.sum(-1), txt.sum(-1)
@@ -133,4 +149,4 @@ class MadaKV:
       keep |= txt & (select.rank_within(psi, txt) < c_t[..., None])
     else:
       keep |= cand & (select.rank_within(psi, cand) < c[..., None])
-    return select.gather(prompt, select.positions_from_mask(keep & valid, capacity))
+    return Kept(select.positions_from_mask(keep & valid, capacity)), phi_B

@@ -23,10 +23,18 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmmkv.cache import merge as merging
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, uniform_capacity
+from jmmkv.cache.policies.base import (
+  Base,
+  Context,
+  HostPrompt,
+  Plan,
+  PromptKV,
+  check_fields,
+)
 from jmmkv.cache.policies.lookm import finish, split_recent, text_prior_keep
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import Array
@@ -47,7 +55,7 @@ def water_fill(p_LB: Array, rho_B: Array, lo_B: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class MEDA:
+class MEDA(Base):
   variant: str = "paper"
   split: tuple[int, int] | None = None  # (recent, important); default 3:1 paper, 1:1 code
   alpha_min: float = 0.01
@@ -70,23 +78,25 @@ class MEDA:
     if not 0.0 <= self.alpha_min <= 1.0:
       raise ValueError(f"alpha_min must be in [0, 1], got {self.alpha_min}")
 
+  stats = StatsSpec(colsum=True)
+
   @property
-  def stats(self) -> StatsSpec:
+  def survey(self) -> StatsSpec:
+    """Every layer's entropy is needed before the first layer is compressed: a first prefill
+    pass computes them and keeps no K/V. It asks for the column sums too, only so that its
+    attention runs the same exact-softmax path as the second pass: its hidden states, hence its
+    entropies and layer budgets, are then bit-identical to a single pass's."""
     return StatsSpec(colsum=True, cross=self.variant == "paper", entropy=self.variant == "code")
 
   @property
   def recent_important(self) -> tuple[int, int]:
     return self.split if self.split is not None else ((3, 1) if self.variant == "paper" else (1, 1))
 
-  def capacity(self, budget, prompt_len: int) -> int:
-    uniform_capacity(budget, prompt_len, self.name)
-    return prompt_len  # layer budgets and text overrun vary
-
-  def entropies(self, prompt: PromptKV) -> Array:
-    """E ``[L, B]``."""
+  def entropies(self, survey) -> Array:
+    """E ``[L, B]`` from the survey's statistics."""
     if self.variant == "paper":
-      return prompt.stats.cross.sum(-1)
-    return prompt.stats.entropy.mean(-1)
+      return survey.cross.sum(-1)
+    return survey.entropy.mean(-1)
 
   def layer_budgets(self, entropy_LB: Array, n_B: Array, t_B: Array) -> tuple[Array, Array]:
     """(alpha ``[L, B]``, S ``[L, B]``)."""
@@ -102,14 +112,23 @@ class MEDA:
     budgets = jnp.maximum(select.largest_remainder(x, total), 1)
     return alpha, budgets
 
-  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
-    l, _, kh = prompt.k.shape[:3]
-    _, s_LB = self.layer_budgets(
-      self.entropies(prompt), budget.kept_B(prompt.lengths_B), prompt.lengths_B
-    )
+  def start(self, ctx: Context) -> Array:
+    return self.layer_budgets(self.entropies(ctx.survey), ctx.kept_B, ctx.lengths_B)[1]  # S [L, B]
+
+  def plan(self, host: HostPrompt) -> Plan:
+    """From the survey: S_l per layer and row, plus the row's text when all text is kept."""
+    s_LB = np.asarray(self.start(Context(host.kept_B, host.lengths_B, host.survey, 0)))
+    if self.keep_all_text:
+      text_B = np.where(host.visual_B() > 0, host.lengths_B - host.visual_B(), 0)
+      s_LB = np.minimum(host.lengths_B, s_LB + text_B)
+    return Plan(int(s_LB.max(initial=1)), int(host.num_kv_heads * s_LB.sum()))
+
+  def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, s_LB):
     b1, b2 = self.recent_important
-    recent, important = split_recent(s_LB, b1, b2)
-    score = select.reduce_heads(prompt.stats.colsum, kh, "mean")
-    keep = text_prior_keep(prompt, score, recent, important, True, self.keep_all_text)
+    recent_B, important_B = split_recent(s_LB[index], b1, b2)
+    score = select.reduce_heads(layer.stats.colsum, layer.k.shape[2], "mean")
+    keep = text_prior_keep(
+      layer, score, recent_B[None], important_B[None], True, self.keep_all_text
+    )
     rule = "average" if self.variant == "paper" else merging.CODE_COMPAT
-    return finish(prompt, keep, rule if self.merge else None, capacity, per_layer=True)
+    return finish(layer, keep, rule if self.merge else None, capacity), s_LB

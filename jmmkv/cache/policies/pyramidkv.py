@@ -1,4 +1,4 @@
-"""PyramidKV: SnapKV selection with per-layer budgets that shrink with depth (an arithmetic ramp).
+"""PyramidKV: per-layer budgets that shrink with depth (an arithmetic ramp) over any scorer.
 
 Based on "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling"
 (Cai et al., arXiv 2406.02069), as KVCache-Factory's ``PyramidKVCluster`` computes the counts.
@@ -7,7 +7,8 @@ Per row, with C the average per-layer count (window included), w = min(window, T
   count_l = max - l (max - min) / (L - 1) + w      (layer 0 keeps the most)
 rounded by largest remainder so that sum_l count_l = L * C exactly. Every layer keeps C (the
 code's fallback to SnapKV) when T < 2 (C - w) (as ``PyramidKVCluster`` does), when C <= w, or with
-one layer. Defaults: window 32, kernel 5, avg, beta 20.
+one layer. ``window`` is the scorer's (0 for a scorer without one). Wraps any `Scorer` (default
+SnapKV: window 32, kernel 5, avg; ``get("pyramidkv", scorer="h2o")``). Default beta 20.
 """
 
 from __future__ import annotations
@@ -15,31 +16,61 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, uniform_capacity
+from jmmkv.cache.policies.adakv import scorer_from
+from jmmkv.cache.policies.base import (
+  Base,
+  Context,
+  HostPrompt,
+  Plan,
+  PromptKV,
+  Scorer,
+  check_fields,
+  keep_best,
+)
 from jmmkv.cache.policies.snapkv import SnapKV
 from jmmkv.typing import Array
 
 
 @dataclasses.dataclass(frozen=True)
-class PyramidKV(SnapKV):
+class PyramidKV(Base):
+  scorer: Scorer = SnapKV()
   beta: float = 20.0
 
   name = "pyramidkv"
 
+  @classmethod
+  def settings(cls) -> tuple[str, ...]:
+    """What ``from_kwargs`` takes: its own settings and the (SnapKV) scorer's."""
+    return ("beta", "scorer", *(f.name for f in dataclasses.fields(SnapKV)))
+
+  @classmethod
+  def from_kwargs(cls, beta: float = 20.0, scorer="snapkv", **scorer_kwargs) -> "PyramidKV":
+    """``get("pyramidkv", window=8, beta=10)``: other settings go to the scorer."""
+    if isinstance(scorer, str):
+      scorer = scorer_from(scorer, scorer_kwargs)
+    return cls(scorer, beta)
+
   def __post_init__(self):
-    super().__post_init__()
+    check_fields(self)
     if self.beta <= 1:
       raise ValueError(f"beta must be > 1, got {self.beta}")
+    if not isinstance(self.scorer, Scorer):
+      raise ValueError(f"PyramidKV needs a scorer (a policy with scores()), got {self.scorer!r}")
 
-  def capacity(self, budget, prompt_len: int) -> int:
-    uniform_capacity(budget, prompt_len, self.name)  # validates the budget
-    return prompt_len  # per-layer counts vary by row: allocate the bucket
+  @property
+  def stats(self):
+    return self.scorer.stats
 
-  def layer_counts(self, budget, lengths_B: Array, num_layers: int) -> Array:
-    """Kept tokens per layer and row ``[L, B]``."""
-    c = budget.kept_B(lengths_B).astype(jnp.float32)
+  @property
+  def window(self) -> int:
+    return getattr(self.scorer, "window", 0)
+
+  def layer_counts(self, kept_B: Array, lengths_B: Array, num_layers: int) -> Array:
+    """Kept tokens per layer and row ``[L, B]`` (``kept_B``: the average per-layer count)."""
+    c = kept_B.astype(jnp.float32)
     t = lengths_B.astype(jnp.float32)
     w = jnp.minimum(float(self.window), t)
     lo = (c - w) / self.beta
@@ -50,11 +81,16 @@ class PyramidKV(SnapKV):
     ramp = hi[None] - jnp.arange(num_layers)[:, None] * step[None] + w[None]  # [L, B]
     fallback = (t < 2 * (c - w)) | (c <= w) | (num_layers == 1)
     real = jnp.where(fallback[None], c[None], ramp)
-    return select.largest_remainder(real, num_layers * budget.kept_B(lengths_B))
+    return select.largest_remainder(real, num_layers * kept_B)
 
-  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
-    score, level = self.scores(prompt)
-    l, b, kh = score.shape[:3]
-    n_LBK = jnp.broadcast_to(self.layer_counts(budget, prompt.lengths_B, l)[:, :, None], (l, b, kh))
-    idx = select.top_positions(score, level, prompt.valid_BT, n_LBK, capacity)
-    return select.gather(prompt, idx)
+  def plan(self, host: HostPrompt) -> Plan:
+    counts = np.asarray(self.layer_counts(host.kept_B, host.lengths_B, host.num_layers))
+    total = int(host.num_kv_heads * counts.sum())
+    return Plan(int(counts.max(initial=1)), total)
+
+  def start(self, ctx: Context):
+    return self.layer_counts(ctx.kept_B, ctx.lengths_B, ctx.num_layers)  # [L, B]
+
+  def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, counts_LB):
+    score, level = self.scorer.scores(layer, ctx.kept_B)
+    return keep_best(layer, score, level, counts_LB[index][None, :, None], capacity), counts_LB

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.base import Prefix, PromptKV, check_fields, kept_counts, uniform_capacity
+from jmmkv.cache.policies.base import PromptKV, Scorer, check_fields
 from jmmkv.cache.stats import StatsSpec
 from jmmkv.typing import Array
 
@@ -47,7 +47,7 @@ def pool(scores_LBNT: Array, prefix_BT: Array, kernel: int, how: str) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class SnapKV:
+class SnapKV(Scorer):
   window: int = 32
   kernel: int = 5
   pooling: str = "avg"
@@ -70,17 +70,14 @@ class SnapKV:
   def stats(self) -> StatsSpec:
     return StatsSpec(window=self.window)
 
-  def capacity(self, budget, prompt_len: int) -> int:
-    return uniform_capacity(budget, prompt_len, self.name)
-
-  def scores(self, prompt: PromptKV) -> tuple[Array, Array]:
-    """(score, level) ``[L, B, K, T]``: pooled window attention; level 1 on the window."""
-    w_B = jnp.minimum(self.window, prompt.lengths_B)
-    in_window_BT = select.recent_rows(prompt.valid_BT, w_B)
-    prefix_BT = prompt.valid_BT & ~in_window_BT
-    pooled = pool(prompt.stats.window, prefix_BT, self.kernel, self.pooling)
+  def scores(self, layer: PromptKV, kept_B=None) -> tuple[Array, Array]:
+    """(score, level) ``[1, B, K, T]``: pooled window attention; level 1 on the window."""
+    w_B = jnp.minimum(self.window, layer.lengths_B)
+    in_window_BT = select.recent_rows(layer.valid_BT, w_B)
+    prefix_BT = layer.valid_BT & ~in_window_BT
+    pooled = pool(layer.stats.window, prefix_BT, self.kernel, self.pooling)
     score = select.reduce_heads(
-      jnp.where(prefix_BT[None, :, None, :], pooled, 0.0), prompt.k.shape[2], self.gqa
+      jnp.where(prefix_BT[None, :, None, :], pooled, 0.0), layer.k.shape[2], self.gqa
     )
     pos_T = jnp.arange(score.shape[-1])
     score = jnp.where(
@@ -88,8 +85,3 @@ class SnapKV:
     )  # within the window: latest first
     level = jnp.broadcast_to(in_window_BT[None, :, None, :], score.shape)
     return score, level
-
-  def compress(self, prompt: PromptKV, budget, capacity: int) -> Prefix:
-    score, level = self.scores(prompt)
-    idx = select.top_positions(score, level, prompt.valid_BT, kept_counts(budget, prompt), capacity)
-    return select.gather(prompt, idx)

@@ -1,0 +1,178 @@
+"""A page pool shared by all layers and heads, filled layer by layer during the prefill.
+
+Policies whose kept counts vary by layer or head (AdaKV, PyramidKV, MadaKV, MEDA) can keep up to
+the whole prompt in one (layer, row, KV head) but far less in total. A dense prefix per layer
+would be sized by the prompt; the pool is sized by the policy's bound on the total
+(`Plan.total`): ``P`` pages of ``S`` slots. As layer l is compressed, each (row, KV head) claims
+``ceil(kept / S)`` consecutive pages after the last claimed one, in (row, head) order, so the
+pages of (l, b, k) are found on the host from the kept counts alone. After the prefill the pool
+becomes the decode layout: per layer pages (`to_paged`, exactly `jmmkv.cache.paged`'s layout) or
+a dense prefix (`to_dense`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmmkv.cache import kv_cache, paged
+from jmmkv.typing import Array
+
+
+@flax.struct.dataclass
+class Pool:
+  k: Array  # [P, S, H] kept keys (after RoPE)
+  v: Array  # [P, S, H]
+  positions: Array  # [P, S] int32 prompt position, -1 where empty
+  modality: Array  # [P, S] int32 modality id, 0 where empty
+  next_page: Array  # [] int32 pages claimed so far
+  kept_LBK: Array  # [L, B, K] int32 kept slots per (layer, row, KV head)
+
+  @property
+  def page_size(self) -> int:  # S
+    return self.k.shape[1]
+
+
+def empty(pages: int, page_size: int, num_layers: int, b: int, kh: int, h: int, dtype) -> Pool:
+  z = lambda *s: jnp.zeros((pages, page_size) + s, dtype)
+  return Pool(
+    z(h),
+    z(h),
+    jnp.full((pages, page_size), -1, jnp.int32),
+    jnp.zeros((pages, page_size), jnp.int32),
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((num_layers, b, kh), jnp.int32),
+  )
+
+
+def write(
+  pool: Pool, layer: int, idx_BKC: Array, k_BKTH: Array, v_BKTH: Array, modality_BT: Array
+) -> Pool:
+  """Stores the slots at kept positions ``idx`` (ascending, -1 after) of one layer: (b, k) claims
+  ``ceil(n_bk / S)`` pages after the last claimed one, and its j-th kept slot goes to slot
+  ``j`` of them. Scattered straight from the layer's K/V (no gathered copy)."""
+  b, kh, t, h = k_BKTH.shape
+  pages, s = pool.k.shape[:2]
+  n_BK = (idx_BKC >= 0).sum(-1).astype(jnp.int32)
+  claimed_BK = -(-n_BK // s)
+  first_BK = pool.next_page + (jnp.cumsum(claimed_BK.reshape(-1)) - claimed_BK.reshape(-1)).reshape(
+    b, kh
+  )
+  rows_BK1 = jnp.arange(b * kh).reshape(b, kh, 1)
+  keep_BKT = (
+    jnp.zeros((b * kh, t + 1), bool)
+    .at[rows_BK1.reshape(-1, 1), jnp.where(idx_BKC >= 0, idx_BKC, t).reshape(b * kh, -1)]
+    .set(True)[:, :t]
+    .reshape(b, kh, t)
+  )
+  rank_BKT = jnp.cumsum(keep_BKT, axis=-1) - 1
+  dest = jnp.where(keep_BKT, first_BK[..., None] * s + rank_BKT, pages * s).reshape(-1)
+  put = lambda x, new: (
+    x.reshape(pages * s, *x.shape[2:]).at[dest].set(new, mode="drop").reshape(x.shape)
+  )
+  pos_BKT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, kh, t))
+  mod_BKT = jnp.broadcast_to(modality_BT[:, None, :].astype(jnp.int32), (b, kh, t))
+  return pool.replace(
+    k=put(pool.k, k_BKTH.reshape(-1, h).astype(pool.k.dtype)),
+    v=put(pool.v, v_BKTH.reshape(-1, h).astype(pool.v.dtype)),
+    positions=put(pool.positions, pos_BKT.reshape(-1)),
+    modality=put(pool.modality, mod_BKT.reshape(-1)),
+    next_page=pool.next_page + claimed_BK.sum(),
+    kept_LBK=pool.kept_LBK.at[layer].set(n_BK),
+  )
+
+
+def first_pages(kept_LBK: np.ndarray, page_size: int, pages: int) -> np.ndarray:
+  """The first pool page of every (layer, row, KV head) ``[L, B, K]`` (host), from the kept
+  counts. Raises when they claim more than the pool's ``pages`` (the policy broke its bound:
+  slots would have been lost)."""
+  claimed = -(-np.asarray(kept_LBK, np.int64) // page_size)
+  if claimed.sum() > pages:
+    raise RuntimeError(
+      f"the policy kept {int(np.asarray(kept_LBK).sum())} slots, more than its plan's bound "
+      f"({pages} pages of {page_size}): a bug in the policy's plan()"
+    )
+  flat = claimed.reshape(-1)
+  return (np.cumsum(flat) - flat).reshape(claimed.shape)
+
+
+def paged_plan(kept_LBK: np.ndarray, page_size: int, pages: int):
+  """Per layer the pool pages it stores, in `jmmkv.cache.paged`'s order and padding, and their
+  owners (``b * K + kv_head``; ``B * K`` for padding). Two tuples of int32 ``[P_l]``."""
+  kept = np.asarray(kept_LBK)
+  first = first_pages(kept, page_size, pages)
+  sources, owners = [], []
+  for kept_BK, first_BK, total in zip(kept, first, paged.pages_per_layer(kept, page_size)):
+    n_O = -(-kept_BK.reshape(-1) // page_size)
+    owner = np.repeat(np.arange(n_O.size), n_O)
+    src = int(first_BK.reshape(-1)[0]) + np.arange(owner.size)
+    pad = total - owner.size
+    sources.append(np.concatenate([src, np.zeros(pad, np.int64)]).astype(np.int32))
+    owners.append(np.concatenate([owner, np.full(pad, n_O.size)]).astype(np.int32))
+  return tuple(sources), tuple(owners)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def to_paged(pool: Pool, sources, owners, cache: kv_cache.KVCache) -> paged.PagedKVCache:
+  """The pool as a `PagedKVCache` (`paged_plan` gives ``sources`` / ``owners``); ``cache``
+  gives the append buffer, lengths and RoPE start (its prefix is ignored)."""
+  b, kh = cache.append_k.shape[1:3]
+
+  def per_layer(x, fill):
+    out = []
+    for src_P, owner_P in zip(sources, owners, strict=True):
+      y = jnp.take(x, src_P, axis=0)
+      is_pad = (owner_P >= b * kh).reshape((-1,) + (1,) * (y.ndim - 1))
+      out.append(jnp.where(is_pad, jnp.asarray(fill, y.dtype), y))
+    return tuple(out)
+
+  return paged.PagedKVCache(
+    k=per_layer(pool.k, 0),
+    v=per_layer(pool.v, 0),
+    owner=tuple(jnp.asarray(o) for o in owners),
+    positions=per_layer(pool.positions, -1),
+    modality=per_layer(pool.modality, 0),
+    append_k=cache.append_k,
+    append_v=cache.append_v,
+    lengths=cache.lengths,
+    rope_start=cache.rope_start,
+    index=cache.index,
+  )
+
+
+def dense_plan(kept_LBK: np.ndarray, page_size: int, pages: int, capacity: int) -> np.ndarray:
+  """Flat pool slot of every dense prefix slot ``[L, B, K, C]`` (-1: empty)."""
+  kept = np.asarray(kept_LBK)
+  first = first_pages(kept, page_size, pages)
+  c = np.arange(capacity)
+  return np.where(c < kept[..., None], first[..., None] * page_size + c, -1).astype(np.int32)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def to_dense(pool: Pool, slots_LBKC: Array, cache: kv_cache.KVCache) -> kv_cache.KVCache:
+  """The pool as a dense prefix of ``C`` slots per (layer, row, KV head) (`dense_plan`)."""
+  pages, s = pool.k.shape[:2]
+  flat = lambda x: x.reshape(pages * s, *x.shape[2:])
+  safe = jnp.maximum(slots_LBKC, 0)
+  empty_LBKC = slots_LBKC < 0
+
+  def take(x, fill):  # layer by layer: no stacked [L, ...] copy
+    out = []
+    for safe_BKC, empty_BKC in zip(safe, empty_LBKC):
+      y = jnp.take(flat(x), safe_BKC, axis=0)
+      mask = empty_BKC.reshape(empty_BKC.shape + (1,) * (y.ndim - 3))
+      out.append(jnp.where(mask, jnp.asarray(fill, y.dtype), y))
+    return tuple(out)
+
+  return kv_cache.constrain(
+    cache.replace(
+      layer_k=take(pool.k, 0),
+      layer_v=take(pool.v, 0),
+      layer_positions=take(pool.positions, -1),
+      layer_modality=take(pool.modality, 0),
+    )
+  )

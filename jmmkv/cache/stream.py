@@ -1,0 +1,131 @@
+"""Compression inside the prefill, layer by layer (the driver of `jmmkv.cache.policies.base`).
+
+The decoder calls `on_layer` right after each layer's attention with that layer's prompt K/V
+``[B, K, T, H]`` and statistics; the policy chooses what to keep and this module stores it, so
+the layer's full K/V die before the next layer runs (the decoder puts an optimisation barrier
+between layers). Storage (`Storage`, chosen on the host from the policy's `Plan`):
+
+- dense: per layer ``[B, K, C, H]`` with C the plan's capacity (uniform policies; Full keeps
+  the layer's own arrays, no copy);
+- pool: a `jmmkv.cache.pool.Pool` of pages sized by the plan's total (per-head / per-layer
+  allocations), re-laid out after the prefill as pages per layer or a dense prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jmmkv.cache import kv_cache, paged, pool, select
+from jmmkv.cache.policies.base import Context, Kept, Plan
+from jmmkv.cache.prompt import PromptKV
+from jmmkv.cache.stats import Stats
+from jmmkv.typing import Array
+
+# A pool is used when it needs at most this fraction of the dense prefix's slots.
+POOL_GAIN = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+  """Where compressed layers go (static under jit)."""
+
+  capacity: int  # C: kept positions per (layer, row, KV head) a policy returns
+  pages: int = 0  # pool pages (0: a dense [B, K, C, H] prefix per layer)
+  page_size: int = 0
+
+  @property
+  def pooled(self) -> bool:
+    return self.pages > 0
+
+
+def storage_for(plan: Plan, num_layers: int, b: int, kh: int, pool_ok: bool = True) -> Storage:
+  """Dense at the plan's capacity, or a pool when the plan bounds the total well below it
+  (``pool_ok``: false under a mesh, whose prefix stays split by KV head)."""
+  dense = num_layers * b * kh * plan.capacity
+  if plan.total is None or not pool_ok:
+    return Storage(plan.capacity)
+  owners = num_layers * b * kh
+  size = paged.page_size_for(np.full((1,), plan.total / owners))
+  pages = -(-plan.total // size) + owners  # each (layer, row, head) wastes under one page
+  if pages * size > POOL_GAIN * dense:
+    return Storage(plan.capacity)
+  return Storage(plan.capacity, pages, size)
+
+
+def start(storage: Storage, num_layers: int, k_shape, dtype):
+  """The empty store: a tuple of finished dense layers, or an empty pool."""
+  if not storage.pooled:
+    return ()
+  b, kh, _, h = k_shape
+  return pool.empty(storage.pages, storage.page_size, num_layers, b, kh, h, dtype)
+
+
+def on_layer(policy, storage: Storage, ctx: Context, valid_BT, modality_BT, lengths_B):
+  """The decoder's per-layer callback: ``(index, k_BKTH, v_BKTH, stats, (carry, store)) ->
+  (carry, store)``."""
+
+  def step(index: int, k_BKTH: Array, v_BKTH: Array, st: Stats, state):
+    carry, store = state
+    lead = Stats(*(None if x is None else x[None] for x in st))
+    layer = PromptKV(k_BKTH[None], v_BKTH[None], valid_BT, modality_BT, lengths_B, lead)
+    kept, carry = policy.compress_layer(layer, index, ctx, storage.capacity, carry)
+    if storage.pooled:
+      if kept.positions is None:
+        raise ValueError(f"{policy.name}: keeping every token needs a dense store")
+      k, v = (layer.k, layer.v) if kept.k is None else (kept.k, kept.v)
+      return carry, pool.write(store, index, kept.positions[0], k[0], v[0], modality_BT)
+    return carry, store + (_dense(layer, kept, storage.capacity),)
+
+  return step
+
+
+def _dense(layer: PromptKV, kept: Kept, capacity: int):
+  """(k, v, positions, modality) of one layer's dense prefix ``[B, K, C, ...]``."""
+  b, kh, t = layer.k.shape[1:4]
+  if kept.positions is None:  # every token: the layer's own arrays
+    if capacity != t:
+      raise ValueError(f"keeping every token needs capacity {t}, got {capacity}")
+    pos_BT = jnp.where(layer.valid_BT, jnp.arange(t)[None, :], -1)
+    mod_BT = jnp.where(layer.valid_BT, layer.modality_BT, 0)
+    expand = lambda x_BT: jnp.broadcast_to(x_BT[:, None, :], (b, kh, t))
+    return layer.k[0], layer.v[0], expand(pos_BT), expand(mod_BT)
+  if kept.k is not None:
+    layer = layer._replace(k=kept.k, v=kept.v)
+  prefix = select.gather(layer, kept.positions)
+  return tuple(x[0] for x in prefix)
+
+
+def stored(storage: Storage, store, lengths_B, rope_start_B, append_capacity: int, k_shape, dtype):
+  """After the last layer: (dense `KVCache`, None), or (a `KVCache` with an empty prefix that
+  carries the append buffer, the `Pool`)."""
+  if storage.pooled:
+    b, kh, _, h = k_shape
+    l = store.kept_LBK.shape[0]
+    none = lambda *s: (jnp.zeros((b, kh, 0) + s, dtype),) * l
+    shell = kv_cache.from_layers(
+      none(h), none(h), none(), none(), lengths_B, rope_start_B, append_capacity
+    )
+    return shell, store
+  k, v, positions, modality = zip(*store)
+  return kv_cache.from_layers(
+    k, v, positions, modality, lengths_B, rope_start_B, append_capacity
+  ), None
+
+
+def from_pool(shell: kv_cache.KVCache, store: pool.Pool, storage: Storage, layout: str):
+  """The decode cache of a filled pool: pages per layer, or a dense prefix (``layout`` "dense",
+  or "auto" when pages would not save 10% of the dense bytes)."""
+  kept_LBK = np.asarray(store.kept_LBK)
+  s = storage.page_size
+  capacity = max(32, -(-int(kept_LBK.max(initial=0)) // 32) * 32)
+  l, b, kh = kept_LBK.shape
+  slot = kv_cache.slot_bytes(shell.append_k)
+  dense_bytes = l * b * kh * capacity * slot
+  if layout == "paged" or (
+    layout == "auto" and paged.paged_bytes(kept_LBK, slot, s) < POOL_GAIN * dense_bytes
+  ):
+    return pool.to_paged(store, *pool.paged_plan(kept_LBK, s, storage.pages), shell)
+  return pool.to_dense(store, pool.dense_plan(kept_LBK, s, storage.pages, capacity), shell)
