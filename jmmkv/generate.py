@@ -66,7 +66,7 @@ def survey_step(
   """A prompt forward that keeps no K/V: the statistics ``spec`` asks for, of every layer
   (`Stats` stacked ``[L, ...]``), for a policy whose ``survey`` needs them before compressing."""
   dec = Decoder(cfg, jnp.dtype(dtype))
-  keep_stats = lambda index, k, v, st, acc: acc + (st,)
+  keep_stats = lambda index, k, v, st, acc: (acc + (st,), jnp.zeros(()))
   _, sts = dec.apply(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep_stats, (), method=Decoder.prefill
   )
@@ -251,7 +251,7 @@ def generate(
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
 
   with sharding.context(model.mesh):
-    padded, logits_BV, cache, prefill_s, compress_s = _prefill_and_compress(
+    padded, logits_BV, cache, prefill_s, layout_s = _prefill_and_compress(
       model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
     )
     cfg, dtype, params = model.text_config, model.dtype_name, model.params["text"]
@@ -271,7 +271,7 @@ def generate(
     )
   tokens = [[int(x) for x in row if x >= 0] for row in np.asarray(tokens_BM)]
   texts = model.decode_text(tokens) if model.tokenizer is not None else None
-  stats = _stats(cache, padded, tokens, prefill_s, compress_s, decode_s)
+  stats = _stats(cache, padded, tokens, prefill_s, layout_s, decode_s)
   return GenerateOutput(
     tokens,
     texts,
@@ -454,7 +454,7 @@ def kept_fraction(kept_LBK, prompt_tokens: int) -> float:
   return float(kept_LBK.sum() / (prompt_tokens * kept_LBK.shape[0] * kept_LBK.shape[2]))
 
 
-def _stats(cache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s):
+def _stats(cache, padded: inputs.Padded, tokens, prefill_s, layout_s, decode_s):
   kept_LBK = cache.kept_LBK()
   prompt_tokens = int(padded.lengths_B.sum())
   new_tokens = sum(len(r) for r in tokens)
@@ -466,8 +466,8 @@ def _stats(cache, padded: inputs.Padded, tokens, prefill_s, compress_s, decode_s
     "kept_fraction": kept_fraction(kept_LBK, prompt_tokens),
     "kv_bytes_allocated": cache.kv_bytes_allocated(),
     "kv_bytes_used": cache.kv_bytes_used(),
-    "prefill_s": prefill_s,
-    "compress_s": compress_s,
+    "prefill_s": prefill_s,  # the prompt forward, the layer-by-layer compression included
+    "layout_s": layout_s,  # the kept slots laid out for decoding (pages or a dense prefix)
     "decode_s": decode_s,
     "decode_tokens_per_s": new_tokens / decode_s if decode_s > 0 else float("nan"),
     "decode_steps": decode_steps,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.cache.select import positions_from_mask
+from jmmkv.kernels import order
 from jmmkv.typing import Array
 
 RULES = ("average", "pivot", "weighted")
@@ -40,9 +41,11 @@ def nearest(
   groups: int = 1,
   sub: int = 64,
   sub_from: int = SUB_FROM,
+  kept_width: int | None = None,
 ):
   """Per row r (a flattened layer x batch x head): the kept target of every token ``[R, T]``
-  (-1 unless evicted) and its cosine ``[R, T]`` (0 where there is none).
+  (-1 unless evicted) and its cosine ``[R, T]`` (0 where there is none). ``kept_width``: a static
+  bound on any row's kept count (the compacted kept keys are that wide, not T).
 
   ``groups`` > 1 splits the rows into that many consecutive groups (e.g. layers), searched one
   after another, each with its own trip counts: where counts differ between groups (per-layer
@@ -65,19 +68,23 @@ def nearest(
       raise ValueError(f"{r} rows do not split into {groups} groups")
     split = lambda x: x.reshape((groups, r // groups) + x.shape[1:])
     # Fewer rows per step: twice the block keeps each step's work (and speed) about the same.
-    inner = lambda a: nearest(*a, block=2 * block, sub=sub, sub_from=sub_from)
+    inner = lambda a: nearest(
+      *a, block=2 * block, sub=sub, sub_from=sub_from, kept_width=kept_width
+    )
     out = jax.lax.map(inner, (split(k_RTH), split(keep_RT), split(evict_RT)))
     return tuple(x.reshape((r,) + x.shape[2:]) for x in out)
   block = min(block, t)
   tp = -(-t // block) * block
-  unit = _unit(k_RTH.astype(jnp.float32))
+  kp = tp if kept_width is None else min(tp, -(-max(1, kept_width) // block) * block)
 
-  def compacted(mask_RT):  # ascending positions [R, Tp] (-1 after) and their unit keys
-    pos = jnp.pad(positions_from_mask(mask_RT, t), ((0, 0), (0, tp - t)), constant_values=-1)
-    return pos, jnp.take_along_axis(unit, jnp.maximum(pos, 0)[..., None], axis=1)
+  def compacted(mask_RT, width):  # ascending positions [R, width] (-1 after), their unit keys
+    pos = positions_from_mask(mask_RT, min(width, t))
+    pos = jnp.pad(pos, ((0, 0), (0, width - pos.shape[1])), constant_values=-1)
+    keys = jnp.take_along_axis(k_RTH, jnp.maximum(pos, 0)[..., None], axis=1)
+    return pos, _unit(keys.astype(jnp.float32))  # (no unit copy of every key)
 
-  kept = compacted(keep_RT)
-  ev_pos, ev_unit = compacted(evict_RT)
+  kept = compacted(keep_RT, kp)
+  ev_pos, ev_unit = compacted(evict_RT, tp)
   n_kept = keep_RT.sum(-1).max()
   key_blocks = (n_kept + block - 1) // block
 
@@ -199,6 +206,57 @@ def merge(
     else:
       new = (x32 + summed) / (count[..., None] + 1)
     out.append(jnp.where(keep[..., None], new, x32).astype(x.dtype).reshape(shape))
+  return out[0], out[1]
+
+
+def merge_kept(
+  k: Array,
+  v: Array,
+  keep_LBKT: Array,
+  evict_LBKT: Array,
+  rule: str,
+  positions_LBKC: Array,
+):
+  """`merge`'s values at the kept positions only: ``[L, B, K, C, H]`` each for the ascending kept
+  positions ``positions_LBKC`` (-1: empty slot, zeros). Nothing of the prompt's size is written
+  but the evicted tokens' compacted unit keys (the kept ones are ``C`` wide)."""
+  if rule not in RULES:
+    raise ValueError(f"merge rule must be one of {', '.join(RULES)}, got {rule!r}")
+  shape = k.shape
+  c = positions_LBKC.shape[-1]
+  flat = lambda x: x.reshape((-1,) + x.shape[3:])
+  kf, vf, keep, evict, pos_RC = (
+    flat(k),
+    flat(v),
+    flat(keep_LBKT),
+    flat(evict_LBKT),
+    flat(positions_LBKC),
+  )
+  r, t = kf.shape[:2]
+  target, cos = nearest(kf, keep, evict, kept_width=c)
+  rows = jnp.arange(r)[:, None]
+  slot_of = (
+    jnp.full((r, t + 1), c, jnp.int32)
+    .at[rows, jnp.where(pos_RC >= 0, pos_RC, t)]
+    .set(jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), pos_RC.shape))
+  )
+  seg = jnp.take_along_axis(slot_of, jnp.where(target >= 0, target, t), axis=1)  # c: discarded
+  weight = cos if rule == "weighted" else jnp.ones_like(cos)
+  # Sums into a buffer made from this layer's data: XLA would otherwise allocate every layer's
+  # zeros at the start of the prefill.
+  zeros = lambda *shape: order.after(jnp.zeros((r, c + 1) + shape, jnp.float32), target[0, 0])
+  count = zeros().at[rows, seg].add(1.0)[:, :c]
+  out = []
+  for x in (kf, vf):
+    x32 = x.astype(jnp.float32)
+    summed = zeros(x.shape[-1]).at[rows, seg].add(x32 * weight[..., None])[:, :c]
+    x_c = jnp.take_along_axis(x32, jnp.maximum(pos_RC, 0)[..., None], axis=1)
+    if rule == "pivot":
+      new = (x_c * (1 + count[..., None] / 2) + summed / 2) / (count[..., None] + 1)
+    else:
+      new = (x_c + summed) / (count[..., None] + 1)
+    new = jnp.where((pos_RC >= 0)[..., None], new, 0.0)
+    out.append(new.astype(x.dtype).reshape(shape[:3] + (c,) + shape[4:]))
   return out[0], out[1]
 
 

@@ -49,41 +49,74 @@ def empty(pages: int, page_size: int, num_layers: int, b: int, kh: int, h: int, 
   )
 
 
+def _claim(pool: Pool, layer: int, idx_BKC: Array):
+  """Pages for one layer's kept slots: (first page of each (b, k) ``[B, K]``, the pool with its
+  counters advanced). (b, k) claims ``ceil(n_bk / S)`` pages after the last claimed one."""
+  b, kh = idx_BKC.shape[:2]
+  n_BK = (idx_BKC >= 0).sum(-1).astype(jnp.int32)
+  claimed = (-(-n_BK // pool.page_size)).reshape(-1)
+  first_BK = pool.next_page + (jnp.cumsum(claimed) - claimed).reshape(b, kh)
+  return first_BK, pool.replace(
+    next_page=pool.next_page + claimed.sum(), kept_LBK=pool.kept_LBK.at[layer].set(n_BK)
+  )
+
+
+def _put(pool: Pool, dest: Array, k_XH: Array, v_XH: Array, pos_X: Array, mod_X: Array) -> Pool:
+  """Pool slots ``dest`` (flat ``page * S + slot``; out of range: dropped) set to these rows."""
+  pages, s = pool.k.shape[:2]
+
+  def put(x, new):
+    flat = x.reshape(pages * s, *x.shape[2:])
+    return flat.at[dest].set(new.astype(x.dtype), mode="drop").reshape(x.shape)
+
+  return pool.replace(
+    k=put(pool.k, k_XH),
+    v=put(pool.v, v_XH),
+    positions=put(pool.positions, pos_X),
+    modality=put(pool.modality, mod_X),
+  )
+
+
 def write(
   pool: Pool, layer: int, idx_BKC: Array, k_BKTH: Array, v_BKTH: Array, modality_BT: Array
 ) -> Pool:
-  """Stores the slots at kept positions ``idx`` (ascending, -1 after) of one layer: (b, k) claims
-  ``ceil(n_bk / S)`` pages after the last claimed one, and its j-th kept slot goes to slot
-  ``j`` of them. Scattered straight from the layer's K/V (no gathered copy)."""
+  """Stores the slots at kept positions ``idx`` (ascending, -1 after) of one layer: its j-th
+  kept slot of (b, k) goes to slot ``j`` of the pages it claims (`_claim`). Scattered straight
+  from the layer's K/V (no gathered copy)."""
   b, kh, t, h = k_BKTH.shape
-  pages, s = pool.k.shape[:2]
-  n_BK = (idx_BKC >= 0).sum(-1).astype(jnp.int32)
-  claimed_BK = -(-n_BK // s)
-  first_BK = pool.next_page + (jnp.cumsum(claimed_BK.reshape(-1)) - claimed_BK.reshape(-1)).reshape(
-    b, kh
-  )
-  rows_BK1 = jnp.arange(b * kh).reshape(b, kh, 1)
+  first_BK, pool = _claim(pool, layer, idx_BKC)
+  rows = jnp.arange(b * kh)[:, None]
   keep_BKT = (
     jnp.zeros((b * kh, t + 1), bool)
-    .at[rows_BK1.reshape(-1, 1), jnp.where(idx_BKC >= 0, idx_BKC, t).reshape(b * kh, -1)]
+    .at[rows, jnp.where(idx_BKC >= 0, idx_BKC, t).reshape(b * kh, -1)]
     .set(True)[:, :t]
     .reshape(b, kh, t)
   )
   rank_BKT = jnp.cumsum(keep_BKT, axis=-1) - 1
-  dest = jnp.where(keep_BKT, first_BK[..., None] * s + rank_BKT, pages * s).reshape(-1)
-  put = lambda x, new: (
-    x.reshape(pages * s, *x.shape[2:]).at[dest].set(new, mode="drop").reshape(x.shape)
-  )
+  s = pool.page_size
+  dest = jnp.where(keep_BKT, first_BK[..., None] * s + rank_BKT, pool.k.shape[0] * s)
   pos_BKT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, kh, t))
   mod_BKT = jnp.broadcast_to(modality_BT[:, None, :].astype(jnp.int32), (b, kh, t))
-  return pool.replace(
-    k=put(pool.k, k_BKTH.reshape(-1, h).astype(pool.k.dtype)),
-    v=put(pool.v, v_BKTH.reshape(-1, h).astype(pool.v.dtype)),
-    positions=put(pool.positions, pos_BKT.reshape(-1)),
-    modality=put(pool.modality, mod_BKT.reshape(-1)),
-    next_page=pool.next_page + claimed_BK.sum(),
-    kept_LBK=pool.kept_LBK.at[layer].set(n_BK),
+  flat = lambda x: x.reshape(-1, *x.shape[3:])
+  return _put(pool, flat(dest), flat(k_BKTH), flat(v_BKTH), flat(pos_BKT), flat(mod_BKT))
+
+
+def write_slots(
+  pool: Pool, layer: int, idx_BKC: Array, k_BKCH: Array, v_BKCH: Array, modality_BT: Array
+) -> Pool:
+  """`write` for K/V given at the kept slots (``[B, K, C, H]``, slot j holding position
+  ``idx[..., j]``), e.g. merged values."""
+  b, kh, c, _ = k_BKCH.shape
+  first_BK, pool = _claim(pool, layer, idx_BKC)
+  s = pool.page_size
+  dest = jnp.where(idx_BKC >= 0, first_BK[..., None] * s + jnp.arange(c), pool.k.shape[0] * s)
+  mod_BKC = jnp.take_along_axis(
+    jnp.broadcast_to(modality_BT[:, None, :], (b, kh, modality_BT.shape[1])),
+    jnp.maximum(idx_BKC, 0),
+    axis=2,
   )
+  flat = lambda x: x.reshape(-1, *x.shape[3:])
+  return _put(pool, flat(dest), flat(k_BKCH), flat(v_BKCH), flat(idx_BKC), flat(mod_BKC))
 
 
 def first_pages(kept_LBK: np.ndarray, page_size: int, pages: int) -> np.ndarray:

@@ -3,11 +3,11 @@
 The causal mask hides half of the T x T pairs, and neither path below scores them. A prefill
 whose statistics need no normalised probability of every query (SnapKV's window sums are
 computed apart, from the last queries only) runs flash-style attention over key tiles
-(`jmmkv.kernels.flash_attention`). Column sums and row entropies need each row's
-probabilities: then each block of ``block`` queries attends to the keys up to the end of its
-group of blocks (`_segments`) with exact softmax rows. Nothing of size T x T is ever built: extra
-memory is O(B * N * block * T). Statistics, when requested by a
-`StatsSpec`, accumulate over the valid query rows of every block:
+(`jmmkv.kernels.flash_attention`). Column sums and row entropies need each row's exact
+probabilities: then a first pass over the same tiles computes each row's log-sum-exp and a
+second the probabilities (`_exact`). Nothing of size T x T is ever built, no key range is
+copied, and the output overwrites the queries. Statistics, when requested by a `StatsSpec`,
+accumulate over the valid query rows of every block:
 
   window   [B, N, T]  sum over the last ``window`` valid queries of their attention to each key
                       (SnapKV / AdaKV observation window, MadaKV proxy tokens)
@@ -28,6 +28,7 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from jmmkv.kernels import order
 from jmmkv.kernels import select as kernel_select
 from jmmkv.kernels.flash_attention import causal_attention
 from jmmkv.typing import IMAGE, MASK_VALUE, TEXT, VIDEO, Array
@@ -155,66 +156,94 @@ def cross_entropies(
   return jnp.stack([tv, vt], axis=-1)
 
 
-def _segments(n_blocks: int, most: int) -> list[tuple[int, int]]:
-  """``most`` (or fewer) runs of consecutive query blocks, as (first, end) block indices: the
-  queries of a run attend to the keys of blocks ``[0, end)`` only, as the causal mask hides the
-  rest. With s runs the prefill scores ``(s + 1) / 2s`` of the ``T x T`` pairs (0.5625 for 8)."""
-  s = max(1, min(most, n_blocks))
-  ends = [-(-(i + 1) * n_blocks // s) for i in range(s)]
-  return [(0 if i == 0 else ends[i - 1], e) for i, e in enumerate(ends)]
+def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, spec: StatsSpec):
+  """Causal attention with exact softmax rows for the statistics, in two passes over key tiles
+  (each block of ``block`` queries reads only the ``key_block``-key tiles at or before its last
+  query, as flash attention does; ``T`` a multiple of ``key_block``, itself of ``block``):
 
+  1. the log-sum-exp of every query row (an online max and sum, no values read);
+  2. the probabilities ``exp(s - lse)``, exact, tile by tile: the output, the column sums of the
+     valid queries and ``sum_s p s`` for the row entropy ``lse - sum_s p s``.
 
-def _run(q_BTNH, k_BKSH, v_BKSH, valid_BT, first: int, end: int, block: int, spec: StatsSpec):
-  """Causal attention of query blocks ``[first, end)`` to the ``S`` keys before them (``S =
-  end * block``): outputs ``[B, (end - first) * block, N, H]`` and the column sums ``[B, N, S]``
-  / summed row entropies ``[B, N]`` of those queries (as ``spec`` asks; else None)."""
-  b, _, n, h = q_BTNH.shape
-  kh, s_len = k_BKSH.shape[1], k_BKSH.shape[2]
+  The output overwrites the queries block by block (no output buffer); no key range is ever
+  sliced or copied. Returns the output ``[B, T, N, H]`` and ``{"colsum": [B, N, T], "entropy":
+  [B, N] (summed over valid queries)}`` as ``spec`` asks."""
+  b, t, n, h = q_BTNH.shape
+  kh = k_BKTH.shape[1]
+  g = n // kh
   scale = h**-0.5
-  slots = jnp.arange(s_len)
-  kvalid_BS = valid_BT[:, :s_len]
 
-  def step(carry, i):
-    start = i * block
-    q_BQNH = jax.lax.dynamic_slice_in_dim(q_BTNH, start, block, axis=1)
-    rows_Q = start + jnp.arange(block)
-    qv_BQ = jax.lax.dynamic_slice_in_dim(valid_BT, start, block, axis=1)
+  def scores(q_BKGQH, rows_Q, j):
+    tile = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
+    k_BKSH, v_BKSH, kvalid_BS = tile(k_BKTH, 2), tile(v_BKTH, 2), tile(valid_BT, 1)
+    s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
+    cols_S = j * key_block + jnp.arange(key_block)
+    mask_BQS = (rows_Q[:, None] >= cols_S[None, :])[None] & kvalid_BS[:, None, :]
+    return jnp.where(mask_BQS[:, None, None], s * scale, MASK_VALUE), v_BKSH
+
+  def queries(buf_BTNH, i):
+    q_BQNH = jax.lax.dynamic_slice_in_dim(buf_BTNH, i * block, block, axis=1)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh)
-    raw = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
-    raw = raw * scale
-    mask_BQS = (rows_Q[:, None] >= slots[None, :])[None] & kvalid_BS[:, None, :]
-    s = jnp.where(mask_BQS[:, None, None], raw, MASK_VALUE)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - m)
-    l = jnp.sum(e, axis=-1, keepdims=True)
-    inv_BKGQ = 1.0 / l[..., 0]  # p = e / l is never built: every use of p is an einsum of e
-    o_BKGQH = jnp.einsum("BKGQS,BKSH->BKGQH", e.astype(v_BKSH.dtype), v_BKSH)
-    o_BKGQH = o_BKGQH * inv_BKGQ[..., None].astype(o_BKGQH.dtype)
-    out = einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H")
-    new = dict(carry)
-    # XLA CPU: einsums run as fast matmuls; reductions of a materialised S-wide array re-read it
-    # from memory, and fused multiply-reduce (sum(p * x)) is slower still. So every statistic
-    # below is an einsum of e (the column sum costs ~5% of the block instead of ~40%).
-    if spec.colsum:  # padding queries weigh 0 (their outputs are never used)
-      w_BKGQ = jnp.where(qv_BQ[:, None, None, :], inv_BKGQ, 0.0)
-      cs = jnp.einsum("BKGQS,BKGQ->BKGS", e, w_BKGQ)
-      new["colsum"] = carry["colsum"] + einops.rearrange(cs, "B K G S -> B (K G) S")
-    if spec.entropy:  # row entropy = lse - sum_s p s (no log of every p)
-      ps = jnp.einsum("BKGQS,BKGQS->BKGQ", e, s) * inv_BKGQ
-      ent_BKGQ = m[..., 0] + jnp.log(l[..., 0]) - ps
-      ent_BN = einops.rearrange(
-        jnp.einsum("BKGQ,BQ->BKG", ent_BKGQ, qv_BQ.astype(jnp.float32)), "B K G -> B (K G)"
-      )
-      new["entropy"] = carry["entropy"] + ent_BN
-    return new, out
+    return q_BKGQH, i * block + jnp.arange(block), (i * block + block + key_block - 1) // key_block
 
-  carry = {}
+  def lse_step(_, i):  # pass 1
+    q_BKGQH, rows_Q, tiles = queries(q_BTNH, i)
+
+    def tile_step(j, carry):
+      m_BKGQ, l_BKGQ = carry
+      s, _ = scores(q_BKGQH, rows_Q, j)
+      m_new = jnp.maximum(m_BKGQ, jnp.max(s, axis=-1))
+      return m_new, l_BKGQ * jnp.exp(m_BKGQ - m_new) + jnp.sum(jnp.exp(s - m_new[..., None]), -1)
+
+    init = (jnp.full((b, kh, g, block), MASK_VALUE, jnp.float32), jnp.zeros((b, kh, g, block)))
+    m_BKGQ, l_BKGQ = jax.lax.fori_loop(0, tiles, tile_step, init)
+    return None, m_BKGQ + jnp.log(l_BKGQ)
+
+  n_blocks = t // block
+  _, lse_CBKGQ = jax.lax.scan(lse_step, None, jnp.arange(n_blocks))
+
+  def prob_step(state, i):  # pass 2
+    buf_BTNH, stats_ = state
+    q_BKGQH, rows_Q, tiles = queries(buf_BTNH, i)
+    lse_BKGQ = lse_CBKGQ[i]
+    qv_BQ = jax.lax.dynamic_slice_in_dim(valid_BT, i * block, block, axis=1).astype(jnp.float32)
+
+    def tile_step(j, carry):
+      o_BKGQH, ps_BKGQ, stats_ = carry
+      s, v_BKSH = scores(q_BKGQH, rows_Q, j)
+      p = jnp.exp(s - lse_BKGQ[..., None])  # exact probabilities; 0 where masked
+      o_BKGQH = o_BKGQH + jnp.einsum(
+        "BKGQS,BKSH->BKGQH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32
+      )
+      stats_ = dict(stats_)
+      if spec.colsum:  # padding queries weigh 0
+        cs_BNS = einops.rearrange(jnp.einsum("BKGQS,BQ->BKGS", p, qv_BQ), "B K G S -> B (K G) S")
+        at = j * key_block
+        old = jax.lax.dynamic_slice_in_dim(stats_["colsum"], at, key_block, axis=2)
+        stats_["colsum"] = jax.lax.dynamic_update_slice_in_dim(
+          stats_["colsum"], old + cs_BNS, at, axis=2
+        )
+      if spec.entropy:
+        ps_BKGQ = ps_BKGQ + jnp.einsum("BKGQS,BKGQS->BKGQ", p, s)
+      return o_BKGQH, ps_BKGQ, stats_
+
+    init = (jnp.zeros((b, kh, g, block, h), jnp.float32), jnp.zeros((b, kh, g, block)), stats_)
+    o_BKGQH, ps_BKGQ, stats_ = jax.lax.fori_loop(0, tiles, tile_step, init)
+    if spec.entropy:  # row entropy = lse - sum_s p s, summed over the valid queries
+      ent_BKG = jnp.einsum("BKGQ,BQ->BKG", lse_BKGQ - ps_BKGQ, qv_BQ)
+      stats_ = dict(
+        stats_, entropy=stats_["entropy"] + einops.rearrange(ent_BKG, "B K G -> B (K G)")
+      )
+    o_BQNH = einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H").astype(buf_BTNH.dtype)
+    return (jax.lax.dynamic_update_slice_in_dim(buf_BTNH, o_BQNH, i * block, axis=1), stats_), None
+
+  init = {}
   if spec.colsum:
-    carry["colsum"] = jnp.zeros((b, n, s_len), jnp.float32)
+    init["colsum"] = jnp.zeros((b, n, t), jnp.float32)
   if spec.entropy:
-    carry["entropy"] = jnp.zeros((b, n), jnp.float32)
-  carry, out_CBQNH = jax.lax.scan(step, carry, jnp.arange(first, end))
-  return einops.rearrange(out_CBQNH, "C B Q N H -> B (C Q) N H"), carry
+    init["entropy"] = jnp.zeros((b, n), jnp.float32)
+  (out_BTNH, stats_), _ = jax.lax.scan(prob_step, (q_BTNH, init), jnp.arange(n_blocks))
+  return out_BTNH, stats_
 
 
 # Flash tiles (`jmmkv.kernels.flash_attention`): the fastest on XLA CPU of those measured at T=8192.
@@ -249,16 +278,18 @@ def attention(
   modality_BT: Array,
   spec: StatsSpec = NONE,
   block: int = 128,
-  segments: int = 8,
+  key_block: int = 512,
 ) -> tuple[Array, Stats]:
   """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked).
 
   Without column sums or row entropies (``spec``), the attention is flash style
-  (`jmmkv.kernels.flash_attention`). With them, query blocks run in up to ``segments`` consecutive
-  groups, each scoring only the keys up to its last block (`_segments`), with exact softmax rows
-  whose normalised probabilities the statistics sum; the masked pairs are not computed.
+  (`jmmkv.kernels.flash_attention`). With them, blocks of ``block`` queries read the
+  ``key_block``-key tiles at or before them twice (`_exact`): once for each row's log-sum-exp,
+  once for the exact probabilities the statistics sum. The masked pairs are never computed.
   Returns the output ``[B, T, N, H]`` and the requested `Stats` (others None).
   """
+  if key_block % block:
+    raise ValueError(f"key_block {key_block} must be a multiple of block {block}")
   t_in = q_BTNH.shape[1]
   pad = -t_in % min(block, t_in)
   if pad:  # whole blocks
@@ -270,22 +301,7 @@ def attention(
   is_text = (modality_BT == TEXT) & valid_BT
   is_vis = ((modality_BT == IMAGE) | (modality_BT == VIDEO)) & valid_BT
 
-  outs, carry = [], {}
-  if not (spec.colsum or spec.entropy):  # no statistic of every query: flash attention
-    outs.append(_flash(q_BTNH, k_BKTH, v_BKTH, valid_BT))
-  else:
-    for first, end in _segments(t // block, segments):
-      keys = end * block
-      out, part = _run(
-        q_BTNH, k_BKTH[:, :, :keys], v_BKTH[:, :, :keys], valid_BT, first, end, block, spec
-      )
-      outs.append(out)
-      for name, x in part.items():  # column sums: the keys after this run's got nothing from it
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, t - keys))) if name == "colsum" else x
-        carry[name] = carry[name] + x if name in carry else x
-  out_BTNH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-  if "entropy" in carry:
-    carry["entropy"] = carry["entropy"] / jnp.maximum(valid_BT.sum(1), 1)[:, None]
+  carry = {}  # statistics that read the queries first: the attention then overwrites them
   if spec.cross:
     carry["cross"] = cross_entropies(
       q_BTNH, k_BKTH, is_text, is_vis, spec.cross_text or t, spec.cross_visual or t, block
@@ -295,6 +311,19 @@ def attention(
     carry["cross"] = jnp.where(both, carry["cross"] / jnp.maximum(counts, 1), 0.0)
   if spec.window:
     carry["window"] = window_sums(q_BTNH, k_BKTH, valid_BT, spec.window)
+  q_BTNH = order.after(q_BTNH, *carry.values())  # those first: their temporaries die here
+  if not (spec.colsum or spec.entropy):  # no statistic of every query: flash attention
+    out_BTNH = _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT)
+  else:  # exact probabilities: two passes over key tiles (`_exact`)
+    key_block = t if t <= key_block else key_block
+    extra = -t % key_block
+    padded = _pad_tokens(extra, q_BTNH, k_BKTH, v_BKTH, valid_BT)
+    out_BTNH, part = _exact(*padded, block, key_block, spec)
+    out_BTNH = out_BTNH[:, :t]
+    for name, x in part.items():
+      carry[name] = x[..., :t] if name == "colsum" else x
+  if "entropy" in carry:
+    carry["entropy"] = carry["entropy"] / jnp.maximum(valid_BT.sum(1), 1)[:, None]
   if pad:
     out_BTNH = out_BTNH[:, :t_in]
     carry = {k: v[..., :t_in] if v.ndim == 3 else v for k, v in carry.items()}

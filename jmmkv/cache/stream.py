@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,6 +23,7 @@ from jmmkv.cache import kv_cache, paged, pool, select
 from jmmkv.cache.policies.base import Context, Kept, Plan
 from jmmkv.cache.prompt import PromptKV
 from jmmkv.cache.stats import Stats
+from jmmkv.kernels import order
 from jmmkv.typing import Array
 
 # A pool is used when it needs at most this fraction of the dense prefix's slots.
@@ -65,7 +67,8 @@ def start(storage: Storage, num_layers: int, k_shape, dtype):
 
 def on_layer(policy, storage: Storage, ctx: Context, valid_BT, modality_BT, lengths_B):
   """The decoder's per-layer callback: ``(index, k_BKTH, v_BKTH, stats, (carry, store)) ->
-  (carry, store)``."""
+  ((carry, store), token)``, ``token`` a finite scalar that depends on what was stored (the
+  decoder makes the next layer wait for it: `jmmkv.models.llama.Decoder.prefill`)."""
 
   def step(index: int, k_BKTH: Array, v_BKTH: Array, st: Stats, state):
     carry, store = state
@@ -75,9 +78,17 @@ def on_layer(policy, storage: Storage, ctx: Context, valid_BT, modality_BT, leng
     if storage.pooled:
       if kept.positions is None:
         raise ValueError(f"{policy.name}: keeping every token needs a dense store")
-      k, v = (layer.k, layer.v) if kept.k is None else (kept.k, kept.v)
-      return carry, pool.write(store, index, kept.positions[0], k[0], v[0], modality_BT)
-    return carry, store + (_dense(layer, kept, storage.capacity),)
+      first = store.next_page
+      if kept.k is None:  # scattered straight from the layer's K/V
+        store = pool.write(store, index, kept.positions[0], layer.k[0], layer.v[0], modality_BT)
+      else:
+        store = pool.write_slots(store, index, kept.positions[0], kept.k[0], kept.v[0], modality_BT)
+      page = lambda x: jax.lax.dynamic_index_in_dim(x, jnp.minimum(first, x.shape[0] - 1), 0)
+      return (carry, store), order.token(page(store.k), page(store.v), store.next_page)
+    if kept.positions is None:  # the layer's own K/V are the output: nothing to wait for
+      return (carry, store + (_dense(layer, kept, storage.capacity),)), jnp.zeros(())
+    prefix = _dense(layer, kept, storage.capacity)
+    return (carry, store + (prefix,)), order.token(*prefix)
 
   return step
 
@@ -92,9 +103,9 @@ def _dense(layer: PromptKV, kept: Kept, capacity: int):
     mod_BT = jnp.where(layer.valid_BT, layer.modality_BT, 0)
     expand = lambda x_BT: jnp.broadcast_to(x_BT[:, None, :], (b, kh, t))
     return layer.k[0], layer.v[0], expand(pos_BT), expand(mod_BT)
-  if kept.k is not None:
-    layer = layer._replace(k=kept.k, v=kept.v)
   prefix = select.gather(layer, kept.positions)
+  if kept.k is not None:  # the policy's own values at those slots (merged)
+    prefix = prefix._replace(k=kept.k, v=kept.v)
   return tuple(x[0] for x in prefix)
 
 

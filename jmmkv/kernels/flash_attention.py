@@ -32,8 +32,8 @@ def causal_attention_reference(
     raise ValueError(f"T={t} must be a multiple of {key_block}, a multiple of {query_block}")
   g = n // kh
 
-  def query_step(_, i):
-    q_BQNH = jax.lax.dynamic_slice_in_dim(q_BTNH, i * query_block, query_block, axis=1)
+  def query_step(buf_BTNH, i):  # queries not yet reached, outputs of those done
+    q_BQNH = jax.lax.dynamic_slice_in_dim(buf_BTNH, i * query_block, query_block, axis=1)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh) * h**-0.5
     rows_Q = i * query_block + jnp.arange(query_block)
 
@@ -61,10 +61,13 @@ def causal_attention_reference(
     tiles = (i * query_block + query_block + key_block - 1) // key_block
     o_BKGQH, _, l_BKGQ = jax.lax.fori_loop(0, tiles, key_step, init)
     o_BKGQH = o_BKGQH / l_BKGQ[..., None]
-    return None, einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H").astype(q_BTNH.dtype)
+    o_BQNH = einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H").astype(q_BTNH.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(buf_BTNH, o_BQNH, i * query_block, axis=1), None
 
-  _, out_CBQNH = jax.lax.scan(query_step, None, jnp.arange(t // query_block))
-  return einops.rearrange(out_CBQNH, "C B Q N H -> B (C Q) N H")
+  # The output overwrites the queries block by block (each block reads its own queries first):
+  # no output buffer is allocated, which XLA would otherwise create before the layer runs.
+  out_BTNH, _ = jax.lax.scan(query_step, q_BTNH, jnp.arange(t // query_block))
+  return out_BTNH
 
 
 # The only implementation yet, on every backend; a Pallas kernel will be dispatched to here.

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jmmkv.cache import kv_cache, paged, stats
+from jmmkv.kernels import order
 from jmmkv.models import attention, rope
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.layers import Einsum, RMSNorm
@@ -57,19 +58,30 @@ class Block(nn.Module):
 
   def _finish_in_chunks(self, x_BTD, o_BTNH):
     """`_finish` over `MLP_CHUNK`-token chunks in turn (a scan), so that the MLP's ``[B, T, F]``
-    activations of a long prompt are never all alive: at most ``[B, MLP_CHUNK, F]``."""
+    activations of a long prompt are never all alive: at most ``[B, MLP_CHUNK, F]``. Each chunk's
+    result overwrites its rows of the residual stream (no new ``[B, T, D]`` buffer)."""
     b, t, d = x_BTD.shape
     if t <= MLP_CHUNK or t % MLP_CHUNK or self.is_initializing():
       return self._finish(x_BTD, o_BTNH)
-    split = lambda x: x.reshape(b, t // MLP_CHUNK, MLP_CHUNK, *x.shape[2:]).swapaxes(0, 1)
-    body = lambda block, carry, xo: (carry, block._finish(*xo))
+
+    def body(block, x_BTD, start):
+      chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, start, MLP_CHUNK, axis=1)
+      y_BQD = block._finish(chunk(x_BTD), chunk(o_BTNH))
+      return jax.lax.dynamic_update_slice_in_dim(x_BTD, y_BQD, start, axis=1), None
+
     scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
-    _, y_CBQD = scan(self, None, (split(x_BTD), split(o_BTNH)))
-    return y_CBQD.swapaxes(0, 1).reshape(b, t, d)
+    x_BTD, _ = scan(self, x_BTD, jnp.arange(0, t, MLP_CHUNK))
+    return x_BTD
 
   def prefill(self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec: stats.StatsSpec):
     q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, cos_BTH, sin_BTH)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+    # Materialised once: the compression reads these buffers, and XLA does not keep the
+    # pre-RoPE keys alive to recompute RoPE inside it.
+    k_BKTH, v_BKTH = (
+      order.after(k_BKTH, k_BKTH[0, 0, 0, 0]),
+      order.after(v_BKTH, v_BKTH[0, 0, 0, 0]),
+    )
     o_BTNH, st = stats.attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT, spec)
     return self._finish_in_chunks(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
 
@@ -148,9 +160,11 @@ class Decoder(nn.Module):
     Without ``on_layer``: returns final-normed hidden ``[B, T, D]``, K/V ``[L, B, K, T, H]`` and
     the `stats.Stats` that ``spec`` asks for, stacked over layers (``[L, ...]``; None for the
     others). With it (`jmmkv.cache.stream`): after each layer,
-    ``state = on_layer(index, k_BKTH, v_BKTH, stats, state)``, and an optimisation barrier
-    makes that finish before the next layer starts, so a layer's K/V can die there; returns the
-    hidden states and the final ``state``.
+    ``state, token = on_layer(index, k_BKTH, v_BKTH, stats, state)``, where ``token`` is a finite
+    float32 scalar computed from everything the callback stored; the next layer's input gets
+    ``0 * token`` added to one element, so that it cannot start before the callback is done and
+    the layer's K/V can die there (XLA CPU drops optimisation barriers, and schedules work no
+    later layer needs as late as it can). Returns the hidden states and the final ``state``.
     """
     cos_BTH, sin_BTH = self._cos_sin(positions)
     modality_BT = valid_BT.astype(jnp.int32) if modality_BT is None else modality_BT
@@ -160,8 +174,8 @@ class Decoder(nn.Module):
         x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec
       )
       if on_layer is not None:
-        state = on_layer(index, k_BKTH, v_BKTH, st, state)
-        x_BTD, state = jax.lax.optimization_barrier((x_BTD, state))
+        state, token = on_layer(index, k_BKTH, v_BKTH, st, state)
+        x_BTD = order.after(x_BTD, token)
         continue
       ks.append(k_BKTH)
       vs.append(v_BKTH)

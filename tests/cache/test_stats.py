@@ -115,13 +115,16 @@ def test_block_size_does_not_change_anything(block):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=1e-5)
 
 
-def test_causal_segments_do_not_change_anything():
-  """Query groups that skip the keys the causal mask hides: the same outputs and statistics as
-  every block reading all T keys (``segments=1``), with padding and GQA, on 3 seeds."""
+def test_key_tiles_do_not_change_anything():
+  """The two passes over key tiles (each query block reading only the tiles the causal mask
+  leaves it): the same outputs and statistics as one tile of all T keys, with padding and GQA,
+  on 3 seeds."""
   b, t, n, kh, h = 2, 100, 4, 2, 8  # 13 blocks of 8, the last one padded
   fns = {
-    s: jax.jit(lambda q, k, v, valid, mod, s=s: stats.attention(q, k, v, valid, mod, SPEC, 8, s))
-    for s in (1, 3, 64)
+    kb: jax.jit(
+      lambda q, k, v, valid, mod, kb=kb: stats.attention(q, k, v, valid, mod, SPEC, 8, kb)
+    )
+    for kb in (128, 8, 32)
   }
   for seed in range(3):
     rng = np.random.default_rng(seed)
@@ -129,22 +132,13 @@ def test_causal_segments_do_not_change_anything():
     k, v = (jnp.asarray(rng.normal(size=(b, kh, t, h)), jnp.float32) for _ in range(2))
     valid = jnp.asarray(np.arange(t)[None] < np.array([[100], [57]]))
     modality = jnp.asarray(np.where(rng.random((b, t)) < 0.5, 2, 1) * valid)
-    one = fns[1](q, k, v, valid, modality)
-    for segments in (3, 64):
-      many = fns[segments](q, k, v, valid, modality)
+    one = fns[128](q, k, v, valid, modality)
+    for kb in (8, 32):
+      many = fns[kb](q, k, v, valid, modality)
       for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-5)
-
-
-def test_segments_cover_every_block_once_and_skip_the_masked_pairs():
-  for n_blocks, most in [(1, 8), (3, 8), (13, 8), (128, 8), (130, 7)]:
-    runs = stats._segments(n_blocks, most)
-    assert runs[0][0] == 0 and runs[-1][1] == n_blocks and len(runs) == min(n_blocks, most)
-    assert all(a < e for a, e in runs) and all(
-      runs[i][1] == runs[i + 1][0] for i in range(len(runs) - 1)
-    )
-  scored = sum((e - a) * e for a, e in stats._segments(128, 8)) / 128**2  # query x key blocks
-  assert scored == 9 / 16
+  with pytest.raises(ValueError, match="key_block 12 must be a multiple of block 8"):
+    stats.attention(q, k, v, valid, modality, SPEC, 8, 12)
 
 
 def test_16k_prompt_never_builds_a_t_by_t_array():

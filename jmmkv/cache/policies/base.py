@@ -80,8 +80,8 @@ class Kept(NamedTuple):
   """What a policy keeps of one layer."""
 
   positions: Array | None  # [1, B, K, C] kept positions, ascending, -1 last; None: every token
-  k: Array | None = None  # [1, B, K, T, H] K/V to take them from when the policy changed them
-  v: Array | None = None  # (merging); None: the layer's own
+  k: Array | None = None  # [1, B, K, C, H] the kept slots' K/V when the policy changed them
+  v: Array | None = None  # (merging); None: the layer's own at those positions
 
 
 @runtime_checkable

@@ -115,12 +115,16 @@ class LookM(Base):
 
 
 def finish(layer: PromptKV, keep_1BKT: Array, rule: str | None, capacity: int) -> Kept:
-  """The kept positions of one layer, and its K/V with the evicted tokens merged into the kept
-  ones (``rule`` None: evict only; see `merging.merge`)."""
+  """The kept positions of one layer and, with a merge ``rule``, the kept slots' K/V with the
+  evicted tokens merged into them (``rule`` None: evict only; see `merging.merge_kept`)."""
   positions = select.positions_from_mask(keep_1BKT, capacity)
   if rule is None:
     return Kept(positions)
   evict = layer.valid_BT[None, :, None, :] & ~keep_1BKT
-  merge = lambda *xs: merging.merge(*xs, rule)
-  k, v = sharding.per_head(merge, layer.k, layer.v, keep_1BKT, evict)  # shard-local
+  if rule == merging.CODE_COMPAT:  # merged over the whole layer, then gathered
+    merge = lambda *xs: merging.merge(*xs, rule)
+    k, v = sharding.per_head(merge, layer.k, layer.v, keep_1BKT, evict)  # shard-local
+    return Kept(positions, *select.gather(layer._replace(k=k, v=v), positions)[:2])
+  merge = lambda k, v, keep, ev, pos: merging.merge_kept(k, v, keep, ev, rule, pos)
+  k, v = sharding.per_head(merge, layer.k, layer.v, keep_1BKT, evict, positions)  # shard-local
   return Kept(positions, k, v)
