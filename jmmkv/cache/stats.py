@@ -4,8 +4,9 @@ The causal mask hides half of the T x T pairs, and neither path below scores the
 whose statistics need no normalised probability of every query (SnapKV's window sums are
 computed apart, from the last queries only) runs flash-style attention over key tiles
 (`jmmkv.kernels.flash_attention`). Column sums and row entropies need each row's exact
-probabilities: then a first pass over the same tiles computes each row's log-sum-exp and a
-second the probabilities (`_exact`). Nothing of size T x T is ever built, no key range is
+probabilities: then each query block's scores over the same tiles go to a buffer of ``block x
+T`` per head, reused by every block, with the rows' max and sum, and a second pass over it gives
+the output and the statistics (`_exact`). Nothing of size T x T is ever built, no key range is
 copied, and the output overwrites the queries. Statistics, when requested by a `StatsSpec`,
 accumulate over the valid query rows of every block:
 
@@ -157,92 +158,96 @@ def cross_entropies(
 
 
 def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, spec: StatsSpec):
-  """Causal attention with exact softmax rows for the statistics, in two passes over key tiles
-  (each block of ``block`` queries reads only the ``key_block``-key tiles at or before its last
-  query, as flash attention does; ``T`` a multiple of ``key_block``, itself of ``block``):
+  """Causal attention with exact softmax rows for the statistics. Each block of ``block``
+  queries reads only the ``key_block``-key tiles at or before its last query (``T`` a multiple
+  of ``key_block``, itself of ``block``) and scores each pair once:
 
-  1. the log-sum-exp of every query row (an online max and sum, no values read);
-  2. the probabilities ``exp(s - lse)``, exact, tile by tile: the output, the column sums of the
-     valid queries and ``sum_s p s`` for the row entropy ``lse - sum_s p s``.
+  1. the tiles' scores go into one ``[B, K, G, block, T]`` buffer (reused by every block; only
+     the tiles a block reads are written), with each row's running max and sum (online);
+  2. a pass over the same tiles computes ``e = exp(s - max)``: the output ``e v / sum``, the
+     column sums of the valid queries' exact probabilities ``e / sum`` and, for the entropy,
+     ``sum_s e s``.
 
-  The output overwrites the queries block by block (no output buffer); no key range is ever
-  sliced or copied. Returns the output ``[B, T, N, H]`` and ``{"colsum": [B, N, T], "entropy":
-  [B, N] (summed over valid queries)}`` as ``spec`` asks."""
+  The output overwrites the queries block by block (no output buffer); no key range is sliced
+  or copied. Returns the output ``[B, T, N, H]`` and ``{"colsum": [B, N, T], "entropy": [B, N]
+  (summed over valid queries)}`` as ``spec`` asks."""
   b, t, n, h = q_BTNH.shape
   kh = k_BKTH.shape[1]
   g = n // kh
   scale = h**-0.5
+  tile = lambda x, j, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
+  put = lambda x, y, j: jax.lax.dynamic_update_slice_in_dim(x, y, j * key_block, axis=4)
 
-  def scores(q_BKGQH, rows_Q, j):
-    tile = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
-    k_BKSH, v_BKSH, kvalid_BS = tile(k_BKTH, 2), tile(v_BKTH, 2), tile(valid_BT, 1)
-    s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
-    cols_S = j * key_block + jnp.arange(key_block)
-    mask_BQS = (rows_Q[:, None] >= cols_S[None, :])[None] & kvalid_BS[:, None, :]
-    return jnp.where(mask_BQS[:, None, None], s * scale, MASK_VALUE), v_BKSH
-
-  def queries(buf_BTNH, i):
+  def block_step(state, i):
+    buf_BTNH, s_BKGQT, stats_ = state
     q_BQNH = jax.lax.dynamic_slice_in_dim(buf_BTNH, i * block, block, axis=1)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh)
-    return q_BKGQH, i * block + jnp.arange(block), (i * block + block + key_block - 1) // key_block
-
-  def lse_step(_, i):  # pass 1
-    q_BKGQH, rows_Q, tiles = queries(q_BTNH, i)
-
-    def tile_step(j, carry):
-      m_BKGQ, l_BKGQ = carry
-      s, _ = scores(q_BKGQH, rows_Q, j)
-      m_new = jnp.maximum(m_BKGQ, jnp.max(s, axis=-1))
-      return m_new, l_BKGQ * jnp.exp(m_BKGQ - m_new) + jnp.sum(jnp.exp(s - m_new[..., None]), -1)
-
-    init = (jnp.full((b, kh, g, block), MASK_VALUE, jnp.float32), jnp.zeros((b, kh, g, block)))
-    m_BKGQ, l_BKGQ = jax.lax.fori_loop(0, tiles, tile_step, init)
-    return None, m_BKGQ + jnp.log(l_BKGQ)
-
-  n_blocks = t // block
-  _, lse_CBKGQ = jax.lax.scan(lse_step, None, jnp.arange(n_blocks))
-
-  def prob_step(state, i):  # pass 2
-    buf_BTNH, stats_ = state
-    q_BKGQH, rows_Q, tiles = queries(buf_BTNH, i)
-    lse_BKGQ = lse_CBKGQ[i]
+    rows_Q = i * block + jnp.arange(block)
+    tiles = (i * block + block + key_block - 1) // key_block
     qv_BQ = jax.lax.dynamic_slice_in_dim(valid_BT, i * block, block, axis=1).astype(jnp.float32)
 
-    def tile_step(j, carry):
-      o_BKGQH, ps_BKGQ, stats_ = carry
-      s, v_BKSH = scores(q_BKGQH, rows_Q, j)
-      p = jnp.exp(s - lse_BKGQ[..., None])  # exact probabilities; 0 where masked
-      o_BKGQH = o_BKGQH + jnp.einsum(
-        "BKGQS,BKSH->BKGQH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32
+    def score_tile(j, carry):  # 1
+      s_BKGQT, m_BKGQ, l_BKGQ = carry
+      s = jnp.einsum(
+        "BKGQH,BKSH->BKGQS", q_BKGQH, tile(k_BKTH, j, 2), preferred_element_type=jnp.float32
       )
-      stats_ = dict(stats_)
-      if spec.colsum:  # padding queries weigh 0
-        cs_BNS = einops.rearrange(jnp.einsum("BKGQS,BQ->BKGS", p, qv_BQ), "B K G S -> B (K G) S")
-        at = j * key_block
-        old = jax.lax.dynamic_slice_in_dim(stats_["colsum"], at, key_block, axis=2)
-        stats_["colsum"] = jax.lax.dynamic_update_slice_in_dim(
-          stats_["colsum"], old + cs_BNS, at, axis=2
-        )
-      if spec.entropy:
-        ps_BKGQ = ps_BKGQ + jnp.einsum("BKGQS,BKGQS->BKGQ", p, s)
-      return o_BKGQH, ps_BKGQ, stats_
+      cols_S = j * key_block + jnp.arange(key_block)
+      mask_BQS = (rows_Q[:, None] >= cols_S[None, :])[None] & tile(valid_BT, j, 1)[:, None, :]
+      s = jnp.where(mask_BQS[:, None, None], s * scale, MASK_VALUE)
+      m_new = jnp.maximum(m_BKGQ, jnp.max(s, axis=-1))
+      l_BKGQ = l_BKGQ * jnp.exp(m_BKGQ - m_new) + jnp.sum(jnp.exp(s - m_new[..., None]), axis=-1)
+      return put(s_BKGQT, s, j), m_new, l_BKGQ
 
-    init = (jnp.zeros((b, kh, g, block, h), jnp.float32), jnp.zeros((b, kh, g, block)), stats_)
-    o_BKGQH, ps_BKGQ, stats_ = jax.lax.fori_loop(0, tiles, tile_step, init)
-    if spec.entropy:  # row entropy = lse - sum_s p s, summed over the valid queries
-      ent_BKG = jnp.einsum("BKGQ,BQ->BKG", lse_BKGQ - ps_BKGQ, qv_BQ)
-      stats_ = dict(
-        stats_, entropy=stats_["entropy"] + einops.rearrange(ent_BKG, "B K G -> B (K G)")
+    zeros = jnp.zeros((b, kh, g, block), jnp.float32)
+    m0 = jnp.full((b, kh, g, block), MASK_VALUE, jnp.float32)
+    s_BKGQT, m_BKGQ, l_BKGQ = jax.lax.fori_loop(0, tiles, score_tile, (s_BKGQT, m0, zeros))
+    inv_BKGQ = 1.0 / l_BKGQ
+    w_BKGQ = inv_BKGQ * qv_BQ[:, None, None, :]  # padding queries weigh 0
+
+    def prob_tile(j, carry):  # 2
+      o_BKGQH, es_BKGQ, colsum_BNT = carry
+      s = tile(s_BKGQT, j, 4)
+      e = jnp.exp(s - m_BKGQ[..., None])
+      o_BKGQH = o_BKGQH + jnp.einsum(
+        "BKGQS,BKSH->BKGQH",
+        e.astype(v_BKTH.dtype),
+        tile(v_BKTH, j, 2),
+        preferred_element_type=jnp.float32,
       )
-    o_BQNH = einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H").astype(buf_BTNH.dtype)
-    return (jax.lax.dynamic_update_slice_in_dim(buf_BTNH, o_BQNH, i * block, axis=1), stats_), None
+      if spec.entropy:
+        es_BKGQ = es_BKGQ + jnp.einsum("BKGQS,BKGQS->BKGQ", e, s)
+      if spec.colsum:
+        cs = einops.rearrange(jnp.einsum("BKGQS,BKGQ->BKGS", e, w_BKGQ), "B K G S -> B (K G) S")
+        at = j * key_block
+        old = jax.lax.dynamic_slice_in_dim(colsum_BNT, at, key_block, axis=2)
+        colsum_BNT = jax.lax.dynamic_update_slice_in_dim(colsum_BNT, old + cs, at, axis=2)
+      return o_BKGQH, es_BKGQ, colsum_BNT
+
+    colsum0 = stats_.get("colsum", jnp.zeros((b, n, key_block), jnp.float32))
+    init = (jnp.zeros((b, kh, g, block, h), jnp.float32), zeros, colsum0)
+    o_BKGQH, es_BKGQ, colsum_BNT = jax.lax.fori_loop(0, tiles, prob_tile, init)
+    stats_ = dict(stats_)
+    if spec.colsum:
+      stats_["colsum"] = colsum_BNT
+    if spec.entropy:  # row entropy = log l + m - sum_s p s, summed over the valid queries
+      ent_BKGQ = m_BKGQ + jnp.log(l_BKGQ) - es_BKGQ * inv_BKGQ
+      ent_BN = einops.rearrange(jnp.einsum("BKGQ,BQ->BKG", ent_BKGQ, qv_BQ), "B K G -> B (K G)")
+      stats_["entropy"] = stats_["entropy"] + ent_BN
+    o_BQNH = einops.rearrange(o_BKGQH * inv_BKGQ[..., None], "B K G Q H -> B Q (K G) H")
+    buf_BTNH = jax.lax.dynamic_update_slice_in_dim(
+      buf_BTNH, o_BQNH.astype(buf_BTNH.dtype), i * block, axis=1
+    )
+    return (buf_BTNH, s_BKGQT, stats_), None
 
   init = {}
   if spec.colsum:
     init["colsum"] = jnp.zeros((b, n, t), jnp.float32)
   if spec.entropy:
     init["entropy"] = jnp.zeros((b, n), jnp.float32)
-  (out_BTNH, stats_), _ = jax.lax.scan(prob_step, (q_BTNH, init), jnp.arange(n_blocks))
+  # Made from this layer's queries, so that XLA allocates it when the layer runs.
+  scores_BKGQT = order.after(jnp.zeros((b, kh, g, block, t), jnp.float32), q_BTNH[0, 0, 0, 0])
+  state = (q_BTNH, scores_BKGQT, init)
+  (out_BTNH, _, stats_), _ = jax.lax.scan(block_step, state, jnp.arange(t // block))
   return out_BTNH, stats_
 
 
@@ -284,8 +289,9 @@ def attention(
 
   Without column sums or row entropies (``spec``), the attention is flash style
   (`jmmkv.kernels.flash_attention`). With them, blocks of ``block`` queries read the
-  ``key_block``-key tiles at or before them twice (`_exact`): once for each row's log-sum-exp,
-  once for the exact probabilities the statistics sum. The masked pairs are never computed.
+  ``key_block``-key tiles at or before them, their scores kept in a buffer for a second pass
+  over the exact probabilities the statistics sum (`_exact`). The masked pairs are never
+  computed.
   Returns the output ``[B, T, N, H]`` and the requested `Stats` (others None).
   """
   if key_block % block:
