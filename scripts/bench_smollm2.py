@@ -12,7 +12,8 @@ End to end on CPU, nothing from the HF hub:
    still hold a whole copy of the key's digits.
 
 Why the answer is scored after the first new token: `jmmkv.generate` samples the first new token
-from the prefill logits, before the policy compresses the cache, so no policy can change it. The
+from the prefill logits, which no policy can change (each layer attends over the whole prompt
+before its K/V are compressed). The
 prompt therefore ends with the answer prefix "The pass key is", whose next token is a lone space
 (SmolLM2 tokenises every digit separately): all digits of the key are decoded from the compressed
 cache. A sample counts as correct when the first run of digits in the answer is exactly the key.
@@ -32,7 +33,6 @@ own prefill / compress / decode steps one by one (private functions of `jmmkv.ge
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib.util
 import json
@@ -324,11 +324,10 @@ class Runner:
 def trim_memory():
   """Returns freed host memory to the OS: glibc keeps the freed prompt-cache copies otherwise, and
   at 8k tokens x 5 rows the process grew past 24 GB over the policies."""
+  import jmmkv.memory
+
   gc.collect()
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc
-    pass
+  jmmkv.memory.trim()
 
 
 # ---- main ----------------------------------------------------------------------------------------

@@ -111,6 +111,14 @@ def paged_bytes(kept_LBK: np.ndarray, slot_bytes: int, page_size: int):
   return sum(pages_per_layer(kept_LBK, page_size)) * page_size * slot_bytes
 
 
+def take_pages(x_P, src_P, owner_P, owners: int, fill) -> Array:
+  """Pages ``src_P`` of ``x_P`` (``[pages, S, ...]``); padding pages (``owner >= owners``) hold
+  ``fill``."""
+  y = jnp.take(x_P, src_P, axis=0)
+  is_pad = (owner_P >= owners).reshape((-1,) + (1,) * (y.ndim - 1))
+  return jnp.where(is_pad, jnp.asarray(fill, y.dtype), y)
+
+
 @functools.partial(jax.jit, static_argnames=("page_size",), donate_argnums=0)
 def to_paged(cache: KVCache, sources, owners, page_size: int = PAGE_SIZE) -> PagedKVCache:
   """The dense-prefix ``cache`` re-laid out as pages (`page_plan` gives ``sources``/``owners``)."""
@@ -119,13 +127,19 @@ def to_paged(cache: KVCache, sources, owners, page_size: int = PAGE_SIZE) -> Pag
   pad = per_owner * page_size - c
 
   def per_layer(layers, fill):  # per layer [B, K, C, ...] -> [P_l, S, ...]
-    out = []
-    for x, src_P, owner_P in zip(layers, sources, owners, strict=True):
-      x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
-      y = jnp.take(x.reshape(b * kh * per_owner, page_size, *x.shape[3:]), src_P, axis=0)
-      is_pad = (owner_P >= b * kh).reshape((-1,) + (1,) * (y.ndim - 1))
-      out.append(jnp.where(is_pad, jnp.asarray(fill, y.dtype), y))
-    return tuple(out)
+    widths = lambda x: [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3)
+    return tuple(
+      take_pages(
+        jnp.pad(x, widths(x), constant_values=fill).reshape(
+          b * kh * per_owner, page_size, *x.shape[3:]
+        ),
+        src_P,
+        owner_P,
+        b * kh,
+        fill,
+      )
+      for x, src_P, owner_P in zip(layers, sources, owners, strict=True)
+    )
 
   return PagedKVCache(
     k=per_layer(cache.layer_k, 0),

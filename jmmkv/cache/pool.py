@@ -156,12 +156,10 @@ def to_paged(pool: Pool, sources, owners, cache: kv_cache.KVCache) -> paged.Page
   b, kh = cache.append_k.shape[1:3]
 
   def per_layer(x, fill):
-    out = []
-    for src_P, owner_P in zip(sources, owners, strict=True):
-      y = jnp.take(x, src_P, axis=0)
-      is_pad = (owner_P >= b * kh).reshape((-1,) + (1,) * (y.ndim - 1))
-      out.append(jnp.where(is_pad, jnp.asarray(fill, y.dtype), y))
-    return tuple(out)
+    return tuple(
+      paged.take_pages(x, src_P, owner_P, b * kh, fill)
+      for src_P, owner_P in zip(sources, owners, strict=True)
+    )
 
   return paged.PagedKVCache(
     k=per_layer(pool.k, 0),

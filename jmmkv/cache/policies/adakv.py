@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 from jmmkv.cache import select
 from jmmkv.cache.policies.base import (
-  Base,
   Context,
   HostPrompt,
   Plan,
@@ -32,48 +31,22 @@ from jmmkv.cache.policies.base import (
   keep_best,
 )
 from jmmkv.cache.policies.snapkv import SnapKV
+from jmmkv.cache.policies.wrapper import Wrapper
 from jmmkv.typing import Array
 
 
-def scorer_from(name: str, kwargs: dict) -> Scorer:
-  """The scorer a wrapper's ``scorer=`` setting names (a registered policy with ``scores``)."""
-  from jmmkv.cache import policies  # the registry imports this module
-
-  scorer = policies.get(name, **kwargs)
-  if not isinstance(scorer, Scorer):
-    raise ValueError(f"scorer must name a scoring policy (one with scores()), got {name!r}")
-  return scorer
-
-
 @dataclasses.dataclass(frozen=True)
-class AdaKV(Base):
+class AdaKV(Wrapper):
   scorer: Scorer = SnapKV()
   alpha_safeguard: float = 0.2
 
   name = "adakv"
 
-  @classmethod
-  def settings(cls) -> tuple[str, ...]:
-    """What ``from_kwargs`` takes: its own settings and the (SnapKV) scorer's."""
-    return ("alpha_safeguard", "scorer", *(f.name for f in dataclasses.fields(SnapKV)))
-
-  @classmethod
-  def from_kwargs(cls, alpha_safeguard: float = 0.2, scorer="snapkv", **scorer_kwargs) -> "AdaKV":
-    """``get("adakv", window=8, alpha_safeguard=0.5)``: other settings go to the scorer."""
-    if isinstance(scorer, str):
-      scorer = scorer_from(scorer, scorer_kwargs)
-    return cls(scorer, alpha_safeguard)
-
   def __post_init__(self):
     check_fields(self)
     if not 0.0 <= self.alpha_safeguard <= 1.0:
       raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
-    if not isinstance(self.scorer, Scorer):
-      raise ValueError(f"AdaKV needs a scorer (a policy with scores()), got {self.scorer!r}")
-
-  @property
-  def stats(self):
-    return self.scorer.stats
+    self.check_scorer()
 
   def plan(self, host: HostPrompt) -> Plan:
     n = host.kept_B

@@ -19,9 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmkv.cache import select
-from jmmkv.cache.policies.adakv import scorer_from
 from jmmkv.cache.policies.base import (
-  Base,
   Context,
   HostPrompt,
   Plan,
@@ -31,38 +29,22 @@ from jmmkv.cache.policies.base import (
   keep_best,
 )
 from jmmkv.cache.policies.snapkv import SnapKV
+from jmmkv.cache.policies.wrapper import Wrapper
 from jmmkv.typing import Array
 
 
 @dataclasses.dataclass(frozen=True)
-class PyramidKV(Base):
+class PyramidKV(Wrapper):
   scorer: Scorer = SnapKV()
   beta: float = 20.0
 
   name = "pyramidkv"
 
-  @classmethod
-  def settings(cls) -> tuple[str, ...]:
-    """What ``from_kwargs`` takes: its own settings and the (SnapKV) scorer's."""
-    return ("beta", "scorer", *(f.name for f in dataclasses.fields(SnapKV)))
-
-  @classmethod
-  def from_kwargs(cls, beta: float = 20.0, scorer="snapkv", **scorer_kwargs) -> "PyramidKV":
-    """``get("pyramidkv", window=8, beta=10)``: other settings go to the scorer."""
-    if isinstance(scorer, str):
-      scorer = scorer_from(scorer, scorer_kwargs)
-    return cls(scorer, beta)
-
   def __post_init__(self):
     check_fields(self)
     if self.beta <= 1:
       raise ValueError(f"beta must be > 1, got {self.beta}")
-    if not isinstance(self.scorer, Scorer):
-      raise ValueError(f"PyramidKV needs a scorer (a policy with scores()), got {self.scorer!r}")
-
-  @property
-  def stats(self):
-    return self.scorer.stats
+    self.check_scorer()
 
   @property
   def window(self) -> int:
