@@ -371,7 +371,7 @@ def prefill_stage(
   )
   plan = policy.plan(host)
   storage = stream.storage_for(
-    plan, cfg.num_layers, len(lengths), cfg.num_kv_heads, pool_ok=mesh is None
+    plan, cfg.num_layers, len(lengths), cfg.num_kv_heads, valid_BT.shape[1], mesh is None
   )
   args += (
     sharding.put_batch(padded.lengths_B, mesh),

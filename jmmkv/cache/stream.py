@@ -43,18 +43,29 @@ class Storage:
     return self.pages > 0
 
 
-def storage_for(plan: Plan, num_layers: int, b: int, kh: int, pool_ok: bool = True) -> Storage:
+# Static capacities round up to this many slots (and pool sizes to `paged.page_multiple`), so
+# that prompts and budgets close to each other share one compiled prefill.
+CAPACITY_MULTIPLE = 32
+
+
+def storage_for(
+  plan: Plan, num_layers: int, b: int, kh: int, bucket: int, pool_ok: bool = True
+) -> Storage:
   """Dense at the plan's capacity, or a pool when the plan bounds the total well below it
-  (``pool_ok``: false under a mesh, whose prefix stays split by KV head)."""
-  dense = num_layers * b * kh * plan.capacity
+  (``pool_ok``: false under a mesh, whose prefix stays split by KV head). ``bucket``: the
+  padded prompt length T, which no capacity exceeds."""
+  up = lambda n, m: -(-n // m) * m
+  capacity = min(bucket, up(plan.capacity, CAPACITY_MULTIPLE))
+  dense = num_layers * b * kh * capacity
   if plan.total is None or not pool_ok:
-    return Storage(plan.capacity)
+    return Storage(capacity)
   owners = num_layers * b * kh
   size = paged.page_size_for(np.full((1,), plan.total / owners))
   pages = -(-plan.total // size) + owners  # each (layer, row, head) wastes under one page
+  pages = up(pages, paged.page_multiple(pages))
   if pages * size > POOL_GAIN * dense:
-    return Storage(plan.capacity)
-  return Storage(plan.capacity, pages, size)
+    return Storage(capacity)
+  return Storage(capacity, pages, size)
 
 
 def start(storage: Storage, num_layers: int, k_shape, dtype):

@@ -23,7 +23,6 @@ CFG = tiny_decoder(
 )
 POLICIES = {  # the per-head / per-layer allocations, whose slots may go to a pool
   "adakv": dict(window=8),
-  "pyramidkv": dict(window=8),
   "madakv": dict(proxy_window=8),
   "meda": dict(),
   "lookm:keep_all_text=false": dict(),  # merged values written at the kept slots
@@ -36,11 +35,11 @@ REAL_STORAGE_FOR = stream.storage_for
 def _storages(monkeypatch, pooled: bool):
   """Forces every policy into the pool (its plan's total, else L B K C) or into a dense prefix."""
 
-  def forced(plan, num_layers, b, kh, pool_ok=True):
+  def forced(plan, num_layers, b, kh, bucket, pool_ok=True):
     if not pooled:
       return stream.Storage(plan.capacity)
     total = plan.total if plan.total is not None else num_layers * b * kh * plan.capacity
-    return REAL_STORAGE_FOR(plan._replace(total=total), num_layers, b, kh, pool_ok)
+    return REAL_STORAGE_FOR(plan._replace(total=total), num_layers, b, kh, bucket, pool_ok)
 
   monkeypatch.setattr(stream, "storage_for", forced)
   monkeypatch.setattr(stream, "POOL_GAIN", 1e9)  # a pool whatever it saves
