@@ -29,8 +29,13 @@ def _cores() -> int:
 # ops on one thread each rather than all of them contending for every core.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _THREADS = max(1, min(2, _cores() // _WORKERS))
+# The suite compiles hundreds of small programs (a prefill per policy, budget and shape) whose run
+# time is negligible: LLVM's optimisation of them costs more than it saves (about 20% of the
+# suite's time).
+_FLAGS = ["--xla_backend_optimization_level=0"]
 if _THREADS == 1:
-  os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+  _FLAGS.append("--xla_cpu_multi_thread_eigen=false")
+os.environ.setdefault("XLA_FLAGS", " ".join(_FLAGS))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # jmmkv importable without an editable install
