@@ -410,9 +410,10 @@ def layout_stage(stored, storage: stream.Storage, layout: str):
     kept_LBK = cache.kept_LBK()
     if cache.capacity > 32:  # drop trailing slots no row, layer or head uses
       cache = kv_cache.shrink(cache, kv_cache.compact_capacity(cache))
-    dense_bytes = sum(2 * x.nbytes for x in cache.layer_k)
+    slot = kv_cache.slot_bytes(cache.append_k)
+    dense_bytes = kept_LBK.size * int(kept_LBK.max(initial=0)) * slot  # the tightest dense prefix
     size = paged.page_size_for(kept_LBK)
-    paged_bytes = paged.paged_bytes(kept_LBK, kv_cache.slot_bytes(cache.append_k), size)
+    paged_bytes = paged.paged_bytes(kept_LBK, slot, size)
     if layout == "paged" or (layout == "auto" and paged_bytes < 0.9 * dense_bytes):
       plan = paged.page_plan(kept_LBK, cache.capacity, size)
       cache = paged.to_paged(cache, *plan, page_size=size)

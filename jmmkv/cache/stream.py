@@ -145,7 +145,7 @@ def from_pool(shell: kv_cache.KVCache, store: pool.Pool, storage: Storage, layou
   capacity = max(32, -(-int(kept_LBK.max(initial=0)) // 32) * 32)
   l, b, kh = kept_LBK.shape
   slot = kv_cache.slot_bytes(shell.append_k)
-  dense_bytes = l * b * kh * capacity * slot
+  dense_bytes = l * b * kh * int(kept_LBK.max(initial=0)) * slot  # the tightest dense prefix
   if layout == "paged" or (
     layout == "auto" and paged.paged_bytes(kept_LBK, slot, s) < POOL_GAIN * dense_bytes
   ):
