@@ -141,12 +141,25 @@ def to_paged(cache: KVCache, sources, owners, page_size: int = PAGE_SIZE) -> Pag
       for x, src_P, owner_P in zip(layers, sources, owners, strict=True)
     )
 
+  return with_pages(
+    cache,
+    owners,
+    per_layer(cache.layer_k, 0),
+    per_layer(cache.layer_v, 0),
+    per_layer(cache.layer_positions, -1),
+    per_layer(cache.layer_modality, 0),
+  )
+
+
+def with_pages(cache: KVCache, owners, k, v, positions, modality) -> PagedKVCache:
+  """A `PagedKVCache` of these per-layer pages (tuples ``[P_l, S, ...]``) with ``cache``'s
+  append buffer, lengths, RoPE start and index."""
   return PagedKVCache(
-    k=per_layer(cache.layer_k, 0),
-    v=per_layer(cache.layer_v, 0),
+    k=k,
+    v=v,
     owner=tuple(jnp.asarray(o) for o in owners),
-    positions=per_layer(cache.layer_positions, -1),
-    modality=per_layer(cache.layer_modality, 0),
+    positions=positions,
+    modality=modality,
     append_k=cache.append_k,
     append_v=cache.append_v,
     lengths=cache.lengths,

@@ -161,17 +161,13 @@ def to_paged(pool: Pool, sources, owners, cache: kv_cache.KVCache) -> paged.Page
       for src_P, owner_P in zip(sources, owners, strict=True)
     )
 
-  return paged.PagedKVCache(
-    k=per_layer(pool.k, 0),
-    v=per_layer(pool.v, 0),
-    owner=tuple(jnp.asarray(o) for o in owners),
-    positions=per_layer(pool.positions, -1),
-    modality=per_layer(pool.modality, 0),
-    append_k=cache.append_k,
-    append_v=cache.append_v,
-    lengths=cache.lengths,
-    rope_start=cache.rope_start,
-    index=cache.index,
+  return paged.with_pages(
+    cache,
+    owners,
+    per_layer(pool.k, 0),
+    per_layer(pool.v, 0),
+    per_layer(pool.positions, -1),
+    per_layer(pool.modality, 0),
   )
 
 
