@@ -51,6 +51,7 @@ PRESETS = {
     num_heads=8,
     num_kv_heads=8,
     head_dim=64,
+    max_position_embeddings=1 << 20,  # a benchmark of long prompts: no warning past 4096
   ),
   "tiny": dict(
     vocab_size=512,
