@@ -176,39 +176,6 @@ def _sub_search(q_RQH, kept, key_blocks, block, sub, kept_aug):
   return jnp.take_along_axis(pos_RQS, j[..., None], -1)[..., 0], c_RQ
 
 
-def merge(
-  k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, rule: str, per_layer: bool = False
-):
-  """``k``, ``v`` ``[L, B, K, T, H]`` with every evicted token merged into its nearest kept one
-  (values at non-kept positions are left as they were). ``per_layer``: search layer by layer
-  (`nearest`'s groups), for policies whose layers keep different counts."""
-  groups = k.shape[0] if per_layer else 1
-  if rule == CODE_COMPAT:
-    return merge_code_compat(k, v, keep_LBKT, evict_LBKT, groups=groups)
-  if rule not in RULES:
-    raise ValueError(f"merge rule must be one of {', '.join(RULES)}, got {rule!r}")
-  shape = k.shape
-  flat = lambda x: x.reshape((-1,) + x.shape[3:])
-  kf, vf, keep, evict = flat(k), flat(v), flat(keep_LBKT), flat(evict_LBKT)
-  target, cos = nearest(kf, keep, evict, groups=groups)
-  t = shape[3]
-  seg = jnp.where(target >= 0, target, t)  # t: a discarded segment
-  weight = cos if rule == "weighted" else jnp.ones_like(cos)
-  count = jax.vmap(lambda s: jax.ops.segment_sum(jnp.ones((t,)), s, t + 1)[:t])(seg)
-  out = []
-  for x in (kf, vf):
-    x32 = x.astype(jnp.float32)
-    summed = jax.vmap(lambda d, s: jax.ops.segment_sum(d, s, t + 1)[:t])(
-      x32 * weight[..., None], seg
-    )
-    if rule == "pivot":
-      new = (x32 * (1 + count[..., None] / 2) + summed / 2) / (count[..., None] + 1)
-    else:
-      new = (x32 + summed) / (count[..., None] + 1)
-    out.append(jnp.where(keep[..., None], new, x32).astype(x.dtype).reshape(shape))
-  return out[0], out[1]
-
-
 def merge_kept(
   k: Array,
   v: Array,
@@ -217,9 +184,10 @@ def merge_kept(
   rule: str,
   positions_LBKC: Array,
 ):
-  """`merge`'s values at the kept positions only: ``[L, B, K, C, H]`` each for the ascending kept
-  positions ``positions_LBKC`` (-1: empty slot, zeros). Nothing of the prompt's size is written
-  but the evicted tokens' compacted unit keys (the kept ones are ``C`` wide)."""
+  """The kept tokens' K/V with every evicted token merged into its nearest kept one by ``rule``
+  (module docstring), at the ascending kept positions ``positions_LBKC`` only: ``[L, B, K, C,
+  H]`` each (-1: empty slot, zeros). Nothing of the prompt's size is written but the evicted
+  tokens' compacted unit keys (the kept ones are ``C`` wide)."""
   if rule not in RULES:
     raise ValueError(f"merge rule must be one of {', '.join(RULES)}, got {rule!r}")
   shape = k.shape
@@ -261,7 +229,7 @@ def merge_kept(
 
 
 def merge_code_compat(
-  k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, misaligned: bool = True, groups: int = 1
+  k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, misaligned: bool = True
 ):
   """The released MEDA / LOOK-M average merge ("code-compat", not the paper), as
   tests/references/merge_ref.merge_code_compat specifies: evicted tokens are indexed by their rank
@@ -270,7 +238,7 @@ def merge_code_compat(
   the passing token itself. Every head of a layer must evict the same number of tokens."""
   l, b, kh, t, _ = k.shape
   flat = lambda x: x.reshape((-1,) + x.shape[3:])
-  target, cos = nearest(flat(k), flat(keep_LBKT), flat(evict_LBKT), groups=groups)
+  target, cos = nearest(flat(k), flat(keep_LBKT), flat(evict_LBKT))
   target, cos = target.reshape(l, b, kh, t), cos.reshape(l, b, kh, t)
   rank_pos = positions_from_mask(evict_LBKT, t)  # [L, B, K, T]: evicted positions by rank, -1 after
   has = rank_pos >= 0

@@ -52,10 +52,12 @@ class HostPrompt(NamedTuple):
   def bucket(self) -> int:  # T
     return self.valid_BT.shape[1]
 
-  def visual_B(self) -> np.ndarray:
-    """[B] image + video tokens per row."""
+  def text_beside_visual_B(self) -> np.ndarray:
+    """[B] text tokens of the rows that hold image or video tokens (0 in text-only rows): the
+    most a text-prior policy (LOOK-M, MEDA) keeps beyond its budget."""
     mod = self.modality_BT
-    return (((mod == IMAGE) | (mod == VIDEO)) & self.valid_BT).sum(1)
+    visual_B = (((mod == IMAGE) | (mod == VIDEO)) & self.valid_BT).sum(1)
+    return np.where(visual_B > 0, self.lengths_B - visual_B, 0)
 
 
 class Plan(NamedTuple):

@@ -101,8 +101,7 @@ class LookM(Base):
     """At most n, or with every text token kept n plus the row's text (rows with visual tokens)."""
     n = host.kept_B
     if self.keep_all_text and self.text_prior:
-      text_B = np.where(host.visual_B() > 0, host.lengths_B - host.visual_B(), 0)
-      n = np.minimum(host.lengths_B, n + text_B)
+      n = np.minimum(host.lengths_B, n + host.text_beside_visual_B())
     return Plan(int(n.max(initial=1)))
 
   def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry):
@@ -122,8 +121,7 @@ def finish(layer: PromptKV, keep_1BKT: Array, rule: str | None, capacity: int) -
     return Kept(positions)
   evict = layer.valid_BT[None, :, None, :] & ~keep_1BKT
   if rule == merging.CODE_COMPAT:  # merged over the whole layer, then gathered
-    merge = lambda *xs: merging.merge(*xs, rule)
-    k, v = sharding.per_head(merge, layer.k, layer.v, keep_1BKT, evict)  # shard-local
+    k, v = sharding.per_head(merging.merge_code_compat, layer.k, layer.v, keep_1BKT, evict)
     return Kept(positions, *select.gather(layer._replace(k=k, v=v), positions)[:2])
   merge = lambda k, v, keep, ev, pos: merging.merge_kept(k, v, keep, ev, rule, pos)
   k, v = sharding.per_head(merge, layer.k, layer.v, keep_1BKT, evict, positions)  # shard-local

@@ -119,8 +119,7 @@ class MEDA(Base):
     """From the survey: S_l per layer and row, plus the row's text when all text is kept."""
     s_LB = np.asarray(self.start(Context(host.kept_B, host.lengths_B, host.survey, 0)))
     if self.keep_all_text:
-      text_B = np.where(host.visual_B() > 0, host.lengths_B - host.visual_B(), 0)
-      s_LB = np.minimum(host.lengths_B, s_LB + text_B)
+      s_LB = np.minimum(host.lengths_B, s_LB + host.text_beside_visual_B())
     return Plan(int(s_LB.max(initial=1)), int(host.num_kv_heads * s_LB.sum()))
 
   def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, s_LB):
