@@ -305,6 +305,11 @@ def _donation_quiet():
 LAYOUTS = ("auto", "dense", "paged")
 
 
+def _check_layout(layout: str) -> None:
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
 def prefill_stage(
   model,
   batch: inputs.Batch,
@@ -394,8 +399,7 @@ def layout_stage(stored, storage: stream.Storage, layout: str):
   """The second stage of `generate`: the smallest decode layout of what the prefill kept (a
   pool's pages per layer or a dense prefix; a dense prefix cut to its longest (layer, row, head),
   or paged when that saves over 10%). Returns the cache and the seconds taken."""
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  _check_layout(layout)
   if not jax.sharding.get_abstract_mesh().empty:  # pages mix KV heads: no head split
     if layout == "paged":
       raise ValueError("layout='paged' is not supported under a mesh; use 'dense' or 'auto'")
@@ -410,11 +414,9 @@ def layout_stage(stored, storage: stream.Storage, layout: str):
     kept_LBK = cache.kept_LBK()
     if cache.capacity > 32:  # drop trailing slots no row, layer or head uses
       cache = kv_cache.shrink(cache, kv_cache.compact_capacity(cache))
-    slot = kv_cache.slot_bytes(cache.append_k)
-    dense_bytes = kept_LBK.size * int(kept_LBK.max(initial=0)) * slot  # the tightest dense prefix
     size = paged.page_size_for(kept_LBK)
-    paged_bytes = paged.paged_bytes(kept_LBK, slot, size)
-    if layout == "paged" or (layout == "auto" and paged_bytes < 0.9 * dense_bytes):
+    slot = kv_cache.slot_bytes(cache.append_k)
+    if layout == "paged" or (layout == "auto" and paged.pages_pay(kept_LBK, slot, size)):
       plan = paged.page_plan(kept_LBK, cache.capacity, size)
       cache = paged.to_paged(cache, *plan, page_size=size)
     cache = jax.block_until_ready(cache)
@@ -424,8 +426,7 @@ def layout_stage(stored, storage: stream.Storage, layout: str):
 def _prefill_and_compress(
   model, batch: inputs.Batch, policy, budget, append_capacity: int, layout: str = "dense"
 ):
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  _check_layout(layout)  # before any work
   policy, budget = policies.as_policy(policy), as_budget(budget)
   if budget is not None and all(budget.kept(int(n)) >= n for n in batch.lengths):
     policy = policies.as_policy(None)  # the budget keeps every prompt whole: an exact no-op

@@ -159,8 +159,13 @@ def write_append(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCa
 def compact_capacity(cache: KVCache, multiple: int = 32) -> int:
   """The smallest capacity, a multiple of ``multiple`` (or the current one), that holds every
   kept slot of ``cache`` (slots are stored first, in ascending position order)."""
-  used = int(cache.kept_LBK().max(initial=0))
-  return min(cache.capacity, max(multiple, -(-used // multiple) * multiple))
+  return min(cache.capacity, capacity_for(int(cache.kept_LBK().max(initial=0)), multiple))
+
+
+def capacity_for(used: int, multiple: int = 32) -> int:
+  """The smallest multiple of ``multiple`` (at least one) that holds ``used`` slots: decode
+  compiles once per capacity, so capacities are rounded."""
+  return max(multiple, -(-used // multiple) * multiple)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",), donate_argnums=0)

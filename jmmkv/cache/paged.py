@@ -90,25 +90,45 @@ def pages_per_layer(kept_LBK: np.ndarray, page_size: int = PAGE_SIZE) -> list[in
   return [int(-(-max(1, n) // page_multiple(max(1, n))) * page_multiple(max(1, n))) for n in need]
 
 
-def page_plan(kept_LBK: np.ndarray, capacity: int, page_size: int = PAGE_SIZE):
-  """Host-side layout: per layer the source page of every stored page (in the dense prefix viewed
-  as ``[B * K * ceil(C / S)]`` pages) and its owner. Returns two tuples of int32 arrays ``[P_l]``."""
-  per_owner = -(-capacity // page_size)
+def plan_pages(kept_LBK: np.ndarray, page_size: int, source):
+  """Host-side layout: per layer the source page of every stored page and its owner, owners in
+  order, padding pages last (owner ``B * K``, source 0). ``source(layer, owner_P, page_P)`` says
+  where an owner's ``page``-th page comes from. Returns two tuples of int32 arrays ``[P_l]``."""
   sources, owners = [], []
-  for kept_BK, total in zip(np.asarray(kept_LBK), pages_per_layer(kept_LBK, page_size)):
+  for layer, (kept_BK, total) in enumerate(
+    zip(np.asarray(kept_LBK), pages_per_layer(kept_LBK, page_size))
+  ):
     n_O = -(-kept_BK.reshape(-1) // page_size)
     owner = np.repeat(np.arange(n_O.size), n_O)
-    first = np.cumsum(n_O) - n_O
-    src = owner * per_owner + (np.arange(owner.size) - np.repeat(first, n_O))
+    page = np.arange(owner.size) - np.repeat(np.cumsum(n_O) - n_O, n_O)
     pad = total - owner.size
+    src = source(layer, owner, page)
     sources.append(np.concatenate([src, np.zeros(pad, np.int64)]).astype(np.int32))
     owners.append(np.concatenate([owner, np.full(pad, n_O.size)]).astype(np.int32))
   return tuple(sources), tuple(owners)
 
 
+def page_plan(kept_LBK: np.ndarray, capacity: int, page_size: int = PAGE_SIZE):
+  """`plan_pages` from the dense prefix viewed as ``[B * K * ceil(C / S)]`` pages."""
+  per_owner = -(-capacity // page_size)
+  return plan_pages(kept_LBK, page_size, lambda layer, owner, page: owner * per_owner + page)
+
+
 def paged_bytes(kept_LBK: np.ndarray, slot_bytes: int, page_size: int):
   """Prefix K/V bytes the paged layout would allocate for these kept counts."""
   return sum(pages_per_layer(kept_LBK, page_size)) * page_size * slot_bytes
+
+
+# Pages are used (layout "auto") when they need under this fraction of a dense prefix's bytes.
+PAGED_GAIN = 0.9
+
+
+def pages_pay(kept_LBK: np.ndarray, slot_bytes: int, page_size: int) -> bool:
+  """Whether pages of ``page_size`` hold these kept counts in under `PAGED_GAIN` of the bytes of
+  the tightest dense prefix (every (layer, row, head) padded to the largest count)."""
+  kept_LBK = np.asarray(kept_LBK)
+  dense = kept_LBK.size * int(kept_LBK.max(initial=0)) * slot_bytes
+  return paged_bytes(kept_LBK, slot_bytes, page_size) < PAGED_GAIN * dense
 
 
 def take_pages(x_P, src_P, owner_P, owners: int, fill) -> Array:

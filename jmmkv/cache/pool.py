@@ -134,19 +134,10 @@ def first_pages(kept_LBK: np.ndarray, page_size: int, pages: int) -> np.ndarray:
 
 
 def paged_plan(kept_LBK: np.ndarray, page_size: int, pages: int):
-  """Per layer the pool pages it stores, in `jmmkv.cache.paged`'s order and padding, and their
-  owners (``b * K + kv_head``; ``B * K`` for padding). Two tuples of int32 ``[P_l]``."""
-  kept = np.asarray(kept_LBK)
-  first = first_pages(kept, page_size, pages)
-  sources, owners = [], []
-  for kept_BK, first_BK, total in zip(kept, first, paged.pages_per_layer(kept, page_size)):
-    n_O = -(-kept_BK.reshape(-1) // page_size)
-    owner = np.repeat(np.arange(n_O.size), n_O)
-    src = int(first_BK.reshape(-1)[0]) + np.arange(owner.size)
-    pad = total - owner.size
-    sources.append(np.concatenate([src, np.zeros(pad, np.int64)]).astype(np.int32))
-    owners.append(np.concatenate([owner, np.full(pad, n_O.size)]).astype(np.int32))
-  return tuple(sources), tuple(owners)
+  """`paged.plan_pages` from the pool: per layer its pages, in `jmmkv.cache.paged`'s order and
+  padding, and their owners (``b * K + kv_head``; ``B * K`` for padding)."""
+  first_LO = first_pages(kept_LBK, page_size, pages).reshape(len(kept_LBK), -1)
+  return paged.plan_pages(kept_LBK, page_size, lambda l, owner, page: first_LO[l][owner] + page)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

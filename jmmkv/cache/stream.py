@@ -2,8 +2,8 @@
 
 The decoder calls `on_layer` right after each layer's attention with that layer's prompt K/V
 ``[B, K, T, H]`` and statistics; the policy chooses what to keep and this module stores it, so
-the layer's full K/V die before the next layer runs (the decoder puts an optimisation barrier
-between layers). Storage (`Storage`, chosen on the host from the policy's `Plan`):
+the layer's full K/V die before the next layer runs (the decoder makes the next layer's input
+depend on what was stored: `jmmkv.kernels.order`). Storage (`Storage`, chosen on the host from the policy's `Plan`):
 
 - dense: per layer ``[B, K, C, H]`` with C the plan's capacity (uniform policies; Full keeps
   the layer's own arrays, no copy);
@@ -141,13 +141,8 @@ def from_pool(shell: kv_cache.KVCache, store: pool.Pool, storage: Storage, layou
   """The decode cache of a filled pool: pages per layer, or a dense prefix (``layout`` "dense",
   or "auto" when pages would not save 10% of the dense bytes)."""
   kept_LBK = np.asarray(store.kept_LBK)
-  s = storage.page_size
-  capacity = max(32, -(-int(kept_LBK.max(initial=0)) // 32) * 32)
-  l, b, kh = kept_LBK.shape
-  slot = kv_cache.slot_bytes(shell.append_k)
-  dense_bytes = l * b * kh * int(kept_LBK.max(initial=0)) * slot  # the tightest dense prefix
-  if layout == "paged" or (
-    layout == "auto" and paged.paged_bytes(kept_LBK, slot, s) < POOL_GAIN * dense_bytes
-  ):
+  s, slot = storage.page_size, kv_cache.slot_bytes(shell.append_k)
+  if layout == "paged" or (layout == "auto" and paged.pages_pay(kept_LBK, slot, s)):
     return pool.to_paged(store, *pool.paged_plan(kept_LBK, s, storage.pages), shell)
+  capacity = kv_cache.capacity_for(int(kept_LBK.max(initial=0)))
   return pool.to_dense(store, pool.dense_plan(kept_LBK, s, storage.pages, capacity), shell)
