@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jmmkv.kernels import order
 from jmmkv.kernels import select as kernel_select
-from jmmkv.kernels.flash_attention import causal_attention
+from jmmkv.kernels import flash_attention
 from jmmkv.typing import IMAGE, MASK_VALUE, TEXT, VIDEO, Array
 
 
@@ -188,12 +188,7 @@ def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, spec: S
 
     def score_tile(j, carry):  # 1
       s_BKGQT, m_BKGQ, l_BKGQ = carry
-      s = jnp.einsum(
-        "BKGQH,BKSH->BKGQS", q_BKGQH, tile(k_BKTH, j, 2), preferred_element_type=jnp.float32
-      )
-      cols_S = j * key_block + jnp.arange(key_block)
-      mask_BQS = (rows_Q[:, None] >= cols_S[None, :])[None] & tile(valid_BT, j, 1)[:, None, :]
-      s = jnp.where(mask_BQS[:, None, None], s * scale, MASK_VALUE)
+      s = flash_attention.tile_scores(q_BKGQH * scale, k_BKTH, valid_BT, rows_Q, j, key_block)
       m_new = jnp.maximum(m_BKGQ, jnp.max(s, axis=-1))
       l_BKGQ = l_BKGQ * jnp.exp(m_BKGQ - m_new) + jnp.sum(jnp.exp(s - m_new[..., None]), axis=-1)
       return put(s_BKGQT, s, j), m_new, l_BKGQ
@@ -270,9 +265,9 @@ def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT) -> Array:
   to whole key tiles (padding is never a key; its rows are cut off)."""
   t = q_BTNH.shape[1]
   if t <= FLASH_KEY_BLOCK:
-    return causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, t, t)
+    return flash_attention.causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, t, t)
   padded = _pad_tokens(-t % FLASH_KEY_BLOCK, q_BTNH, k_BKTH, v_BKTH, valid_BT)
-  return causal_attention(*padded, FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)[:, :t]
+  return flash_attention.causal_attention(*padded, FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)[:, :t]
 
 
 def attention(

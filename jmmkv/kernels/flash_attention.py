@@ -13,6 +13,16 @@ import jax.numpy as jnp
 from jmmkv.typing import MASK_VALUE, Array
 
 
+def tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block: int) -> Array:
+  """Scores ``[B, K, G, Q, S]`` (float32) of (scaled) queries at slots ``rows_Q`` against key
+  tile ``j`` of ``key_block`` keys; `MASK_VALUE` where the causal mask or padding hides a key."""
+  tile = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
+  s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, tile(k_BKTH, 2), preferred_element_type=jnp.float32)
+  cols_S = j * key_block + jnp.arange(key_block)
+  mask_BQS = (rows_Q[:, None] >= cols_S[None, :])[None] & tile(valid_BT, 1)[:, None, :]
+  return jnp.where(mask_BQS[:, None, None], s, MASK_VALUE)
+
+
 def causal_attention_reference(
   q_BTNH: Array,
   k_BKTH: Array,
@@ -39,12 +49,8 @@ def causal_attention_reference(
 
     def key_step(j, carry):
       o_BKGQH, m_BKGQ, l_BKGQ = carry
-      tile = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
-      k_BKSH, v_BKSH, kvalid_BS = tile(k_BKTH, 2), tile(v_BKTH, 2), tile(valid_BT, 1)
-      s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
-      cols_S = j * key_block + jnp.arange(key_block)
-      mask_BQS = (rows_Q[:, None] >= cols_S[None, :])[None] & kvalid_BS[:, None, :]
-      s = jnp.where(mask_BQS[:, None, None], s, MASK_VALUE)
+      s = tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block)
+      v_BKSH = jax.lax.dynamic_slice_in_dim(v_BKTH, j * key_block, key_block, 2)
       m_new = jnp.maximum(m_BKGQ, jnp.max(s, axis=-1))
       rescale = jnp.exp(m_BKGQ - m_new)
       e = jnp.exp(s - m_new[..., None])
