@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument(
     "--compare-hf",
     action="store_true",
-    help="also time transformers (PyTorch, SDPA, DynamicCache) full-cache decoding; needs "
-    "torch==2.13.0 (pip install -e '.[test]')",
+    help="also time transformers (PyTorch, SDPA, DynamicCache): its prefill and full-cache "
+    "decoding; needs torch==2.13.0 (pip install -e '.[test]')",
   )
   bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
   bench.set_defaults(func=_bench)
