@@ -21,14 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmkv import inputs, sharding
-from jmmkv.cache import kv_cache, paged, policies, stream
+from jmmkv.cache import kv_cache, paged, policies, stats, stream
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.policies.base import Context, HostPrompt
-from jmmkv.cache.stats import NONE, Stats, StatsSpec
+from jmmkv.cache.stats import Stats, StatsSpec
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.llama import Decoder
 from jmmkv.sampling import Sampling
-from jmmkv.typing import IMAGE, TEXT, VIDEO, Array
+from jmmkv.typing import Array
 
 
 @dataclasses.dataclass
@@ -70,7 +70,7 @@ def survey_step(
   _, sts = dec.apply(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep_stats, (), method=Decoder.prefill
   )
-  return Stats(*(None if f[0] is None else jnp.stack(f) for f in zip(*sts)))
+  return {name: jnp.stack([st[name] for st in sts]) for name in sts[0]}
 
 
 @functools.partial(
@@ -354,12 +354,10 @@ def prefill_stage(
     sharding.put_batch(padded.modality_BT, mesh),
   )
   mod_BT, valid_BT = np.asarray(padded.modality_BT), np.asarray(padded.valid_BT)
-  bound = lambda spec: spec.with_cross_bounds(  # the text x visual pairs cross entropies score
-    (mod_BT == TEXT) & valid_BT, ((mod_BT == IMAGE) | (mod_BT == VIDEO)) & valid_BT
-  )
+  bound = lambda spec: stats.for_prompt(spec, valid_BT, mod_BT)  # e.g. the cross entropies' sizes
   kw = dict(cfg=cfg, dtype=model.dtype_name)
-  survey = Stats()
-  if policy.survey != NONE:
+  survey = {}
+  if policy.survey:
     if compile_first:
       seconds = time.perf_counter() - t0
       survey_step.lower(*jax.block_until_ready(args), spec=bound(policy.survey), **kw).compile()
@@ -372,7 +370,7 @@ def prefill_stage(
     mod_BT,
     cfg.num_layers,
     cfg.num_kv_heads,
-    Stats(*(None if x is None else np.asarray(x) for x in survey)),
+    {name: np.asarray(x) for name, x in survey.items()},
   )
   plan = policy.plan(host)
   storage = stream.storage_for(

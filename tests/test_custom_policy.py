@@ -7,21 +7,66 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO_ROOT
+from references import stats_ref
 
 import jmmkv
 from jmmkv.cache import policies
 
 
-@pytest.fixture
-def knorm():
+def _doc_blocks() -> list[str]:
   text = (REPO_ROOT / "docs" / "adding_a_policy.md").read_text()
   blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-  assert len(blocks) == 1
+  assert len(blocks) == 2
+  return blocks
+
+
+def _run_block(index: int) -> dict:
   namespace: dict = {}
-  exec(compile(blocks[0], "adding_a_policy.md", "exec"), namespace)
-  yield namespace["KNorm"]
+  exec(compile(_doc_blocks()[index], "adding_a_policy.md", "exec"), namespace)
+  return namespace
+
+
+@pytest.fixture
+def knorm():
+  yield _run_block(0)["KNorm"]
   policies.POLICIES.pop("knorm", None)
+
+
+@pytest.fixture
+def peak():
+  yield _run_block(1)["PeakAttention"]
+  policies.POLICIES.pop("peak", None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_documented_statistic_keeps_the_most_attended_keys(peak, jmmkv_model, tiny_model, seed):
+  """The second example (a policy with a `ProbabilityStatistic` of its own) against the largest
+  probability per key of transformers' own eager attention, row by row (no padding there)."""
+  model = jmmkv_model("llama_gqa", seed)
+  hf = tiny_model("llama_gqa", seed).torch_model
+  rng = np.random.default_rng(seed)
+  rows = [rng.integers(3, 200, n).tolist() for n in (41, 26)]
+  batch = model.prepare(input_ids=rows)
+  cache = jmmkv.compress(model, batch, jmmkv.policies.get("peak"), jmmkv.Budget(ratio=0.3))
+  checked = 0
+  for b, row in enumerate(rows):
+    n, keep = len(row), int(np.ceil(0.3 * len(row)))
+    layers = stats_ref.capture(hf, "LlamaAttention", input_ids=torch.tensor([row]))
+    for layer, (probs, _, k, _) in enumerate(layers):
+      kh = k.shape[1]
+      peak_NT = np.asarray(probs[0], np.float64).max(axis=1)  # [N, T] over queries
+      score_KT = peak_NT.reshape(kh, -1, n).mean(axis=1)
+      for h in range(kh):
+        got = np.asarray(cache.positions[layer, b, h])
+        kept = got[got >= 0]
+        assert len(kept) == keep and np.all(np.diff(kept) > 0)
+        evicted = np.setdiff1d(np.arange(n), kept)
+        s = score_KT[h]
+        assert s[kept].min() >= s[evicted].max() - 1e-6, (layer, b, h)
+        checked += 1
+  assert checked == 2 * len(layers) * kh
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -62,7 +62,7 @@ def _within(name: str, prefix: str) -> bool:
 def test_the_parser_sees_known_imports():
   """The checks below are only as good as `_imports`: it must find these."""
   edges = {(a, b) for a, b, _ in _edges()}
-  assert ("jmmkv.cache.stats", "jmmkv.kernels.select") in edges
+  assert ("jmmkv.cache.statistics", "jmmkv.kernels.select") in edges
   assert ("jmmkv.cli", "jmmkv.eval.cli") in edges  # inside a function
   assert ("jmmkv.generate", "jmmkv.models.llama") in edges
   assert ("jmmkv.eval.milebench", "jmmkv.eval.milebench_data") in edges

@@ -15,7 +15,7 @@ class PromptKV(NamedTuple):
   valid_BT: Array  # [B, T] bool, false on padding
   modality_BT: Array  # [B, T] int32 modality id per token
   lengths_B: Array  # [B] int32
-  stats: Stats = Stats()  # prefill statistics [L, ...] the policy asked for (None otherwise)
+  stats: Stats = {}  # prefill statistics {name: [L, ...]} the policy asked for
 
 
 class Prefix(NamedTuple):

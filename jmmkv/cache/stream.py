@@ -83,7 +83,7 @@ def on_layer(policy, storage: Storage, ctx: Context, valid_BT, modality_BT, leng
 
   def step(index: int, k_BKTH: Array, v_BKTH: Array, st: Stats, state):
     carry, store = state
-    lead = Stats(*(None if x is None else x[None] for x in st))
+    lead = {name: x[None] for name, x in st.items()}
     layer = PromptKV(k_BKTH[None], v_BKTH[None], valid_BT, modality_BT, lengths_B, lead)
     kept, carry = policy.compress_layer(layer, index, ctx, storage.capacity, carry)
     if storage.pooled:

@@ -1,7 +1,5 @@
 """Blockwise prefill statistics vs a dense reference built from transformers' own attention."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,13 +8,14 @@ import torch
 
 import jmmkv
 from hf_models import build_model, pad_batch, positions_from_mask, random_ids
-from jmmkv.cache import stats
+from jmmkv.cache import statistics, stats
 from jmmkv.inputs import Media
 from jmmkv.models.llama import Decoder
 from mm_models import build_mm_model, make_case, modality_of
 from references import stats_ref
 
-SPEC = stats.StatsSpec(window=8, colsum=True, entropy=True, cross=True)
+ALL = (statistics.WindowSums(8), statistics.ColumnSums(), statistics.RowEntropy())
+SPEC = stats.spec(*ALL, statistics.CrossEntropy())
 
 
 def _ours(model, ids, mask, media=Media(), modality=None, spec=SPEC):
@@ -55,17 +54,17 @@ def test_text_stats_equal_dense(seed, lengths, tmp_path):
   valid = mask.astype(bool)
   for layer, (probs, _, _, _) in enumerate(ref):
     np.testing.assert_allclose(
-      got.colsum[layer], stats_ref.colsum(probs, valid), atol=1e-5, rtol=1e-5
+      got["colsum"][layer], stats_ref.colsum(probs, valid), atol=1e-5, rtol=1e-5
     )
     np.testing.assert_allclose(
-      got.window[layer], stats_ref.window(probs, valid, 8), atol=1e-5, rtol=1e-5
+      got["window"][layer], stats_ref.window(probs, valid, 8), atol=1e-5, rtol=1e-5
     )
     np.testing.assert_allclose(
-      got.entropy[layer], stats_ref.row_entropy(probs, valid), atol=1e-5, rtol=1e-5
+      got["entropy"][layer], stats_ref.row_entropy(probs, valid), atol=1e-5, rtol=1e-5
     )
-    np.testing.assert_array_equal(got.cross[layer], 0.0)  # text only: no cross-modal entropy
+    np.testing.assert_array_equal(got["cross"][layer], 0.0)  # text only: no cross-modal entropy
     # padding keys get nothing
-    assert np.all(got.colsum[layer][~valid[:, None, :].repeat(probs.shape[1], 1)] == 0)
+    assert np.all(got["colsum"][layer][~valid[:, None, :].repeat(probs.shape[1], 1)] == 0)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -87,16 +86,19 @@ def test_multimodal_stats_equal_dense(family, seed, tmp_path):
   modality = modality_of(case.ids)
   is_text, is_vis = (modality == 1) & valid, (modality >= 2) & valid
   # seeds 1, 2: text / visual compacted to static bounds below T (as generate does)
-  spec = SPEC.with_cross_bounds(is_text, is_vis, multiple=8) if seed else SPEC
-  assert seed == 0 or spec.cross_visual < case.ids.shape[1]
+  cross = statistics.CrossEntropy(multiple=8)
+  if seed:
+    cross = cross.for_prompt(valid, modality)
+  assert seed == 0 or cross.visual < case.ids.shape[1]
+  spec = stats.spec(*ALL, cross)
   got = _ours(model, case.ids, case.mask, media, modality_of(case.ids) * case.mask, spec)
   for layer, (probs, q, k, scaling) in enumerate(ref):
     np.testing.assert_allclose(
-      got.colsum[layer], stats_ref.colsum(probs, valid), atol=1e-5, rtol=1e-5
+      got["colsum"][layer], stats_ref.colsum(probs, valid), atol=1e-5, rtol=1e-5
     )
     want = stats_ref.cross_entropy(q, k, scaling, valid, is_text, is_vis)
     assert (want > 0.1).sum() >= 2  # non-degenerate: most rows have spread-out attention
-    np.testing.assert_allclose(got.cross[layer], want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got["cross"][layer], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("block", [4, 16, 64])
@@ -143,7 +145,7 @@ def test_key_tiles_do_not_change_anything():
 
 def test_16k_prompt_never_builds_a_t_by_t_array():
   t, b, n, kh, h = 16384, 1, 2, 1, 16
-  spec = stats.StatsSpec(window=32, colsum=True, entropy=True, cross=True)
+  spec = stats.spec(statistics.WindowSums(32), *ALL[1:], statistics.CrossEntropy())
   fn = jax.jit(lambda q, k, v, valid, mod: stats.attention(q, k, v, valid, mod, spec, block=128))
   args = (
     jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),
@@ -196,7 +198,7 @@ def test_attention_without_query_statistics_is_flash_and_exact(t):
   k, v = (rng.normal(size=(b, kh, t, h)).astype(np.float32) for _ in range(2))
   valid = np.arange(t)[None] < np.array([[t], [t - 13]])
   modality = np.where(rng.random((b, t)) < 0.5, 2, 1) * valid
-  spec = stats.StatsSpec(window=8)  # SnapKV's: no statistic of every query
+  spec = stats.spec(statistics.WindowSums(8))  # SnapKV's: no statistic of every query
   run = lambda spec: jax.jit(lambda *a: stats.attention(*a, spec, block=16))(
     q, k, v, jnp.asarray(valid), jnp.asarray(modality)
   )
@@ -204,5 +206,44 @@ def test_attention_without_query_statistics_is_flash_and_exact(t):
   np.testing.assert_allclose(
     np.asarray(out)[valid], _dense_causal(q, k, v, valid)[valid], atol=1e-5, rtol=1e-5
   )
-  both = run(dataclasses.replace(spec, colsum=True))
-  np.testing.assert_allclose(np.asarray(st.window), np.asarray(both[1].window), atol=1e-6)
+  both = run(spec | {statistics.ColumnSums()})
+  np.testing.assert_allclose(np.asarray(st["window"]), np.asarray(both[1]["window"]), atol=1e-6)
+
+
+def test_conflicting_and_unknown_statistics_are_refused():
+  with pytest.raises(ValueError, match="conflicting statistics of one name"):
+    stats.spec(statistics.WindowSums(8), statistics.WindowSums(16))
+  with pytest.raises(ValueError, match="window must be >= 1"):
+    statistics.WindowSums(0)
+
+  class Neither(stats.Statistic):
+    name = "neither"
+
+  x = jnp.ones((1, 8, 2, 4), jnp.float32)
+  kv = jnp.ones((1, 2, 8, 4), jnp.float32)
+  valid = jnp.ones((1, 8), bool)
+  with pytest.raises(TypeError, match="not a QueryStatistic or ProbabilityStatistic"):
+    stats.attention(x, kv, kv, valid, valid.astype(jnp.int32), stats.spec(Neither()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_window_sums_over_key_tiles_equal_dense(seed, monkeypatch):
+  """Several key tiles and a remainder (tile 16, T = 100), left and right padding, GQA."""
+  monkeypatch.setattr(statistics, "WINDOW_KEY_TILE", 16)
+  rng = np.random.default_rng(seed)
+  b, t, n, kh, h, w = 3, 100, 4, 2, 8, 8
+  q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  k = rng.normal(size=(b, kh, t, h)).astype(np.float32)
+  slots = np.arange(t)
+  valid = np.stack([slots < t, slots < 61, slots >= 30 + seed])
+  got = np.asarray(jax.jit(statistics.window_sums, static_argnums=3)(q, k, valid, w))
+  kk = np.repeat(k, n // kh, axis=1).astype(np.float64)  # [B, N, T, H]
+  want = np.zeros((b, n, t))
+  for r in range(b):
+    rows = np.flatnonzero(valid[r])[-w:]  # the row's last w valid queries
+    for i in rows:
+      keys = np.flatnonzero(valid[r] & (slots <= i))
+      s = np.einsum("nh,nsh->ns", q[r, i], kk[r][:, keys]) / np.sqrt(h)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      want[r][:, keys] += p / p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

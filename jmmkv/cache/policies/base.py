@@ -7,7 +7,8 @@ the budget into kept counts once (``Context.kept_B``); no policy reads or valida
 
 A policy is a frozen, hashable dataclass (static under jit) that satisfies `Policy`:
 
-- ``stats``: the `StatsSpec` of per-layer prefill statistics it scores with;
+- ``stats``: the `StatsSpec` (a frozenset of `jmmkv.cache.stats.Statistic`) of per-layer
+  prefill statistics it scores with, read as ``layer.stats[name]``;
 - ``survey``: statistics of *every* layer it needs before compressing the first (MEDA's layer
   entropies; `NONE` for the others): the driver then runs a first pass that keeps no K/V;
 - ``plan(host) -> Plan`` (host side): static bounds on what it keeps;
@@ -46,7 +47,7 @@ class HostPrompt(NamedTuple):
   modality_BT: np.ndarray  # [B, T] int32
   num_layers: int
   num_kv_heads: int
-  survey: Stats = Stats()  # the survey pass's statistics [L, ...] (NumPy), when asked for
+  survey: Stats = {}  # the survey pass's statistics {name: [L, ...]} (NumPy), when asked for
 
   @property
   def bucket(self) -> int:  # T

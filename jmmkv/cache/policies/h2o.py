@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from jmmkv.cache import select
 from jmmkv.cache.policies.base import PromptKV, Scorer, check_fields
-from jmmkv.cache.stats import StatsSpec
+from jmmkv.cache.stats import spec
+from jmmkv.cache.statistics import ColumnSums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,7 @@ class H2O(Scorer):
   gqa: str = "mean"
 
   name = "h2o"
-  stats = StatsSpec(colsum=True)
+  stats = spec(ColumnSums())
 
   def __post_init__(self):
     check_fields(self)
@@ -35,7 +36,7 @@ class H2O(Scorer):
 
   def scores(self, layer: PromptKV, kept_B):
     """Column sums (GQA-reduced); level 1 on the last ``floor(n * recent_fraction)`` tokens."""
-    score = select.reduce_heads(layer.stats.colsum, layer.k.shape[2], self.gqa)
+    score = select.reduce_heads(layer.stats[ColumnSums.name], layer.k.shape[2], self.gqa)
     recent_B = jnp.floor(kept_B * self.recent_fraction).astype(jnp.int32)
     level = select.recent_rows(layer.valid_BT, recent_B)[None, :, None]
     return score, jnp.broadcast_to(level, score.shape)

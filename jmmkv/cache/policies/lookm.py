@@ -34,7 +34,8 @@ from jmmkv.cache.policies.base import (
   PromptKV,
   check_fields,
 )
-from jmmkv.cache.stats import StatsSpec
+from jmmkv.cache.stats import spec
+from jmmkv.cache.statistics import ColumnSums
 from jmmkv.typing import IMAGE, VIDEO, Array
 
 
@@ -79,7 +80,7 @@ class LookM(Base):
   keep_all_text: bool = True  # the paper; False: the budget holds (text first, then visual)
 
   name = "lookm"
-  stats = StatsSpec(colsum=True)
+  stats = spec(ColumnSums())
 
   def __post_init__(self):
     check_fields(self)
@@ -105,7 +106,7 @@ class LookM(Base):
     return Plan(int(n.max(initial=1)))
 
   def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry):
-    score = select.reduce_heads(layer.stats.colsum, layer.k.shape[2], "mean")
+    score = select.reduce_heads(layer.stats[ColumnSums.name], layer.k.shape[2], "mean")
     recent_B, important_B = split_recent(ctx.kept_B, self.recent_ratio, self.important_ratio)
     keep = text_prior_keep(
       layer, score, recent_B[None], important_B[None], self.text_prior, self.keep_all_text

@@ -38,7 +38,8 @@ from jmmkv.cache.policies.base import (
   PromptKV,
   check_fields,
 )
-from jmmkv.cache.stats import StatsSpec
+from jmmkv.cache.stats import StatsSpec, spec
+from jmmkv.cache.statistics import WindowSums
 from jmmkv.typing import IMAGE, VIDEO
 
 
@@ -80,7 +81,7 @@ class MadaKV(Base):
 
   @property
   def stats(self) -> StatsSpec:
-    return StatsSpec(window=self.proxy_window)
+    return spec(WindowSums(self.proxy_window))
 
   def plan(self, host: HostPrompt) -> Plan:
     """Without HCC every head keeps n. With reading B's pool cap a layer never takes what the
@@ -118,7 +119,7 @@ class MadaKV(Base):
 
   def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, phi_B):
     kh = layer.k.shape[2]
-    psi = select.reduce_heads(layer.stats.window, kh, "mean")  # [L, B, K, T]
+    psi = select.reduce_heads(layer.stats[WindowSums.name], kh, "mean")  # [L, B, K, T]
     valid = layer.valid_BT[None, :, None, :]
     p_B = jnp.minimum(self.proxy_window, layer.lengths_B)
     proxy = select.recent_rows(layer.valid_BT, p_B)[None, :, None, :]

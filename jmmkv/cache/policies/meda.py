@@ -36,7 +36,8 @@ from jmmkv.cache.policies.base import (
   check_fields,
 )
 from jmmkv.cache.policies.lookm import finish, split_recent, text_prior_keep
-from jmmkv.cache.stats import StatsSpec
+from jmmkv.cache.stats import StatsSpec, spec
+from jmmkv.cache.statistics import ColumnSums, CrossEntropy, RowEntropy
 from jmmkv.typing import Array
 
 
@@ -78,7 +79,7 @@ class MEDA(Base):
     if not 0.0 <= self.alpha_min <= 1.0:
       raise ValueError(f"alpha_min must be in [0, 1], got {self.alpha_min}")
 
-  stats = StatsSpec(colsum=True)
+  stats = spec(ColumnSums())
 
   @property
   def survey(self) -> StatsSpec:
@@ -86,7 +87,8 @@ class MEDA(Base):
     pass computes them and keeps no K/V. It asks for the column sums too, only so that its
     attention runs the same exact-softmax path as the second pass: its hidden states, hence its
     entropies and layer budgets, are then bit-identical to a single pass's."""
-    return StatsSpec(colsum=True, cross=self.variant == "paper", entropy=self.variant == "code")
+    by_variant = CrossEntropy() if self.variant == "paper" else RowEntropy()
+    return spec(ColumnSums(), by_variant)
 
   @property
   def recent_important(self) -> tuple[int, int]:
@@ -95,8 +97,8 @@ class MEDA(Base):
   def entropies(self, survey) -> Array:
     """E ``[L, B]`` from the survey's statistics."""
     if self.variant == "paper":
-      return survey.cross.sum(-1)
-    return survey.entropy.mean(-1)
+      return survey[CrossEntropy.name].sum(-1)
+    return survey[RowEntropy.name].mean(-1)
 
   def layer_budgets(self, entropy_LB: Array, n_B: Array, t_B: Array) -> tuple[Array, Array]:
     """(alpha ``[L, B]``, S ``[L, B]``)."""
@@ -125,7 +127,7 @@ class MEDA(Base):
   def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, s_LB):
     b1, b2 = self.recent_important
     recent_B, important_B = split_recent(s_LB[index], b1, b2)
-    score = select.reduce_heads(layer.stats.colsum, layer.k.shape[2], "mean")
+    score = select.reduce_heads(layer.stats[ColumnSums.name], layer.k.shape[2], "mean")
     keep = text_prior_keep(
       layer, score, recent_B[None], important_B[None], True, self.keep_all_text
     )

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from jmmkv.cache import select
 from jmmkv.cache.policies.base import PromptKV, Scorer, check_fields
-from jmmkv.cache.stats import StatsSpec
+from jmmkv.cache.stats import StatsSpec, spec
+from jmmkv.cache.statistics import WindowSums
 from jmmkv.typing import Array
 
 
@@ -68,14 +69,14 @@ class SnapKV(Scorer):
 
   @property
   def stats(self) -> StatsSpec:
-    return StatsSpec(window=self.window)
+    return spec(WindowSums(self.window))
 
   def scores(self, layer: PromptKV, kept_B=None) -> tuple[Array, Array]:
     """(score, level) ``[1, B, K, T]``: pooled window attention; level 1 on the window."""
     w_B = jnp.minimum(self.window, layer.lengths_B)
     in_window_BT = select.recent_rows(layer.valid_BT, w_B)
     prefix_BT = layer.valid_BT & ~in_window_BT
-    pooled = pool(layer.stats.window, prefix_BT, self.kernel, self.pooling)
+    pooled = pool(layer.stats[WindowSums.name], prefix_BT, self.kernel, self.pooling)
     score = select.reduce_heads(
       jnp.where(prefix_BT[None, :, None, :], pooled, 0.0), layer.k.shape[2], self.gqa
     )
