@@ -73,15 +73,43 @@ class Block(nn.Module):
     x_BTD, _ = scan(self, x_BTD, jnp.arange(0, t, MLP_CHUNK))
     return x_BTD
 
-  def prefill(self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec: stats.StatsSpec):
-    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, cos_BTH, sin_BTH)
-    k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-    # Materialised once: the compression reads these buffers, and XLA does not keep the
-    # pre-RoPE keys alive to recompute RoPE inside it.
-    k_BKTH, v_BKTH = (
-      order.after(k_BKTH, k_BKTH[0, 0, 0, 0]),
-      order.after(v_BKTH, v_BKTH[0, 0, 0, 0]),
+  def _qkv_in_chunks(self, x_BTD, cos_BTH, sin_BTH):
+    """`_qkv` over `MLP_CHUNK`-token chunks in turn, written into q ``[B, T, N, H]`` and K/V
+    ``[B, K, T, H]`` buffers: the normed input, the pre-RoPE projections and the transposes
+    exist per chunk only. The K/V buffers are materialised once, so the compression reads them
+    and XLA does not keep the pre-RoPE keys alive to recompute RoPE inside it."""
+    b, t, _ = x_BTD.shape
+    c = self.cfg
+    if t <= MLP_CHUNK or t % MLP_CHUNK or self.is_initializing():
+      q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, cos_BTH, sin_BTH)
+      k_BKTH, v_BKTH = (x.transpose(0, 2, 1, 3) for x in (k_BTKH, v_BTKH))
+      return q_BTNH, *(order.after(x, x[0, 0, 0, 0]) for x in (k_BKTH, v_BKTH))
+
+    def body(block, bufs, start):
+      q_BTNH, k_BKTH, v_BKTH = bufs
+      chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, start, MLP_CHUNK, axis=1)
+      q_BQNH, k_BQKH, v_BQKH = block._qkv(chunk(x_BTD), chunk(cos_BTH), chunk(sin_BTH))
+      put = lambda buf, y, axis: jax.lax.dynamic_update_slice_in_dim(buf, y, start, axis=axis)
+      return (
+        put(q_BTNH, q_BQNH.astype(q_BTNH.dtype), 1),
+        put(k_BKTH, k_BQKH.transpose(0, 2, 1, 3).astype(k_BKTH.dtype), 2),
+        put(v_BKTH, v_BQKH.transpose(0, 2, 1, 3).astype(v_BKTH.dtype), 2),
+      ), None
+
+    dt = jnp.dtype(self.dtype)
+    # Made from this layer's input, so that XLA allocates them when the layer runs.
+    empty = lambda shape: order.after(jnp.zeros(shape, dt), x_BTD[0, 0, 0])
+    bufs = (
+      empty((b, t, c.num_heads, c.head_dim)),
+      empty((b, c.num_kv_heads, t, c.head_dim)),
+      empty((b, c.num_kv_heads, t, c.head_dim)),
     )
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
+    bufs, _ = scan(self, bufs, jnp.arange(0, t, MLP_CHUNK))
+    return bufs
+
+  def prefill(self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec: stats.StatsSpec):
+    q_BTNH, k_BKTH, v_BKTH = self._qkv_in_chunks(x_BTD, cos_BTH, sin_BTH)
     o_BTNH, st = stats.attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT, spec)
     return self._finish_in_chunks(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
 
@@ -158,8 +186,8 @@ class Decoder(nn.Module):
     """Prompt forward from embeddings. ``positions``: ``[B, T]``, or ``[3, B, T]`` M-RoPE ids.
 
     Without ``on_layer``: returns final-normed hidden ``[B, T, D]``, K/V ``[L, B, K, T, H]`` and
-    the `stats.Stats` that ``spec`` asks for, stacked over layers (``[L, ...]``; None for the
-    others). With it (`jmmkv.cache.stream`): after each layer,
+    the `stats.Stats` that ``spec`` asks for, stacked over layers (``{name: [L, ...]}``).
+    With it (`jmmkv.cache.stream`): after each layer,
     ``state, token = on_layer(index, k_BKTH, v_BKTH, stats, state)``, where ``token`` is a finite
     float32 scalar computed from everything the callback stored; the next layer's input gets
     ``0 * token`` added to one element, so that it cannot start before the callback is done and
@@ -182,7 +210,7 @@ class Decoder(nn.Module):
       sts.append(st)
     if on_layer is not None:
       return self.norm(x_BTD), state
-    stacked = stats.Stats(*(None if f[0] is None else jnp.stack(f) for f in zip(*sts)))
+    stacked = {name: jnp.stack([st[name] for st in sts]) for name in sts[0]}
     return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs), stacked
 
   def decode(self, x_B1D: Array, cache: kv_cache.KVCache):
