@@ -255,7 +255,7 @@ def main(args) -> int:
   from jmmkv.files import output_path, write_atomic
 
   policies = jmmkv.policies.spec_list(args.policies)  # bad arguments fail before any work
-  lengths = numbers(args.lengths, "--lengths", int, minimum=1)
+  lengths = numbers("4096" if args.lengths is None else args.lengths, "--lengths", int, minimum=1)
   budgets = ratios(args.budgets)
   out = output_path(args.out)
   if args.compare_hf:

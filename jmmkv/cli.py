@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--dtype", choices=DTYPES, default="float32")
   gen.set_defaults(func=_generate)
   bench = sub.add_parser(
-    "bench", help="KV memory and latency of each policy x budget vs Full (random weights)"
+    "bench",
+    help="KV memory and latency of each policy x budget vs Full, or (--max-length) the longest "
+    "prompt each fits in a memory limit (random weights)",
   )
   bench.add_argument(
     "--preset",
@@ -244,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     default="llava-mini",
     help="llava-mini: 8 layers, D=512, 8 heads (MHA), head dim 64, vocab 4096",
   )
-  bench.add_argument("--lengths", default="4096", help="comma-separated prompt lengths")
+  bench.add_argument(
+    "--lengths", default=None, help="comma-separated prompt lengths (default 4096)"
+  )
   bench.add_argument(
     "--policies",
     default="all",
@@ -262,6 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     "decoding; needs torch==2.13.0 (pip install -e '.[test]')",
   )
   bench.add_argument("--out", default="bench.json", help="where to write the JSON results")
+  bench.add_argument(
+    "--max-length",
+    default=None,
+    metavar="LIMIT",
+    help="instead of timing: the longest prompt each policy x budget fits in LIMIT bytes (e.g. "
+    "2GiB, 512MiB; powers of 1024), from XLA's memory analysis of generate's compiled stages, "
+    "parameters included; no latency run",
+  )
+  bench.add_argument(
+    "--max-search-length",
+    type=int,
+    default=1 << 20,
+    help="--max-length: the longest prompt length searched",
+  )
+  bench.add_argument(
+    "--check-length",
+    type=int,
+    default=3072,
+    help="--max-length: one generate call at this length (at most the one found) is also "
+    "measured, beside its estimate; 0: none",
+  )
   bench.set_defaults(func=_bench)
   from jmmkv.eval import cli as eval_cli
 
@@ -270,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args) -> int:
+  if args.max_length is not None:
+    from jmmkv import bench_fit
+
+    return bench_fit.main(args)
   from jmmkv import bench
 
   return bench.main(args)
