@@ -234,7 +234,7 @@ def attention(
   valid_BT: Array,
   modality_BT: Array,
   statistics: StatsSpec = NONE,
-  block: int = 128,
+  block: int = 64,
   key_block: int = 512,
 ) -> tuple[Array, Stats]:
   """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked).
