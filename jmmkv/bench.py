@@ -14,6 +14,7 @@ writes JSON.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -64,6 +65,23 @@ PRESETS = {
   ),
 }
 SMALL_WINDOW = {"snapkv": dict(window=32), "pyramidkv": dict(window=32), "adakv": dict(window=32)}
+
+
+def run_meta(preset: str, model, batch_size: int, max_new_tokens: int, **fields) -> dict:
+  """What a benchmark's JSON says of its run: the preset, batch, dtype, ``fields``, versions and
+  the machine."""
+  return dict(
+    preset=preset,
+    config=PRESETS[preset],
+    batch=batch_size,
+    dtype=model.dtype_name,
+    max_new_tokens=max_new_tokens,
+    **{"versions": runinfo.versions(), **fields},
+    device=str(jax.devices()[0]),
+    machine=platform.machine(),
+    cpu_count=os.cpu_count(),
+    peak_memory=memory.method(),
+  )
 
 
 def prompt(
@@ -209,20 +227,15 @@ def run(
         tqdm.tqdm.write(_line(row), file=sys.stdout)
         bar.update()
   bar.close()
-  meta = dict(
-    preset=preset,
-    config=PRESETS[preset],
-    batch=batch_size,
-    dtype=model.dtype_name,
-    max_new_tokens=max_new_tokens,
+  meta = run_meta(
+    preset,
+    model,
+    batch_size,
+    max_new_tokens,
     repeats=repeats,
     param_bytes=param_bytes,
     read_bandwidth_GBps=bandwidth / 1e9,
     versions=runinfo.versions("torch"),
-    device=str(jax.devices()[0]),
-    machine=platform.machine(),
-    cpu_count=__import__("os").cpu_count(),
-    peak_memory=memory.method(),
   )
   return dict(meta=meta, rows=rows)
 

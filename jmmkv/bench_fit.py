@@ -31,8 +31,6 @@ import contextlib
 import dataclasses
 import importlib
 import json
-import os
-import platform
 import sys
 import time
 
@@ -42,7 +40,8 @@ import numpy as np
 import tqdm
 
 import jmmkv
-from jmmkv import memory, runinfo
+from jmmkv import memory
+from jmmkv import bench
 from jmmkv.bench import PRESETS, SMALL_WINDOW, prompt
 from jmmkv.cache import kv_cache
 from jmmkv.generate import as_budget, as_policy, prefill_stage
@@ -341,12 +340,11 @@ def run(
     )
     bar.update()
   bar.close()
-  meta = dict(
-    preset=preset,
-    config=PRESETS[preset],
-    batch=batch_size,
-    dtype=model.dtype_name,
-    max_new_tokens=max_new_tokens,
+  meta = bench.run_meta(
+    preset,
+    model,
+    batch_size,
+    max_new_tokens,
     limit_bytes=limit,
     max_search_length=max_search_length,
     grid_step=STEP,
@@ -355,14 +353,9 @@ def run(
     "argument + output + temp - alias bytes at the prompt's bucket) and the layout (parameters + "
     "stored cache + its re-laid copy); MEDA with equal layer entropies",
     check_length=check_length,
-    peak_memory=memory.method(),
     compilations=compiled.compilations,
     compile_seconds=compiled.seconds,
     seconds=time.perf_counter() - t_start,
-    versions=runinfo.versions(),
-    device=str(jax.devices()[0]),
-    machine=platform.machine(),
-    cpu_count=os.cpu_count(),
   )
   return dict(meta=meta, rows=rows)
 
