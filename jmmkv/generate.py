@@ -70,7 +70,7 @@ def survey_step(
   _, sts = dec.apply(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep_stats, (), method=Decoder.prefill
   )
-  return {name: jnp.stack([st[name] for st in sts]) for name in sts[0]}
+  return stats.stack(sts)
 
 
 @functools.partial(

@@ -111,6 +111,11 @@ def spec(*statistics: Statistic) -> StatsSpec:
   return out
 
 
+def stack(per_layer: list[Stats]) -> Stats:
+  """The layers' statistics stacked: ``{name: [L, ...]}``."""
+  return {name: jnp.stack([st[name] for st in per_layer]) for name in per_layer[0]}
+
+
 def for_prompt(statistics: StatsSpec, valid_BT, modality_BT) -> StatsSpec:
   """Each statistic's `Statistic.for_prompt` (host NumPy masks ``[B, T]``)."""
   return spec(*(x.for_prompt(valid_BT, modality_BT) for x in statistics))

@@ -56,12 +56,16 @@ class Block(nn.Module):
     up_BTF = self.up_proj("BTD,DF->BTF", h_BTD)
     return x_BTD + self.down_proj("BTF,FD->BTD", gate_BTF * up_BTF)
 
+  def _whole(self, t: int) -> bool:
+    """Whether a ``t``-token prompt runs in one piece rather than in `MLP_CHUNK`-token chunks."""
+    return t <= MLP_CHUNK or t % MLP_CHUNK != 0 or self.is_initializing()
+
   def _finish_in_chunks(self, x_BTD, o_BTNH):
     """`_finish` over `MLP_CHUNK`-token chunks in turn (a scan), so that the MLP's ``[B, T, F]``
     activations of a long prompt are never all alive: at most ``[B, MLP_CHUNK, F]``. Each chunk's
     result overwrites its rows of the residual stream (no new ``[B, T, D]`` buffer)."""
     b, t, d = x_BTD.shape
-    if t <= MLP_CHUNK or t % MLP_CHUNK or self.is_initializing():
+    if self._whole(t):
       return self._finish(x_BTD, o_BTNH)
 
     def body(block, x_BTD, start):
@@ -80,7 +84,7 @@ class Block(nn.Module):
     and XLA does not keep the pre-RoPE keys alive to recompute RoPE inside it."""
     b, t, _ = x_BTD.shape
     c = self.cfg
-    if t <= MLP_CHUNK or t % MLP_CHUNK or self.is_initializing():
+    if self._whole(t):
       q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, cos_BTH, sin_BTH)
       k_BKTH, v_BKTH = (x.transpose(0, 2, 1, 3) for x in (k_BTKH, v_BTKH))
       return q_BTNH, *(order.after(x, x[0, 0, 0, 0]) for x in (k_BKTH, v_BKTH))
@@ -210,8 +214,7 @@ class Decoder(nn.Module):
       sts.append(st)
     if on_layer is not None:
       return self.norm(x_BTD), state
-    stacked = {name: jnp.stack([st[name] for st in sts]) for name in sts[0]}
-    return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs), stacked
+    return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs), stats.stack(sts)
 
   def decode(self, x_B1D: Array, cache: kv_cache.KVCache):
     """One new token per row at position ``lengths + index``. Returns logits ``[B, V]`` and the cache."""
