@@ -61,19 +61,25 @@ def _claim(pool: Pool, layer: int, idx_BKC: Array):
   )
 
 
-def _put(pool: Pool, dest: Array, k_XH: Array, v_XH: Array, pos_X: Array, mod_X: Array) -> Pool:
-  """Pool slots ``dest`` (flat ``page * S + slot``; out of range: dropped) set to these rows."""
+def _put(pool: Pool, dest_OX: Array, k_OXH: Array, v_OXH: Array, pos_OX: Array, mod_OX: Array):
+  """Pool slots ``dest`` (flat ``page * S + slot``; out of range: dropped) set to these rows,
+  one owner ``O = b * K + kv_head`` at a time: XLA CPU copies a scatter's whole update operand
+  (a layer's K/V at once), so each step copies one owner's rows only."""
   pages, s = pool.k.shape[:2]
+  flat = lambda x: x.reshape(pages * s, *x.shape[2:])
 
-  def put(x, new):
-    flat = x.reshape(pages * s, *x.shape[2:])
-    return flat.at[dest].set(new.astype(x.dtype), mode="drop").reshape(x.shape)
+  def step(o, arrays):
+    put = lambda x, new: x.at[dest_OX[o]].set(new[o].astype(x.dtype), mode="drop")
+    return tuple(map(put, arrays, (k_OXH, v_OXH, pos_OX, mod_OX)))
 
+  arrays = (flat(pool.k), flat(pool.v), flat(pool.positions), flat(pool.modality))
+  k, v, positions, modality = jax.lax.fori_loop(0, dest_OX.shape[0], step, arrays)
+  shape = lambda x, like: x.reshape(like.shape)
   return pool.replace(
-    k=put(pool.k, k_XH),
-    v=put(pool.v, v_XH),
-    positions=put(pool.positions, pos_X),
-    modality=put(pool.modality, mod_X),
+    k=shape(k, pool.k),
+    v=shape(v, pool.v),
+    positions=shape(positions, pool.positions),
+    modality=shape(modality, pool.modality),
   )
 
 
@@ -97,8 +103,8 @@ def write(
   dest = jnp.where(keep_BKT, first_BK[..., None] * s + rank_BKT, pool.k.shape[0] * s)
   pos_BKT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, kh, t))
   mod_BKT = jnp.broadcast_to(modality_BT[:, None, :].astype(jnp.int32), (b, kh, t))
-  flat = lambda x: x.reshape(-1, *x.shape[3:])
-  return _put(pool, flat(dest), flat(k_BKTH), flat(v_BKTH), flat(pos_BKT), flat(mod_BKT))
+  owners = lambda x: x.reshape(b * kh, *x.shape[2:])
+  return _put(pool, *map(owners, (dest, k_BKTH, v_BKTH, pos_BKT, mod_BKT)))
 
 
 def write_slots(
@@ -115,8 +121,8 @@ def write_slots(
     jnp.maximum(idx_BKC, 0),
     axis=2,
   )
-  flat = lambda x: x.reshape(-1, *x.shape[3:])
-  return _put(pool, flat(dest), flat(k_BKCH), flat(v_BKCH), flat(idx_BKC), flat(mod_BKC))
+  owners = lambda x: x.reshape(b * kh, *x.shape[2:])
+  return _put(pool, *map(owners, (dest, k_BKCH, v_BKCH, idx_BKC, mod_BKC)))
 
 
 def first_pages(kept_LBK: np.ndarray, page_size: int, pages: int) -> np.ndarray:
