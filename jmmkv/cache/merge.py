@@ -84,12 +84,16 @@ def nearest(
     return pos, _unit(keys.astype(jnp.float32))  # (no unit copy of every key)
 
   kept = compacted(keep_RT, kp)
-  ev_pos, ev_unit = compacted(evict_RT, tp)
+  ev_pos = jnp.pad(
+    positions_from_mask(evict_RT, t), ((0, 0), (0, tp - t)), constant_values=-1
+  )  # ascending evicted positions [R, tp], -1 after; their unit keys are made block by block
   n_kept = keep_RT.sum(-1).max()
   key_blocks = (n_kept + block - 1) // block
 
   def query_block(search, qi, out):
-    q_RQH = jax.lax.dynamic_slice_in_dim(ev_unit, qi * block, block, axis=1)
+    pos_RQ = jax.lax.dynamic_slice_in_dim(ev_pos, qi * block, block, axis=1)
+    keys = jnp.take_along_axis(k_RTH, jnp.maximum(pos_RQ, 0)[..., None], axis=1)
+    q_RQH = _unit(keys.astype(jnp.float32))
     found = search(q_RQH, kept, key_blocks, block)
     return tuple(jax.lax.dynamic_update_slice(o, f, (0, qi * block)) for o, f in zip(out, found))
 
@@ -186,8 +190,8 @@ def merge_kept(
 ):
   """The kept tokens' K/V with every evicted token merged into its nearest kept one by ``rule``
   (module docstring), at the ascending kept positions ``positions_LBKC`` only: ``[L, B, K, C,
-  H]`` each (-1: empty slot, zeros). Nothing of the prompt's size is written but the evicted
-  tokens' compacted unit keys (the kept ones are ``C`` wide)."""
+  H]`` each (-1: empty slot, zeros). No key or value array of the prompt's size is written: the
+  evicted tokens' unit keys are made block by block, their sums row by row."""
   if rule not in RULES:
     raise ValueError(f"merge rule must be one of {', '.join(RULES)}, got {rule!r}")
   shape = k.shape
@@ -214,10 +218,18 @@ def merge_kept(
   # zeros at the start of the prefill.
   zeros = lambda *shape: order.after(jnp.zeros((r, c + 1) + shape, jnp.float32), target[0, 0])
   count = zeros().at[rows, seg].add(1.0)[:, :c]
+
+  def sums(x):  # [R, C, H]; row by row: XLA CPU copies a scatter's whole update operand
+    def row(i, acc):
+      update = x[i].astype(jnp.float32) * weight[i][:, None]
+      return acc.at[i, seg[i]].add(update)
+
+    return jax.lax.fori_loop(0, r, row, zeros(x.shape[-1]))[:, :c]
+
   out = []
   for x in (kf, vf):
     x32 = x.astype(jnp.float32)
-    summed = zeros(x.shape[-1]).at[rows, seg].add(x32 * weight[..., None])[:, :c]
+    summed = sums(x)
     x_c = jnp.take_along_axis(x32, jnp.maximum(pos_RC, 0)[..., None], axis=1)
     if rule == "pivot":
       new = (x_c * (1 + count[..., None] / 2) + summed / 2) / (count[..., None] + 1)
