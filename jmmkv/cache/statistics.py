@@ -20,7 +20,7 @@ import einops
 import jax
 import jax.numpy as jnp
 
-from jmmkv.cache.stats import ProbabilityStatistic, QueryStatistic, Rows, Shape, Tile
+from jmmkv.cache.stats import Online, ProbabilityStatistic, QueryStatistic, Rows, Shape, Tile
 from jmmkv.kernels import order
 from jmmkv.kernels import select as kernel_select
 from jmmkv.typing import IMAGE, MASK_VALUE, TEXT, VIDEO, Array
@@ -223,13 +223,13 @@ class RowEntropy(ProbabilityStatistic):
       jnp.zeros((shape.b, shape.kh, shape.g, shape.block), jnp.float32),  # sum_s e s, this block
     )
 
-  def tile(self, acc, tile: Tile):
-    total_BN, es_BKGQ = acc
-    return total_BN, es_BKGQ + jnp.einsum("BKGQS,BKGQS->BKGQ", tile.e, tile.s)
+  def online(self, acc, tile: Online):
+    total_BN, es_BKGQ = acc  # sum_s e s, relative to the running max like the output
+    return total_BN, es_BKGQ * tile.a + jnp.einsum("BKGQS,BKGQS->BKGQ", tile.e, tile.s)
 
   def block(self, acc, rows: Rows):
     total_BN, es_BKGQ = acc
-    ent_BKGQ = rows.m + jnp.log(rows.l) - es_BKGQ * rows.inv
+    ent_BKGQ = jnp.where(rows.l > 0, rows.m + jnp.log(rows.l) - es_BKGQ * rows.inv, 0.0)
     ent_BN = einops.rearrange(jnp.einsum("BKGQ,BQ->BKG", ent_BKGQ, rows.qv), "B K G -> B (K G)")
     return total_BN + ent_BN, jnp.zeros_like(es_BKGQ)
 

@@ -12,11 +12,10 @@ built-in ones):
 
 The causal mask hides half of the T x T pairs, and neither path below scores them. Without a
 probability statistic, the attention runs flash style over key tiles
-(`jmmkv.kernels.flash_attention`). With one, each query block's scores over the same tiles go to
-a buffer of ``block x T`` per head, reused by every block, with the rows' max and sum, and a
-second pass over it gives the output and hands each tile's probabilities to the statistics
-(`_exact`). Nothing of size T x T is ever built, no key range is copied, and the output
-overwrites the queries. Padding is never a query or a key. Dimension key: `jmmkv.typing`.
+(`jmmkv.kernels.flash_attention`). With one, the same flash pass hands each tile to the
+statistics (`_exact`), and for statistics of each key (column sums) scores each query block's
+tiles a second time with the rows' final max and sum. Nothing of size T x T (or block x T) is
+ever built, no key range is copied, and the output overwrites the queries. Padding is never a query or a key. Dimension key: `jmmkv.typing`.
 """
 
 from __future__ import annotations
@@ -62,12 +61,24 @@ class Shape(NamedTuple):
   t: int
 
 
+class Online(NamedTuple):
+  """One key tile of one query block in the first (online) step of the exact pass (float32):
+  ``e`` is relative to the rows' running max, so accumulators over earlier tiles are first
+  multiplied by ``a`` (as the output is)."""
+
+  e: Array  # [B, K, G, Q, S] exp(s - running row max); 0 where masked
+  s: Array  # [B, K, G, Q, S] scaled scores (MASK_VALUE where masked)
+  a: Array  # [B, K, G, Q] exp(previous running max - new running max)
+  j: Array  # the tile's index: keys j * S .. j * S + S - 1
+
+
 class Tile(NamedTuple):
-  """One key tile of one query block in the exact pass (float32)."""
+  """One key tile of one finished query block in the second step of the exact pass (float32):
+  ``e * w[..., None]`` are the exact attention probabilities of the block's valid queries."""
 
   e: Array  # [B, K, G, Q, S] exp(s - row max); 0 where masked
   s: Array  # [B, K, G, Q, S] scaled scores (MASK_VALUE where masked)
-  w: Array  # [B, K, G, Q] 1 / row sum for valid queries, 0 for padding: e * w = probabilities
+  w: Array  # [B, K, G, Q] 1 / row sum for valid queries, 0 for padding
   j: Array  # the tile's index: keys j * S .. j * S + S - 1
 
 
@@ -75,27 +86,37 @@ class Rows(NamedTuple):
   """One finished query block of the exact pass (float32)."""
 
   m: Array  # [B, K, G, Q] row max
-  l: Array  # [B, K, G, Q] row sum of exp(s - m)
-  inv: Array  # [B, K, G, Q] 1 / l
+  l: Array  # [B, K, G, Q] row sum of exp(s - m); 0 for a row with no key (padding)
+  inv: Array  # [B, K, G, Q] 1 / l (0 where l is 0)
   qv: Array  # [B, Q] 1.0 for valid queries, 0.0 for padding
 
 
 class ProbabilityStatistic(Statistic):
   """Accumulated from the exact probabilities of every valid query: ``acc = init(shape)``, then
-  per query block ``tile`` on each key tile it reads and ``block`` once its rows are done, and
-  ``finish(acc, valid_BT)`` (``valid_BT`` unpadded) gives the statistic."""
+  per query block ``online`` on each key tile as the attention reads it, ``tile`` on each key
+  tile once the block's rows are done (exact probabilities) and ``block`` after that, and
+  ``finish(acc, valid_BT)`` (``valid_BT`` unpadded) gives the statistic. Statistics are per
+  head: ``[B, N, ...]``. A statistic that overrides `tile` makes the pass score every tile a
+  second time; row statistics (`online` and `block` only) cost about what the attention does."""
 
   def init(self, shape: Shape) -> Any:
     raise NotImplementedError
 
+  def online(self, acc, tile: Online) -> Any:
+    return acc
+
   def tile(self, acc, tile: Tile) -> Any:
-    raise NotImplementedError
+    return acc
 
   def block(self, acc, rows: Rows) -> Any:
     return acc
 
   def finish(self, acc, valid_BT: Array) -> Array:
     raise NotImplementedError
+
+
+def _reads_tiles(statistic: ProbabilityStatistic) -> bool:
+  return type(statistic).tile is not ProbabilityStatistic.tile
 
 
 StatsSpec = frozenset  # of `Statistic`s
@@ -124,71 +145,71 @@ def for_prompt(statistics: StatsSpec, valid_BT, modality_BT) -> StatsSpec:
 def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted):
   """Causal attention with exact softmax rows for the ``wanted`` `ProbabilityStatistic`s. Each
   block of ``block`` queries reads only the ``key_block``-key tiles at or before its last query
-  (``T`` a multiple of ``key_block``, itself of ``block``) and scores each pair once:
+  (``T`` a multiple of ``key_block``, itself of ``block``):
 
-  1. the tiles' scores go into one ``[B, K, G, block, T]`` buffer (reused by every block; only
-     the tiles a block reads are written), with each row's running max and sum (online);
-  2. a pass over the same tiles computes ``e = exp(s - max)``: the output ``e v / sum``, and
-     hands each tile (`Tile`) then the block's rows (`Rows`) to the statistics.
+  1. flash style over the tiles (online max, sum and output), handing each tile to the
+     statistics' `online` hooks;
+  2. when a statistic reads tiles (`ProbabilityStatistic.tile`), the tiles are scored again
+     with the rows' final max and sum (`Tile`), rather than kept: a ``block x T`` buffer per
+     head would cost more memory than the scores cost time;
 
-  The output overwrites the queries block by block (no output buffer); no key range is sliced
-  or copied. Returns the output ``[B, T, N, H]`` and each statistic's accumulator."""
+  then the block's rows (`Rows`) go to the statistics. The output overwrites the queries block
+  by block (no output buffer); no key range is sliced or copied. Returns the output ``[B, T, N,
+  H]`` and each statistic's accumulator."""
   b, t, n, h = q_BTNH.shape
   kh = k_BKTH.shape[1]
   g = n // kh
   scale = h**-0.5
-  tile = lambda x, j, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
-  put = lambda x, y, j: jax.lax.dynamic_update_slice_in_dim(x, y, j * key_block, axis=4)
+  v_tile = lambda j: jax.lax.dynamic_slice_in_dim(v_BKTH, j * key_block, key_block, 2)
+  second = [x for x in wanted if _reads_tiles(x)]
+  m0 = MASK_VALUE / 2  # above every masked score: masked pairs get e = 0, a row with no key l = 0
 
   def block_step(state, i):
-    buf_BTNH, s_BKGQT, accs = state
+    buf_BTNH, accs = state
     q_BQNH = jax.lax.dynamic_slice_in_dim(buf_BTNH, i * block, block, axis=1)
-    q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh)
+    q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh) * scale
     rows_Q = i * block + jnp.arange(block)
     tiles = (i * block + block + key_block - 1) // key_block
     qv_BQ = jax.lax.dynamic_slice_in_dim(valid_BT, i * block, block, axis=1).astype(jnp.float32)
+    scores = lambda j: flash_attention.tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block)
 
-    def score_tile(j, carry):  # 1
-      s_BKGQT, m_BKGQ, l_BKGQ = carry
-      s = flash_attention.tile_scores(q_BKGQH * scale, k_BKTH, valid_BT, rows_Q, j, key_block)
+    def online_tile(j, carry):  # 1
+      m_BKGQ, l_BKGQ, o_BKGQH, accs = carry
+      s = scores(j)
       m_new = jnp.maximum(m_BKGQ, jnp.max(s, axis=-1))
-      l_BKGQ = l_BKGQ * jnp.exp(m_BKGQ - m_new) + jnp.sum(jnp.exp(s - m_new[..., None]), axis=-1)
-      return put(s_BKGQT, s, j), m_new, l_BKGQ
+      a = jnp.exp(m_BKGQ - m_new)
+      e = jnp.exp(s - m_new[..., None])
+      pv = jnp.einsum(
+        "BKGQS,BKSH->BKGQH", e.astype(v_BKTH.dtype), v_tile(j), preferred_element_type=jnp.float32
+      )
+      here = Online(e, s, a, j)
+      accs = {x.name: x.online(accs[x.name], here) for x in wanted}
+      return m_new, l_BKGQ * a + jnp.sum(e, axis=-1), o_BKGQH * a[..., None] + pv, accs
 
     zeros = jnp.zeros((b, kh, g, block), jnp.float32)
-    m0 = jnp.full((b, kh, g, block), MASK_VALUE, jnp.float32)
-    s_BKGQT, m_BKGQ, l_BKGQ = jax.lax.fori_loop(0, tiles, score_tile, (s_BKGQT, m0, zeros))
-    inv_BKGQ = 1.0 / l_BKGQ
+    o_BKGQH = jnp.zeros((b, kh, g, block, h), jnp.float32)
+    m_BKGQ, l_BKGQ, o_BKGQH, accs = jax.lax.fori_loop(
+      0, tiles, online_tile, (jnp.full_like(zeros, m0), zeros, o_BKGQH, accs)
+    )
+    inv_BKGQ = jnp.where(l_BKGQ > 0, 1.0 / jnp.where(l_BKGQ > 0, l_BKGQ, 1.0), 0.0)
     w_BKGQ = inv_BKGQ * qv_BQ[:, None, None, :]  # padding queries weigh 0
 
-    def prob_tile(j, carry):  # 2
-      o_BKGQH, accs = carry
-      s = tile(s_BKGQT, j, 4)
-      e = jnp.exp(s - m_BKGQ[..., None])
-      o_BKGQH = o_BKGQH + jnp.einsum(
-        "BKGQS,BKSH->BKGQH",
-        e.astype(v_BKTH.dtype),
-        tile(v_BKTH, j, 2),
-        preferred_element_type=jnp.float32,
-      )
-      here = Tile(e, s, w_BKGQ, j)
-      return o_BKGQH, {x.name: x.tile(accs[x.name], here) for x in wanted}
+    def prob_tile(j, accs):  # 2
+      s = scores(j)
+      here = Tile(jnp.exp(s - m_BKGQ[..., None]), s, w_BKGQ, j)
+      return {x.name: x.tile(accs[x.name], here) if x in second else accs[x.name] for x in wanted}
 
-    init = (jnp.zeros((b, kh, g, block, h), jnp.float32), accs)
-    o_BKGQH, accs = jax.lax.fori_loop(0, tiles, prob_tile, init)
-    rows = Rows(m_BKGQ, l_BKGQ, inv_BKGQ, qv_BQ)
-    accs = {x.name: x.block(accs[x.name], rows) for x in wanted}
+    if second:
+      accs = jax.lax.fori_loop(0, tiles, prob_tile, accs)
+    accs = {x.name: x.block(accs[x.name], Rows(m_BKGQ, l_BKGQ, inv_BKGQ, qv_BQ)) for x in wanted}
     o_BQNH = einops.rearrange(o_BKGQH * inv_BKGQ[..., None], "B K G Q H -> B Q (K G) H")
     buf_BTNH = jax.lax.dynamic_update_slice_in_dim(
       buf_BTNH, o_BQNH.astype(buf_BTNH.dtype), i * block, axis=1
     )
-    return (buf_BTNH, s_BKGQT, accs), None
+    return (buf_BTNH, accs), None
 
   accs = {x.name: x.init(Shape(b, kh, g, block, t)) for x in wanted}
-  # Made from this layer's queries, so that XLA allocates it when the layer runs.
-  scores_BKGQT = order.after(jnp.zeros((b, kh, g, block, t), jnp.float32), q_BTNH[0, 0, 0, 0])
-  state = (q_BTNH, scores_BKGQT, accs)
-  (out_BTNH, _, accs), _ = jax.lax.scan(block_step, state, jnp.arange(t // block))
+  (out_BTNH, accs), _ = jax.lax.scan(block_step, (q_BTNH, accs), jnp.arange(t // block))
   return out_BTNH, accs
 
 
@@ -239,15 +260,16 @@ def attention(
   valid_BT: Array,
   modality_BT: Array,
   statistics: StatsSpec = NONE,
-  block: int = 64,
+  block: int = 256,
   key_block: int = 512,
 ) -> tuple[Array, Stats]:
   """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked).
 
   The `QueryStatistic`s in ``statistics`` are computed first. Without a `ProbabilityStatistic`,
   the attention is flash style (`jmmkv.kernels.flash_attention`). With one, blocks of ``block``
-  queries read the ``key_block``-key tiles at or before them, their scores kept in a buffer for
-  a second pass over the exact probabilities (`_exact`). The masked pairs are never computed.
+  queries read the ``key_block``-key tiles at or before them, flash style with the statistics'
+  hooks, and again for the exact probabilities when a statistic reads tiles (`_exact`). The
+  masked pairs are never computed.
   Returns the output ``[B, T, N, H]`` and `Stats` ``{name: array}`` of the requested statistics.
   """
   if key_block % block:
