@@ -210,6 +210,45 @@ def test_attention_without_query_statistics_is_flash_and_exact(t):
   np.testing.assert_allclose(np.asarray(st["window"]), np.asarray(both[1]["window"]), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["meda", "meda:variant=code"])
+def test_meda_survey_sees_the_hidden_states_of_the_compressing_pass(name, tmp_path):
+  """MEDA's survey (entropies only, no column sums) must give exactly the statistics a single
+  pass with the column sums gives, layer after layer: its hidden states are bit-identical
+  (several query blocks and key tiles, left padding)."""
+  build_model("llama_gqa", 0).save_pretrained(tmp_path)
+  model = jmmkv.load(tmp_path)
+  rng = np.random.default_rng(0)
+  ids, mask = pad_batch([random_ids(rng, n) for n in (1100, 700)], "left")
+  modality = np.where(rng.random(ids.shape) < 0.6, 2, 1) * mask
+  policy = jmmkv.policies.from_spec(name)
+  survey = stats.for_prompt(policy.survey, mask.astype(bool), modality)
+  alone = _ours(model, ids, mask, modality=modality, spec=survey)
+  joint = _ours(model, ids, mask, modality=modality, spec=survey | policy.stats)
+  assert set(alone) == {x.name for x in survey}
+  for key, x in alone.items():
+    assert np.all(np.isfinite(x)) and np.abs(x).max() > 0
+    np.testing.assert_array_equal(x, joint[key], err_msg=key)
+
+
+def test_only_statistics_of_each_key_score_the_tiles_twice(monkeypatch):
+  """Row statistics (entropies) ride on the flash pass: the tiles are scored once; column sums
+  score each query block's tiles a second time, with the rows' final max and sum."""
+  from jmmkv.kernels import flash_attention
+
+  traced = []
+  real = flash_attention.tile_scores
+  monkeypatch.setattr(flash_attention, "tile_scores", lambda *a: traced.append(1) or real(*a))
+  q = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 2, 8)), jnp.float32)
+  kv = jnp.asarray(np.random.default_rng(1).normal(size=(1, 2, 64, 8)), jnp.float32)
+  valid = jnp.ones((1, 64), bool)
+  for statistic, scorings in ((statistics.RowEntropy(), 1), (statistics.ColumnSums(), 2)):
+    traced.clear()
+    jax.eval_shape(
+      lambda: stats.attention(q, kv, kv, valid, valid.astype(jnp.int32), stats.spec(statistic))
+    )
+    assert len(traced) == scorings, (statistic, len(traced))
+
+
 def test_conflicting_and_unknown_statistics_are_refused():
   with pytest.raises(ValueError, match="conflicting statistics of one name"):
     stats.spec(statistics.WindowSums(8), statistics.WindowSums(16))

@@ -45,6 +45,13 @@ def split_recent(n, a1: float, a2: float):
   return recent, n - recent
 
 
+def bound_with_text(n, text_B, a1: float, a2: float) -> np.ndarray:
+  """The most `text_prior_keep` keeps of a budget of ``n`` tokens split a1 : a2 when every text
+  token is kept (host): the recent M plus max(N, text), ``text_B`` bounding the row's text."""
+  recent, important = (np.asarray(x) for x in split_recent(jnp.asarray(n), a1, a2))
+  return np.asarray(n) + np.maximum(0, text_B - important)
+
+
 def text_prior_keep(
   prompt: PromptKV,
   score_LBKT: Array,
@@ -99,10 +106,13 @@ class LookM(Base):
       )
 
   def plan(self, host: HostPrompt) -> Plan:
-    """At most n, or with every text token kept n plus the row's text (rows with visual tokens)."""
+    """At most n, or with every text token kept the recent M plus max(N, the row's text)."""
     n = host.kept_B
     if self.keep_all_text and self.text_prior:
-      n = np.minimum(host.lengths_B, n + host.text_beside_visual_B())
+      text_B = host.text_beside_visual_B()
+      n = np.minimum(
+        host.lengths_B, bound_with_text(n, text_B, self.recent_ratio, self.important_ratio)
+      )
     return Plan(int(n.max(initial=1)))
 
   def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry):

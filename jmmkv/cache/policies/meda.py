@@ -35,7 +35,7 @@ from jmmkv.cache.policies.base import (
   PromptKV,
   check_fields,
 )
-from jmmkv.cache.policies.lookm import finish, split_recent, text_prior_keep
+from jmmkv.cache.policies.lookm import bound_with_text, finish, split_recent, text_prior_keep
 from jmmkv.cache.stats import StatsSpec, spec
 from jmmkv.cache.statistics import ColumnSums, CrossEntropy, RowEntropy
 from jmmkv.typing import Array
@@ -84,11 +84,12 @@ class MEDA(Base):
   @property
   def survey(self) -> StatsSpec:
     """Every layer's entropy is needed before the first layer is compressed: a first prefill
-    pass computes them and keeps no K/V. It asks for the column sums too, only so that its
-    attention runs the same exact-softmax path as the second pass: its hidden states, hence its
-    entropies and layer budgets, are then bit-identical to a single pass's."""
+    pass computes them and keeps no K/V. It asks for the row entropies in either variant, so
+    that its attention runs the same exact pass as the second one's first step (flash style
+    with online hooks; the column sums' second scoring does not touch the output): its hidden
+    states, hence its entropies and layer budgets, are then bit-identical to a single pass's."""
     by_variant = CrossEntropy() if self.variant == "paper" else RowEntropy()
-    return spec(ColumnSums(), by_variant)
+    return spec(RowEntropy(), by_variant)
 
   @property
   def recent_important(self) -> tuple[int, int]:
@@ -121,7 +122,8 @@ class MEDA(Base):
     """From the survey: S_l per layer and row, plus the row's text when all text is kept."""
     s_LB = np.asarray(self.start(Context(host.kept_B, host.lengths_B, host.survey, 0)))
     if self.keep_all_text:
-      s_LB = np.minimum(host.lengths_B, s_LB + host.text_beside_visual_B())
+      text_B = host.text_beside_visual_B()
+      s_LB = np.minimum(host.lengths_B, bound_with_text(s_LB, text_B, *self.recent_important))
     return Plan(int(s_LB.max(initial=1)), int(host.num_kv_heads * s_LB.sum()))
 
   def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, s_LB):
