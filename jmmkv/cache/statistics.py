@@ -101,12 +101,17 @@ class WindowSums(QueryStatistic):
     return window_sums(q_BTNH, k_BKTH, valid_BT, self.window)
 
 
+# The most scores one query block of `cross_entropies` holds (each query reads every key of the
+# other modality): 4M floats, 16 MiB; blocks shrink (to 8 queries at least) to stay under it.
+SCORE_ELEMENTS = 1 << 22
+
+
 def _entropy_sum(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BS, block: int) -> Array:
   """``[B]``: summed over the valid queries, the entropy of the head-averaged softmax of each
   query's (non-causal) scores over the valid keys; 0 for a row without valid keys."""
   b, nq, n, h = q_BQNH.shape
-  kh = k_BKSH.shape[1]
-  block = min(block, nq)
+  kh, n_keys = k_BKSH.shape[1:3]
+  block = min(block, nq, max(8, SCORE_ELEMENTS // (b * n * n_keys)))  # few keys: the whole block
   pad = -nq % block
   q_BQNH = jnp.pad(q_BQNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
   qvalid_BQ = jnp.pad(qvalid_BQ, ((0, 0), (0, pad)))

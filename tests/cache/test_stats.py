@@ -230,6 +230,24 @@ def test_meda_survey_sees_the_hidden_states_of_the_compressing_pass(tmp_path):
     np.testing.assert_array_equal(x, joint[key], err_msg=key)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cross_entropies_do_not_depend_on_the_query_block(seed, monkeypatch):
+  """Many keys shrink the query blocks (`statistics.SCORE_ELEMENTS`): the same sums as whole
+  blocks, with padding and rows of different modality mixes."""
+  rng = np.random.default_rng(seed)
+  b, t, n, kh, h = 2, 90, 4, 2, 8
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, kh, t, h)), jnp.float32)
+  valid = np.arange(t)[None] < np.array([[90], [61]])
+  visual = (rng.random((b, t)) < np.array([[0.7], [0.3]])) & valid
+  text = ~visual & valid
+  run = lambda: np.asarray(statistics.cross_entropies(q, k, text, visual, t, t, block=64))
+  whole = run()
+  monkeypatch.setattr(statistics, "SCORE_ELEMENTS", b * n * t * 8)  # 8 queries a block
+  np.testing.assert_allclose(run(), whole, rtol=1e-5, atol=1e-5)
+  assert np.all(whole > 0.1)
+
+
 def test_only_statistics_of_each_key_score_the_tiles_twice(monkeypatch):
   """Row statistics (entropies) ride on the flash pass: the tiles are scored once; column sums
   score each query block's tiles a second time, with the rows' final max and sum."""
