@@ -77,23 +77,22 @@ def nearest(
   tp = -(-t // block) * block
   kp = tp if kept_width is None else min(tp, -(-max(1, kept_width) // block) * block)
 
-  def compacted(mask_RT, width):  # ascending positions [R, width] (-1 after), their unit keys
+  def compacted(mask_RT, width):  # ascending positions [R, width], -1 after
     pos = positions_from_mask(mask_RT, min(width, t))
-    pos = jnp.pad(pos, ((0, 0), (0, width - pos.shape[1])), constant_values=-1)
-    keys = jnp.take_along_axis(k_RTH, jnp.maximum(pos, 0)[..., None], axis=1)
-    return pos, _unit(keys.astype(jnp.float32))  # (no unit copy of every key)
+    return jnp.pad(pos, ((0, 0), (0, width - pos.shape[1])), constant_values=-1)
 
-  kept = compacted(keep_RT, kp)
-  ev_pos = jnp.pad(
-    positions_from_mask(evict_RT, t), ((0, 0), (0, tp - t)), constant_values=-1
-  )  # ascending evicted positions [R, tp], -1 after; their unit keys are made block by block
+  def unit_keys(pos_RX):  # [R, X, H] float32 (no unit copy of every key)
+    keys = jnp.take_along_axis(k_RTH, jnp.maximum(pos_RX, 0)[..., None], axis=1)
+    return _unit(keys.astype(jnp.float32))
+
+  kept_pos = compacted(keep_RT, kp)
+  kept = kept_pos, unit_keys(kept_pos)
+  ev_pos = compacted(evict_RT, tp)  # their unit keys are made block by block
   n_kept = keep_RT.sum(-1).max()
   key_blocks = (n_kept + block - 1) // block
 
   def query_block(search, qi, out):
-    pos_RQ = jax.lax.dynamic_slice_in_dim(ev_pos, qi * block, block, axis=1)
-    keys = jnp.take_along_axis(k_RTH, jnp.maximum(pos_RQ, 0)[..., None], axis=1)
-    q_RQH = _unit(keys.astype(jnp.float32))
+    q_RQH = unit_keys(jax.lax.dynamic_slice_in_dim(ev_pos, qi * block, block, axis=1))
     found = search(q_RQH, kept, key_blocks, block)
     return tuple(jax.lax.dynamic_update_slice(o, f, (0, qi * block)) for o, f in zip(out, found))
 

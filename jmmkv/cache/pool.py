@@ -74,12 +74,11 @@ def _put(pool: Pool, dest_OX: Array, k_OXH: Array, v_OXH: Array, pos_OX: Array, 
 
   arrays = (flat(pool.k), flat(pool.v), flat(pool.positions), flat(pool.modality))
   k, v, positions, modality = jax.lax.fori_loop(0, dest_OX.shape[0], step, arrays)
-  shape = lambda x, like: x.reshape(like.shape)
   return pool.replace(
-    k=shape(k, pool.k),
-    v=shape(v, pool.v),
-    positions=shape(positions, pool.positions),
-    modality=shape(modality, pool.modality),
+    k=k.reshape(pool.k.shape),
+    v=v.reshape(pool.v.shape),
+    positions=positions.reshape(pool.positions.shape),
+    modality=modality.reshape(pool.modality.shape),
   )
 
 

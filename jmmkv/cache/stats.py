@@ -15,7 +15,8 @@ probability statistic, the attention runs flash style over key tiles
 (`jmmkv.kernels.flash_attention`). With one, the same flash pass hands each tile to the
 statistics (`_exact`), and for statistics of each key (column sums) scores each query block's
 tiles a second time with the rows' final max and sum. Nothing of size T x T (or block x T) is
-ever built, no key range is copied, and the output overwrites the queries. Padding is never a query or a key. Dimension key: `jmmkv.typing`.
+ever built, no key range is copied, and the output overwrites the queries. Padding is never a
+query or a key. Dimension key: `jmmkv.typing`.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted)
   g = n // kh
   scale = h**-0.5
   v_tile = lambda j: jax.lax.dynamic_slice_in_dim(v_BKTH, j * key_block, key_block, 2)
-  second = [x for x in wanted if _reads_tiles(x)]
+  second = any(map(_reads_tiles, wanted))
   m0 = MASK_VALUE / 2  # above every masked score: masked pairs get e = 0, a row with no key l = 0
 
   def block_step(state, i):
@@ -197,7 +198,7 @@ def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted)
     def prob_tile(j, accs):  # 2
       s = scores(j)
       here = Tile(jnp.exp(s - m_BKGQ[..., None]), s, w_BKGQ, j)
-      return {x.name: x.tile(accs[x.name], here) if x in second else accs[x.name] for x in wanted}
+      return {x.name: x.tile(accs[x.name], here) for x in wanted}  # the default tile: acc
 
     if second:
       accs = jax.lax.fori_loop(0, tiles, prob_tile, accs)

@@ -48,7 +48,7 @@ def split_recent(n, a1: float, a2: float):
 def bound_with_text(n, text_B, a1: float, a2: float) -> np.ndarray:
   """The most `text_prior_keep` keeps of a budget of ``n`` tokens split a1 : a2 when every text
   token is kept (host): the recent M plus max(N, text), ``text_B`` bounding the row's text."""
-  recent, important = (np.asarray(x) for x in split_recent(jnp.asarray(n), a1, a2))
+  important = np.asarray(split_recent(jnp.asarray(n), a1, a2)[1])
   return np.asarray(n) + np.maximum(0, text_B - important)
 
 
