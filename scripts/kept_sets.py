@@ -29,6 +29,7 @@ CASES = [
   "meda:keep_all_text=false,renormalise=true",
   "madakv",
   "madakv:reading=A",
+  "madakv:reading=B",
   "madakv:hcc=false",
   "madakv:mpa=false",
 ]

@@ -8,13 +8,16 @@ from policy_harness import assert_same_kept, mm_setup, text_setup
 from references.madakv_ref import madakv_ref
 
 VARIANTS = [
-  dict(),
+  dict(),  # reading C, the default
+  dict(mpa=False),  # "HCC only"
+  dict(hcc=False),  # "MPA only"
+  dict(mpa=False, hcc=False),
+  dict(theta=0.5, proxy_window=4, b_min=3),
+  dict(reading="B"),
+  dict(reading="B", mpa=False),
   dict(reading="A"),
-  dict(mpa=False),
-  dict(hcc=False),
-  dict(hcc_units="layer_total"),
-  dict(pool_cap=False),
-  dict(theta=0.5, proxy_window=4),
+  dict(reading="B", hcc_units="layer_total"),
+  dict(reading="B", pool_cap=False),
 ]
 
 
@@ -59,3 +62,66 @@ def test_text_only_prompt(tmp_path, seed):
       row["attn"], row["keys"], row["values"], row["modality"], ratio=0.25, proxy_window=8
     )
     assert_same_kept(cache, b, ref["kept"], f"row {b}")
+
+
+def _attention(rng, n_layers, n_heads, t):
+  """[L][N, T, T] causal softmax rows, sharp or diffuse per (layer, head), some with a sink."""
+  out = []
+  for _ in range(n_layers):
+    s = rng.normal(size=(n_heads, t, t)) * rng.uniform(0.3, 6.0, size=(n_heads, 1, 1))
+    s[:, :, 0] += rng.choice([0.0, 12.0], size=(n_heads, 1))  # attention sinks in some heads
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    out.append(e / e.sum(-1, keepdims=True))
+  return out
+
+
+DEEP_VARIANTS = [dict(), dict(mpa=False), dict(hcc=False), dict(mpa=False, hcc=False)]
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_six_layers_equal_reference(seed):
+  """Readings C (and B) over six layers and two padded rows, driven layer by layer with
+  statistics from random attention (sharp, diffuse and sink-heavy heads), so that the layer
+  budgets move: the kept positions equal the reference's, and C keeps L K n in all."""
+  from jmmkv.cache.policies.base import Context, PromptKV
+  from jmmkv.cache.statistics import WindowSums
+
+  rng = np.random.default_rng(seed)
+  n_layers, n_heads, n_kv, t, hd, proxy = 6, 4, 2, 96, 4, 8
+  lengths = [96, 61]
+  rows = []
+  for length in lengths:
+    mod = np.ones(length, int)
+    for start in rng.choice(length - proxy - 12, size=2, replace=False):
+      mod[start : start + 12] = rng.choice([2, 3])
+    rows.append((_attention(rng, n_layers, n_heads, length), mod))
+  valid = np.arange(t)[None] < np.array(lengths)[:, None]
+  psi = np.zeros((n_layers, 1, len(lengths), n_heads, t), np.float32)
+  mod_BT = np.zeros((len(lengths), t), np.int32)
+  for b, (attn, mod) in enumerate(rows):
+    n = lengths[b]
+    mod_BT[b, :n] = mod
+    for l in range(n_layers):
+      psi[l, 0, b, :, :n] = attn[l][:, n - proxy :].sum(1)
+  k = rng.normal(size=(1, len(lengths), n_kv, t, hd)).astype(np.float32)
+  for ratio in (0.05, 0.2, 0.5):
+    kept_B = np.array([jmmkv.Budget(ratio=ratio).kept(n) for n in lengths], np.int32)
+    ctx = Context(kept_B, np.array(lengths, np.int32), {}, n_layers)
+    for kw in DEEP_VARIANTS + [dict(reading="B")]:
+      policy = jmmkv.policies.get("madakv", proxy_window=proxy, **kw)
+      carry = policy.start(ctx)
+      got = []
+      for l in range(n_layers):
+        layer = PromptKV(k, k, valid, mod_BT, ctx.lengths_B, {WindowSums.name: psi[l]})
+        kept, carry = policy.compress_layer(layer, l, ctx, t, carry)
+        got.append(np.asarray(kept.positions)[0])  # [B, K, C]
+      for b, (attn, mod) in enumerate(rows):
+        ref = madakv_ref(attn, modality=mod, ratio=ratio, proxy_window=proxy, n_kv=n_kv, **kw)
+        for l in range(n_layers):
+          for h in range(n_kv):
+            pos = got[l][b, h]
+            np.testing.assert_array_equal(pos[pos >= 0], ref["kept"][l][h], f"{kw} {ratio} {l}")
+        if kw.get("reading", "C") == "C" or not kw.get("hcc", True):
+          total = sum(len(x) for kept_l in ref["kept"] for x in kept_l)
+          assert total == n_layers * n_kv * kept_B[b], (kw, ratio, b)

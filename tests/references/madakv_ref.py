@@ -1,5 +1,6 @@
 """NumPy reference for MadaKV (Li et al., ACL 2025): Modality Preference Adaptation (MPA) and
-Hierarchical Compression Compensation (HCC), readings A and B, and the two ablations.
+Hierarchical Compression Compensation (HCC), readings A, B and C (the budget-conserving
+reading, jmmkv's default), and the two ablations.
 
 Written from ALGORITHMS.md 2.2-2.3 (the paper's equations are known only from secondary notes).
 This docstring is the executable spec jmmkv implements; every choice is stated. One unpadded
@@ -19,12 +20,14 @@ head, proxy window included.
 4. Demand (per layer, KV head and modality m). Sort psi_k of the candidates of modality m
    descending; S(j) = sum of the j largest (S(0) = 0); w_m = S(n_m). k_m = #{j in 0 .. n_m-1 :
    S(j) < theta * w_m}, i.e. the smallest j with S(j) >= theta * w_m (0 when n_m = 0 or w_m = 0).
-   Demand in slots: d = p + k_v + k_t (the window is always needed). Demands are per modality
-   also when mpa=False (the ablation removes only MPA's split).
+   Demand in slots: d = p + k_v + k_t (the window is always needed). Readings A and B: demands
+   are per modality also when mpa=False (the ablation removes only MPA's split). Reading C with
+   mpa=False ("HCC only"): the demand is modality-blind, d = p + k_a, where k_a is the same count
+   over all candidates together (w_a = w_v + w_t); k_v and k_t are still reported.
 5. Layer budgets phi^l (integers, per KV head). phi^0 = n; hcc=False: phi^l = n for every l.
-   hcc=True: X^l = sum over KV heads of x^{l,k}, with x = d (reading A: raw demand) or x = b
-   (reading B: the head's kept slot count, item 6); compensation K^l = X^l - Kh * phi^l. With
-   r = L-1-l (layers after l; update for l < L-1 only):
+   hcc=True, readings A and B (reading C: item 6C): X^l = sum over KV heads of x^{l,k}, with
+   x = d (reading A: raw demand) or x = b (reading B: the head's kept slot count, item 6);
+   compensation K^l = X^l - Kh * phi^l. With r = L-1-l (layers after l; update for l < L-1 only):
      per_head:    phi^{l+1} = phi^l - K^l / (Kh*r) = (Kh*(r+1)*phi^l - X^l) / (Kh*r)
      layer_total: phi^{l+1} = phi^l - K^l / r     = ((r+Kh)*phi^l - X^l) / r
    evaluated in exact integers with FLOOR division (toward -inf), then clamped to [1, T].
@@ -35,18 +38,45 @@ head, proxy window included.
 6. Slots b of head k in layer l. hcc=False (either reading): b = phi^l = n.
    Reading A: b = phi^l; HCC moves only the budgets of later layers. The total kept is
      Kh * sum_l phi^l, which is NOT L*Kh*n in general (the update subtracts demand, not spend).
-   Reading B (default): b = clip(d, b_min, cap^l), the head's own demand, with
+   Reading B: b = clip(d, b_min, cap^l), the head's own demand, with
      cap^l = clip((L-l) * phi^l - b_min * (L-1-l), b_min, T) if pool_cap else T.
      cap^l is the per-head pool still left for layers l .. L-1 (phi^l spread evenly), less a
      floor of b_min for each later layer. The paper clips only to [b_min, T], which never binds
      from above, so the budget would be ignored; pool_cap=False gives that literal form. With
      per_head units, pool_cap and n >= b_min, floor division guarantees sum of counts <= L*Kh*n.
      The window survives in every layer only if b_min >= p.
+6C. Reading C (budget-conserving, the default; hcc=True, n < T). Every quantity is an integer
+   except the quotas q below. b_min is taken as min(b_min, T). R^l: the slots left for layers
+   l .. L-1, R^0 = L*Kh*n; r = L-1-l.
+   a. Layer slots: D^l = sum_k d^{l,k}; share^l = floor(R^l / (r+1)) (the equal spread of what is
+      left: the HCC update phi^{l+1} = phi^l - K^l / (Kh*r), per head, in consistent units);
+      hi^l = min(Kh*T, R^l - r*Kh*b_min) (later layers keep at least b_min per head);
+      S^l = max(Kh*b_min, min(max(D^l, share^l), hi^l)). A layer whose heads demand more than
+      its share keeps its demand and the later layers pay; one that demands less keeps its share.
+      The last layer (r = 0) keeps max(Kh*b_min, min(R, Kh*T)): what remains.
+   b. Heads: b^{l,k} = b_min + e_k, the extra E = S^l - Kh*b_min split in proportion to the
+      weights u_k = max(d^{l,k} - b_min, 0), each e_k at most cap = T - b_min. Water-filling:
+      start with every head free; repeat (at most Kh times): F = the free heads, E_F = E minus
+      cap for every capped head, U_F = sum of u_k over F; quota q_k = E_F * u_k / U_F (E_F / |F|
+      for every k in F when U_F == 0), evaluated in float32 as fl(fl(float32(E_F) *
+      float32(u_k)) / float32(U_F)) (fl(float32(E_F) / float32(|F|)) when U_F == 0); every head
+      of F with q_k > cap becomes capped (e_k = cap); stop when none did. Then for k in F:
+      e_k = floor(q_k) + adjust, where leftover = E_F - sum_{F} floor(q_k) and the heads of F are
+      ranked by the fractional part q_k - floor(q_k) descending, ties to the lower k (rank rho_k
+      = 0 .. |F|-1): adjust = +1 if rho_k < leftover, -1 if rho_k >= |F| + leftover (only when
+      leftover < 0, a float32 rounding case), else 0. So sum_k b^{l,k} = S^l, and when S^l equals
+      D^l (and every d >= b_min) each head keeps exactly its demand.
+   c. R^{l+1} = R^l - S^l. The total kept is L*Kh*n whenever n >= b_min and no layer hits
+      Kh*T; rounding in share^l only moves slots to later layers.
+   d. Reported: "layer_budgets"[l] = floor(R^l / (Kh*(r+1))) (phi^l per head), "caps"[l] = hi^l,
+      "layer_slots"[l] = S^l, "remaining"[l] = R^l, "compensation"[l] = S^l - share^l (K^l in
+      layer units).
 7. Selection in a head with b slots (ties always: psi desc, then position asc).
    a. Window: keep the top min(b, p) window positions by psi (all p when b >= p).
    b. c = max(0, b - p) candidate slots.
-   c. mpa=False: the top c candidates by psi, modality blind.
-   d. mpa=True: (c_v, c_t) = (k_v, k_t) in reading B with hcc when b == d (demand not clipped);
+   c. mpa=False: the top c candidates by psi, modality blind (reading C: this is "HCC only").
+   d. mpa=True: (c_v, c_t) = (k_v, k_t) in readings B and C with hcc when b == d (the head keeps
+      exactly its demand);
       otherwise the MPA split: f = w_v / (w_v + w_t) (f = 0 if w_v + w_t == 0),
       c_v = clip(floor(c * f + 1/2), max(0, c - n_t), min(c, n_v)), c_t = c - c_v, so a
       modality with fewer candidates than its share passes the surplus to the other. Keep the top
@@ -117,6 +147,57 @@ def next_budget(phi: int, x_sum: int, layer: int, n_layers: int, n_kv: int, t: i
   return int(min(t, max(1, num // den)))
 
 
+def layer_slots(rem: int, d_sum: int, r: int, n_kv: int, t: int, b_min: int):
+  """(S^l, share^l, hi^l) of reading C (item 6C.a) from R^l, D^l and r = L-1-l; exact integers."""
+  b_min = min(int(b_min), int(t))
+  share = int(rem) // (r + 1)
+  hi = min(n_kv * int(t), int(rem) - r * n_kv * b_min)
+  return max(n_kv * b_min, min(max(int(d_sum), share), hi)), share, hi
+
+
+def _quotas(extra: int, u: list[int], free: list[int], cap: int):
+  """(E_F, {k: q_k}) over the free heads, q_k in float32 (item 6C.b)."""
+  e_f = extra - cap * (len(u) - len(free))
+  u_f = sum(u[k] for k in free)
+  if u_f == 0:
+    q = np.float32(e_f) / np.float32(len(free))
+    return e_f, {k: q for k in free}
+  return e_f, {k: (np.float32(e_f) * np.float32(u[k])) / np.float32(u_f) for k in free}
+
+
+def allocate(s: int, d, b_min: int, t: int) -> np.ndarray:
+  """b^{l,k} [Kh] (item 6C.b): S slots, b_min each plus the extra water-filled in proportion to
+  max(d_k - b_min, 0), each head at most T, float32 quotas, largest-remainder rounding."""
+  d = [int(x) for x in np.asarray(d).reshape(-1)]
+  kh = len(d)
+  b_min = min(int(b_min), int(t))
+  cap = int(t) - b_min
+  extra = int(s) - kh * b_min
+  u = [max(x - b_min, 0) for x in d]
+  e = [0] * kh
+  capped = [False] * kh
+  for _ in range(kh):
+    free = [k for k in range(kh) if not capped[k]]
+    if not free:
+      break
+    _, q = _quotas(extra, u, free, cap)
+    over = [k for k in free if float(q[k]) > cap]
+    if not over:
+      break
+    for k in over:
+      capped[k], e[k] = True, cap
+  free = [k for k in range(kh) if not capped[k]]
+  if free:
+    e_f, q = _quotas(extra, u, free, cap)
+    fl = {k: math.floor(float(q[k])) for k in free}
+    leftover = e_f - sum(fl.values())
+    ranked = sorted(free, key=lambda k: (-(float(q[k]) - fl[k]), k))
+    for rho, k in enumerate(ranked):
+      adjust = 1 if rho < leftover else (-1 if rho >= len(free) + leftover else 0)
+      e[k] = fl[k] + adjust
+  return np.array([b_min + x for x in e], np.int64)
+
+
 def _top(pos: np.ndarray, psi: np.ndarray, k: int) -> np.ndarray:
   """The k positions of `pos` with the largest psi, ties to the lower position."""
   order = np.lexsort((pos, -psi[pos]))
@@ -148,7 +229,7 @@ def madakv_ref(
   tokens: int | None = None,
   proxy_window: int = 32,
   theta: float = 0.9,
-  reading: str = "B",
+  reading: str = "C",
   hcc_units: str = "per_head",
   mpa: bool = True,
   hcc: bool = True,
@@ -157,9 +238,10 @@ def madakv_ref(
   n_kv: int | None = None,
 ) -> dict:
   """MadaKV on one row. attn: [L][N, T, T] causal probabilities; keys / values: [L][Kh, T, H]
-  or None (then n_kv gives Kh, default N); modality: [T] ids (1 text, 2 image, 3 video)."""
-  if reading not in ("A", "B"):
-    raise ValueError(f"reading must be 'A' or 'B', got {reading!r}")
+  or None (then n_kv gives Kh, default N); modality: [T] ids (1 text, 2 image, 3 video);
+  reading: "A", "B" or "C" (items 5, 6, 6C)."""
+  if reading not in ("A", "B", "C"):
+    raise ValueError(f"reading must be 'A', 'B' or 'C', got {reading!r}")
   n_layers = len(attn)
   n_heads, t, _ = np.shape(attn[0])
   kh = keys[0].shape[0] if keys is not None else (n_kv or n_heads)
@@ -174,35 +256,56 @@ def madakv_ref(
     [psi[..., : t - p][..., cand_vis].sum(-1), psi[..., : t - p][..., ~cand_vis].sum(-1)], -1
   )
   dem = np.zeros((n_layers, kh, 2), np.int64)
+  d = np.zeros((n_layers, kh), np.int64)
+  blind = reading == "C" and not mpa  # item 4: modality-blind demand d = p + k_a
   for l in range(n_layers):
     for k in range(kh):
       cand = psi[l, k, : t - p]
       dem[l, k] = demand(cand[cand_vis], theta), demand(cand[~cand_vis], theta)
-  d = p + dem.sum(-1)  # [L, Kh]
+      d[l, k] = p + (demand(cand, theta) if blind else int(dem[l, k].sum()))
 
   counts = np.zeros((n_layers, kh), np.int64)
   budgets = np.zeros(n_layers, np.int64)
   caps = np.zeros(n_layers, np.int64)
   comp = np.zeros(n_layers, np.int64)
+  slots = np.zeros(n_layers, np.int64)
+  remaining = np.zeros(n_layers, np.int64)
+  adaptive = hcc and n < t
+  rem = n_layers * kh * n
+  phi = n
+  for l in range(n_layers):  # budgets and slot counts (items 5, 6, 6C)
+    r = n_layers - 1 - l
+    remaining[l] = rem
+    if reading == "C" and adaptive:
+      budgets[l] = rem // (kh * (r + 1))
+      slots[l], share, caps[l] = layer_slots(rem, int(d[l].sum()), r, kh, t, b_min)
+      comp[l] = slots[l] - share
+      counts[l] = allocate(int(slots[l]), d[l], b_min, t)
+      rem -= int(slots[l])
+      continue
+    budgets[l] = phi
+    if reading == "B" and adaptive:
+      caps[l] = min(t, max(b_min, (r + 1) * phi - b_min * r)) if pool_cap else t
+      counts[l] = np.clip(d[l], b_min, caps[l])
+    else:
+      caps[l] = phi
+      counts[l] = phi
+    slots[l] = counts[l].sum()
+    rem -= int(slots[l])
+    if adaptive:
+      x_sum = int(d[l].sum() if reading == "A" else counts[l].sum())
+      comp[l] = x_sum - kh * phi
+      if l < n_layers - 1:
+        phi = next_budget(phi, x_sum, l, n_layers, kh, t, hcc_units)
+
   msplit = np.zeros((n_layers, kh, 2), np.int64)
   csplit = np.zeros((n_layers, kh, 2), np.int64)
   kept = []
-  phi = n
-  for l in range(n_layers):
-    budgets[l] = phi
-    adaptive = hcc and n < t
-    if reading == "B" and adaptive:
-      r = n_layers - 1 - l
-      caps[l] = min(t, max(b_min, (r + 1) * phi - b_min * r)) if pool_cap else t
-      b_k = np.clip(d[l], b_min, caps[l])
-    else:
-      caps[l] = phi
-      b_k = np.full(kh, phi)
-    counts[l] = b_k
+  for l in range(n_layers):  # selection (item 7)
     row = []
     for k in range(kh):
-      b = int(b_k[k])
-      if reading == "B" and adaptive and b == d[l, k]:
+      b = int(counts[l, k])
+      if reading in ("B", "C") and adaptive and b == d[l, k]:
         split = (int(dem[l, k, 0]), int(dem[l, k, 1]))
       else:
         split = mpa_split(max(0, b - p), w[l, k, 0], w[l, k, 1], n_v, n_t)
@@ -210,11 +313,6 @@ def madakv_ref(
       msplit[l, k] = visual[pos].sum(), (~visual[pos]).sum()
       row.append(pos)
     kept.append(row)
-    if adaptive:
-      x_sum = int(d[l].sum() if reading == "A" else counts[l].sum())
-      comp[l] = x_sum - kh * phi
-      if l < n_layers - 1:
-        phi = next_budget(phi, x_sum, l, n_layers, kh, t, hcc_units)
 
   out = {
     "kept": kept,
@@ -231,6 +329,8 @@ def madakv_ref(
     "n": n,
     "proxy": p,
   }
+  if reading == "C":
+    out["layer_slots"], out["remaining"] = slots, remaining
   for name, src in (("k", keys), ("v", values)):
     if src is not None:
       out[name] = [_gather(np.asarray(src[l], np.float64), kept[l]) for l in range(n_layers)]

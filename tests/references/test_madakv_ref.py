@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from references.madakv_ref import (
+  allocate,
   demand,
   kept_tokens,
+  layer_slots,
   madakv_ref,
   mpa_split,
   next_budget,
@@ -97,7 +99,7 @@ def test_proxy_scores_gqa_mean():
   np.testing.assert_allclose(psi.sum(-1), 5.0)  # each proxy row sums to one
 
 
-@pytest.mark.parametrize("reading", ["A", "B"])
+@pytest.mark.parametrize("reading", ["A", "B", "C"])
 @pytest.mark.parametrize("mpa", [True, False])
 @pytest.mark.parametrize("hcc", [True, False])
 def test_full_budget_keeps_everything(reading, mpa, hcc):
@@ -114,7 +116,7 @@ def test_head_looking_only_at_images_keeps_only_images():
   t, images, texts = 40, list(range(4, 20)), list(range(20, 32))
   a = _looking_at(t, 2, [images, texts])  # head 0 images, head 1 text (MHA, Kh = N = 2)
   mod = _modality(t, 4, 20)
-  for reading in ("A", "B"):
+  for reading in ("A", "B", "C"):
     out = madakv_ref([a], None, None, mod, tokens=14, proxy_window=8, reading=reading)
     assert out["modality_weights"][0, 0, 1] == 0 and out["modality_weights"][0, 1, 0] == 0
     cand0 = out["kept"][0][0][out["kept"][0][0] < t - 8]
@@ -128,7 +130,7 @@ def test_head_looking_only_at_images_keeps_only_images():
   np.testing.assert_array_equal(out["demand"][0], [[15, 0], [0, 11]])
   np.testing.assert_array_equal(out["demand_slots"][0], [8 + 15, 8 + 11])
   np.testing.assert_array_equal(out["counts"][0], [14, 14])  # one layer: cap = the pool = n
-  out = madakv_ref([a], None, None, mod, tokens=14, proxy_window=8, pool_cap=False)
+  out = madakv_ref([a], None, None, mod, tokens=14, proxy_window=8, reading="B", pool_cap=False)
   np.testing.assert_array_equal(out["counts"][0], [8 + 15, 8 + 11])
   np.testing.assert_array_equal(out["candidate_split"][0], [[15, 0], [0, 11]])
 
@@ -203,7 +205,7 @@ def test_reading_b_respects_total_budget(seed):
 
 def test_reading_b_literal_keeps_demand():
   attn, keys, values, mod = _case(1, n_layers=3)
-  out = madakv_ref(attn, keys, values, mod, ratio=0.05, proxy_window=6, pool_cap=False)
+  out = madakv_ref(attn, keys, values, mod, ratio=0.05, proxy_window=6, reading="B", pool_cap=False)
   np.testing.assert_array_equal(out["counts"], out["demand_slots"])  # budget ignored
   np.testing.assert_array_equal(out["candidate_split"], out["demand"])
 
@@ -211,16 +213,19 @@ def test_reading_b_literal_keeps_demand():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_no_hcc_is_uniform_and_exact(seed):
   attn, keys, values, mod = _case(seed)
-  for reading in ("A", "B"):
+  for reading in ("A", "B", "C"):
     out = madakv_ref(attn, keys, values, mod, ratio=0.4, proxy_window=6, reading=reading, hcc=False)
     assert (out["layer_budgets"] == 16).all() and (out["counts"] == 16).all()
     assert out["counts"].sum() == 4 * 2 * 16 and (out["compensation"] == 0).all()
 
 
+@pytest.mark.parametrize("reading", ["A", "B", "C"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_no_mpa_no_hcc_is_window_plus_topk(seed):
+def test_no_mpa_no_hcc_is_window_plus_topk(seed, reading):
   attn, keys, values, mod = _case(seed)
-  out = madakv_ref(attn, keys, values, mod, ratio=0.4, proxy_window=6, mpa=False, hcc=False)
+  out = madakv_ref(
+    attn, keys, values, mod, ratio=0.4, proxy_window=6, reading=reading, mpa=False, hcc=False
+  )
   for layer in range(4):
     psi = proxy_scores(attn[layer], 2, 6)
     for k in range(2):
@@ -228,7 +233,7 @@ def test_no_mpa_no_hcc_is_window_plus_topk(seed):
       np.testing.assert_array_equal(out["kept"][layer][k], np.sort(np.r_[top, 34:40]))
 
 
-@pytest.mark.parametrize("reading", ["A", "B"])
+@pytest.mark.parametrize("reading", ["A", "B", "C"])
 def test_text_only_prompt_mpa_is_noop(reading):
   attn, keys, values, _ = _case(0)
   mod = np.ones(40, np.int64)
@@ -254,12 +259,188 @@ def test_window_kept_and_truncated():
       np.testing.assert_array_equal(out["kept"][layer][k], np.sort(top))
 
 
-def test_ablations_change_selection():
+@pytest.mark.parametrize("reading", ["B", "C"])
+def test_ablations_change_selection(reading):
   attn, keys, values, mod = _case(1)
   runs = {
-    (m, h): madakv_ref(attn, keys, values, mod, ratio=0.3, proxy_window=6, mpa=m, hcc=h)
+    (m, h): madakv_ref(
+      attn, keys, values, mod, ratio=0.3, proxy_window=6, reading=reading, mpa=m, hcc=h
+    )
     for m in (True, False)
     for h in (True, False)
   }
   sets = {key: [tuple(x) for row in r["kept"] for x in row] for key, r in runs.items()}
   assert len(set(map(tuple, sets.values()))) == 4
+
+
+# Reading C (item 6C).
+
+
+def test_layer_slots_hand_computed():
+  # R = 80 (L = 4, Kh = 2, n = 10), r = 3: share = 20, hi = min(2*40, 80 - 3*2*1) = 74.
+  assert layer_slots(80, 30, 3, 2, 40, 1) == (30, 20, 74)  # over-demand keeps its demand
+  assert layer_slots(80, 12, 3, 2, 40, 1) == (20, 20, 74)  # under-demand keeps its share
+  assert layer_slots(80, 100, 3, 2, 40, 1) == (74, 20, 74)  # later layers keep b_min each
+  assert layer_slots(81, 12, 3, 2, 40, 1) == (20, 20, 75)  # share floors 81 / 4
+  assert layer_slots(80, 100, 3, 2, 30, 1) == (60, 20, 60)  # at most Kh*T
+  assert layer_slots(15, 3, 0, 2, 40, 1) == (15, 15, 15)  # last layer: what remains
+  assert layer_slots(15, 3, 0, 2, 5, 1) == (10, 15, 10)  # ... at most Kh*T
+  assert layer_slots(10, 0, 1, 2, 40, 4) == (8, 5, 2)  # floor Kh*b_min wins over hi
+  assert layer_slots(80, 0, 3, 2, 3, 9) == (6, 20, 6)  # b_min is taken as min(b_min, T)
+
+
+def test_allocate_hand_computed():
+  # u = d - b_min = (3, 6, 9), E = 9: q = (1.5, 3, 4.5); leftover 1 goes to the lower tied head.
+  np.testing.assert_array_equal(allocate(12, [4, 7, 10], 1, 100), [3, 4, 5])
+  np.testing.assert_array_equal(allocate(21, [4, 7, 10], 1, 100), [4, 7, 10])  # S = D: b = d
+  # u = (2, 4, 6), E = 5: q = (5/6, 5/3, 5/2) -> floors (0, 1, 2), leftover 2 to fracs .83, .67.
+  np.testing.assert_array_equal(allocate(8, [3, 5, 7], 1, 100), [2, 3, 3])
+  # d < b_min gives weight 0: u = (0, 4), E = 5 -> q = (0, 5).
+  np.testing.assert_array_equal(allocate(9, [1, 6], 2, 100), [2, 7])
+  # cap = T - b_min = 6: head 0's quota 11*18/22 = 9 > 6 caps it; the other two split 11 - 6 = 5
+  # equally (2.5 each), the leftover slot to the lower head.
+  np.testing.assert_array_equal(allocate(17, [20, 4, 4], 2, 8), [8, 5, 4])
+  # Two rounds: head 0 capped first (16.7 > 10), then head 1 (20*60/80 = 15 > 10), rest 5 + 5.
+  np.testing.assert_array_equal(allocate(30, [100, 60, 10, 10], 0, 10), [10, 10, 5, 5])
+  # U_F == 0: equal split 7/3 each, the leftover to the lowest head.
+  np.testing.assert_array_equal(allocate(13, [1, 1, 1], 2, 10), [5, 4, 4])
+  # U_F == 0 after capping: head 0 capped at 4, the two zero-weight heads split 2 equally.
+  np.testing.assert_array_equal(allocate(9, [50, 1, 1], 1, 5), [5, 2, 2])
+  np.testing.assert_array_equal(allocate(6, [5, 5, 5], 2, 20), [2, 2, 2])  # E = 0
+  np.testing.assert_array_equal(allocate(60, [40, 40, 40], 1, 20), [20, 20, 20])  # all at T
+
+
+def test_allocate_float32_quotas():
+  # E = 10, u = (1, 13, 16), U = 30: exact fractional parts all 1/3. In float32, 13/3 and 16/3
+  # round up (frac 0.33333349) while 1/3 rounds to 0.33333334, so the leftover slot goes to
+  # head 1; float64 quotas would give it to head 0 (allocation [1, 4, 5]).
+  np.testing.assert_array_equal(allocate(10, [1, 13, 16], 0, 100), [0, 5, 5])
+
+
+def _ramp_modality(t, kind):
+  if kind == "text":
+    return np.ones(t, np.int64)
+  if kind == "image_heavy":
+    return _modality(t, 1, 32)
+  return _modality(t, 5, 25, vid=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("kind", ["text", "image_heavy", "mixed"])
+@pytest.mark.parametrize("mpa", [True, False])
+def test_reading_c_conserves_total(seed, kind, mpa):
+  attn, keys, values, _ = _case(seed, n_layers=5)
+  mod = _ramp_modality(40, kind)
+  for ratio, b_min in ((0.05, 1), (0.2, 1), (0.2, 6), (0.5, 1), (0.5, 3)):
+    out = madakv_ref(attn, keys, values, mod, ratio=ratio, proxy_window=6, mpa=mpa, b_min=b_min)
+    n, kh, nl = out["n"], 2, 5
+    assert n == {0.05: 2, 0.2: 8, 0.5: 20}[ratio]
+    counts, slots, rem = out["counts"], out["layer_slots"], out["remaining"]
+    assert counts.sum() == nl * kh * n  # exact, every layer and head included
+    assert sum(len(x) for row in out["kept"] for x in row) == nl * kh * n
+    np.testing.assert_array_equal(counts.sum(1), slots)
+    assert rem[0] == nl * kh * n and out["layer_budgets"][0] == n
+    np.testing.assert_array_equal(rem[1:], rem[:-1] - slots[:-1])
+    assert slots[-1] == rem[-1]  # the last layer keeps what remains
+    assert (counts >= b_min).all() and (counts <= 40).all()
+    for layer in range(nl):
+      for k in range(kh):
+        assert len(out["kept"][layer][k]) == counts[layer, k]
+        if counts[layer, k] >= 6:  # the window survives whenever the head has room for it
+          assert set(range(34, 40)) <= set(out["kept"][layer][k])
+    if mpa:  # a head keeping exactly its demand keeps its per-modality demand
+      exact = counts == out["demand_slots"]
+      np.testing.assert_array_equal(out["candidate_split"][exact], out["demand"][exact])
+
+
+def test_reading_c_over_demanding_layer_keeps_demand():
+  # L = 3, MHA with 2 heads, T = 40, p = 4, n = 10 (R^0 = 60), text only. Layer 0 spreads over 25
+  # candidates (demand ceil(0.9 * 25) = 23, d = 27); layers 1 and 2 look at 2 tokens (d = 6).
+  t, p = 40, 4
+  wide, narrow = _looking_at(t, 2, [range(25)] * 2), _looking_at(t, 2, [[3, 10]] * 2)
+  out = madakv_ref([wide, narrow, narrow], None, None, np.ones(t), tokens=10, proxy_window=p)
+  np.testing.assert_array_equal(out["demand_slots"], [[27, 27], [6, 6], [6, 6]])
+  # Layer 0: share 60 // 3 = 20, hi = 60 - 2*2*1 = 56, D = 54 -> keeps 54 (27 per head).
+  # Layer 1: R = 6, share 3, hi = 6 - 2 = 4, D = 12 -> 4. Layer 2: R = 2 -> 2.
+  np.testing.assert_array_equal(out["counts"], [[27, 27], [2, 2], [1, 1]])
+  np.testing.assert_array_equal(out["layer_slots"], [54, 4, 2])
+  np.testing.assert_array_equal(out["remaining"], [60, 6, 2])
+  np.testing.assert_array_equal(out["layer_budgets"], [10, 1, 1])
+  np.testing.assert_array_equal(out["caps"], [56, 4, 2])
+  np.testing.assert_array_equal(out["compensation"], [34, 1, 0])
+  for k in range(2):
+    np.testing.assert_array_equal(out["kept"][0][k], np.r_[0:23, 36:40])  # ties: lower first
+    np.testing.assert_array_equal(out["kept"][1][k], [36, 37])  # equal window psi (0.1 each)
+    np.testing.assert_array_equal(out["kept"][2][k], [36])
+
+
+def test_reading_c_under_demanding_layer_keeps_share():
+  t = 40
+  wide, narrow = _looking_at(t, 2, [range(25)] * 2), _looking_at(t, 2, [[3, 10]] * 2)
+  out = madakv_ref([narrow, wide, wide], None, None, np.ones(t), tokens=10, proxy_window=4)
+  # Layer 0: D = 12 < share 20 -> 20 (u = 5, 5 -> 10 each). Layer 1: R = 40, share 20,
+  # hi = 40 - 2 = 38 < D = 54 -> 38 (19 each). Layer 2: R = 2 -> 1 each.
+  np.testing.assert_array_equal(out["counts"], [[10, 10], [19, 19], [1, 1]])
+  np.testing.assert_array_equal(out["compensation"], [0, 18, 0])
+
+
+def _image_text_attn(t, p):
+  """[1, T, T]: proxy rows put 0.05 on each of 10 images (0..9), 0.02 on each of 10 texts
+  (10..19) and 0.3 on themselves; earlier rows are uniform causal."""
+  a = np.zeros((1, t, t))
+  for j in range(t):
+    if j >= t - p:
+      a[0, j, 0:10], a[0, j, 10:20], a[0, j, j] = 0.05, 0.02, 0.3
+    else:
+      a[0, j, : j + 1] = 1.0 / (j + 1)
+  return a
+
+
+def test_reading_c_no_mpa_uses_blind_demand():
+  # psi: images 0.2, texts 0.08 (4 proxy rows), other candidates 0. theta = 0.85:
+  # k_v = #{j : 0.2 j < 1.7} = 9, k_t = #{j : 0.08 j < 0.68} = 9 -> d = 4 + 18 = 22.
+  # Blind: 0.85 * 2.8 = 2.38; 10 images (2.0) + 5 texts (2.40) reach it -> k_a = 15, d = 19.
+  t, p = 40, 4
+  attn = [_image_text_attn(t, p), _looking_at(t, 1, [[25]])]
+  mod = _modality(t, 0, 10)
+  common = dict(tokens=12, proxy_window=p, theta=0.85)
+  on = madakv_ref(attn, None, None, mod, **common)
+  off = madakv_ref(attn, None, None, mod, mpa=False, **common)
+  np.testing.assert_array_equal(on["demand"][0, 0], [9, 9])
+  np.testing.assert_array_equal(off["demand"][0, 0], [9, 9])  # still reported per modality
+  assert on["demand_slots"][0, 0] == 22 and off["demand_slots"][0, 0] == 19
+  # L = 2, R = 24: layer 0 share 12, hi 23 -> each keeps its demand; layer 1 the rest.
+  np.testing.assert_array_equal(on["counts"][:, 0], [22, 2])
+  np.testing.assert_array_equal(off["counts"][:, 0], [19, 5])
+  np.testing.assert_array_equal(on["kept"][0][0], np.r_[0:9, 10:19, 36:40])  # (k_v, k_t)
+  np.testing.assert_array_equal(off["kept"][0][0], np.r_[0:15, 36:40])  # blind top 15
+  np.testing.assert_array_equal(off["candidate_split"][0, 0], [10, 5])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["image_heavy", "mixed"])
+def test_reading_c_no_mpa_is_hcc_plus_topc(seed, kind):
+  attn, keys, values, _ = _case(seed, n_layers=5)
+  mod = _ramp_modality(40, kind)
+  for ratio in (0.05, 0.2, 0.5):
+    out = madakv_ref(attn, keys, values, mod, ratio=ratio, proxy_window=6, mpa=False)
+    assert out["counts"].sum() == 5 * 2 * out["n"]
+    for layer in range(5):
+      psi = proxy_scores(attn[layer], 2, 6)
+      for k in range(2):
+        s = np.sort(psi[k, :34])[::-1]
+        cum = np.cumsum(s)
+        blind = int(np.searchsorted(cum, 0.9 * cum[-1]) + 1)  # first j: S(j) >= theta w
+        assert out["demand_slots"][layer, k] == 6 + blind
+        b = out["counts"][layer, k]
+        top = np.argsort(-psi[k, :34], kind="stable")[: max(0, b - 6)]
+        win = 34 + np.argsort(-psi[k, 34:], kind="stable")[: min(b, 6)]
+        np.testing.assert_array_equal(out["kept"][layer][k], np.sort(np.r_[top, win]))
+
+
+def test_reading_c_hcc_off_reports():
+  attn, keys, values, mod = _case(0)
+  out = madakv_ref(attn, keys, values, mod, ratio=0.2, proxy_window=6, hcc=False)
+  assert (out["counts"] == 8).all() and (out["caps"] == 8).all()
+  np.testing.assert_array_equal(out["layer_slots"], [16] * 4)
+  np.testing.assert_array_equal(out["remaining"], [64, 48, 32, 16])
