@@ -1,14 +1,25 @@
 """Merging evicted KV into kept KV by key-cosine nearest neighbour (LOOK-M A/P/W rules, MEDA).
 
 Per (layer, row, KV head): every evicted token i is assigned to the kept token c*(i) whose key has
-the largest cosine with k_i (ties, and cosines within TIE of the best, go to the lower position, so
-copies of one key tie although float32 rounds their cosines differently; a zero key has cosine 0
-with everything); then,
-for x = k and x = v alike, with A_c the tokens assigned to c and L_c = |A_c|:
-  average   x_c <- (x_c + sum_i x_i) / (L_c + 1)
-  pivot     x_c <- (x_c + 1/2 sum_i (x_i + x_c)) / (L_c + 1)
-  weighted  x_c <- (x_c + sum_i u_ic x_i) / (L_c + 1)          (u = the key cosine)
-All in float32; evicted tokens are processed in blocks, so no T x T array is built.
+the largest cosine u_i with k_i (ties, and cosines within TIE of the best, go to the lower
+position, so copies of one key tie although float32 rounds their cosines differently; a zero key
+has cosine 0 with everything); then, for x = k and x = v alike, with A_c the tokens merged into c
+and L_c = |A_c|:
+  average   x_c <- (x_c + sum_i x_i) / (L_c + 1)              A-Merge (paper: every i merged)
+  pivot     x_c <- (x_c + 1/2 sum_i (x_i + x_c)) / (L_c + 1)  P-Merge (paper = released code)
+  weighted  x_c <- (x_c + sum_i u_i x_i) / (L_c + 1)          W-Merge (paper: every i merged)
+The released code's merges (not the papers') filter first, per layer and batch row: with m the
+rank of an evicted token among its head's evicted tokens (ascending positions; every KV head of a
+row evicts the same number E; kept and padding tokens have no rank), rank m passes when the mean
+of u at rank m over the row's K KV heads (the code, MHA, averages its heads) is >= the global
+mean of u over those K x E (head, rank) pairs (u = 0 where a head keeps nothing); the other ranks
+are dropped, not merged (`code_targets`):
+  average-code   A-Merge of the passing ranks with the released index misalignment: the j-th
+                 passing rank's target receives the head's rank-j token (MEDA's and LOOK-M's
+                 TextAVGMerge classes; MEDA variant "code")
+  weighted-code  W-Merge of the passing tokens themselves (LOOK-M's TextWeightedMerge)
+All in float32; evicted tokens are processed in blocks and merged sums row by row, so no T x T
+and no [rows, T, H] array is built.
 """
 
 from __future__ import annotations
@@ -18,14 +29,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jmmkv import sharding
 from jmmkv.cache.select import positions_from_mask
 from jmmkv.kernels import order
 from jmmkv.typing import Array
 
-RULES = ("average", "pivot", "weighted")
+RULES = ("average", "pivot", "weighted")  # the papers: every evicted token merged
+CODE_RULES = ("average-code", "weighted-code")  # the released code's filtered merges
+CODE_COMPAT = CODE_RULES[0]  # MEDA's "code" variant
 TIE = 1e-6  # cosines this close to the best are ties
 SUB_FROM = 5120  # kept tokens from which `nearest` searches by sub-blocks (measured crossover)
-CODE_COMPAT = "code-compat"  # the released MEDA / LOOK-M average merge, see `merge_code_compat`
 
 
 def _unit(x):
@@ -187,24 +200,70 @@ def merge_kept(
   rule: str,
   positions_LBKC: Array,
 ):
-  """The kept tokens' K/V with every evicted token merged into its nearest kept one by ``rule``
+  """The kept tokens' K/V with the evicted tokens merged into their nearest kept ones by ``rule``
   (module docstring), at the ascending kept positions ``positions_LBKC`` only: ``[L, B, K, C,
-  H]`` each (-1: empty slot, zeros). No key or value array of the prompt's size is written: the
-  evicted tokens' unit keys are made block by block, their sums row by row."""
-  if rule not in RULES:
-    raise ValueError(f"merge rule must be one of {', '.join(RULES)}, got {rule!r}")
+  H]`` each (-1: empty slot, zeros). The search and the sums run shard-locally over rows and KV
+  heads (`sharding.per_head`); the code rules' filter, which averages over a row's heads, between
+  them. No key or value array of the prompt's size is written."""
+  if rule not in RULES + CODE_RULES:
+    raise ValueError(f"merge rule must be one of {', '.join(RULES + CODE_RULES)}, got {rule!r}")
+  found = functools.partial(nearest_kept, kept_width=positions_LBKC.shape[-1])
+  target, cos = sharding.per_head(found, k, keep_LBKT, evict_LBKT)
+  if rule in CODE_RULES:
+    target = code_targets(target, cos, evict_LBKT, misaligned=rule == "average-code")
+  weight = cos if rule in ("weighted", "weighted-code") else jnp.ones_like(cos)
+  sums = functools.partial(merged_slots, pivot=rule == "pivot")
+  return sharding.per_head(sums, k, v, target, weight, positions_LBKC)
+
+
+def nearest_kept(k: Array, keep_LBKT: Array, evict_LBKT: Array, kept_width: int | None = None):
+  """`nearest` per (layer, row, KV head) of keys ``[L, B, K, T, H]``: (kept target, cosine)
+  ``[L, B, K, T]`` each."""
+  flat = lambda x: x.reshape((-1,) + x.shape[3:])
+  target, cos = nearest(flat(k), flat(keep_LBKT), flat(evict_LBKT), kept_width=kept_width)
+  return target.reshape(evict_LBKT.shape), cos.reshape(evict_LBKT.shape)
+
+
+def code_targets(target_LBKT: Array, cos_LBKT: Array, evict_LBKT: Array, misaligned: bool):
+  """The released code's similarity filter on the nearest targets / cosines ``[L, B, K, T]``
+  (module docstring; as tests/references/merge_ref.merge_code_compat specifies): the targets of
+  the merged evicted tokens, -1 for the dropped. A rank's mean is over the K heads, the global
+  mean over heads and the row's E ranks (so every head of a row must evict E tokens; the K heads
+  of a row must all be here). ``misaligned``: the rank-j token of each head goes to that head's
+  target of the j-th passing rank (j < the number passing; the later ranks are dropped)."""
+  t = evict_LBKT.shape[-1]
+  at = lambda x, i: jnp.take_along_axis(x, jnp.maximum(i, 0), -1)
+  by_rank = positions_from_mask(evict_LBKT, t)  # [L, B, K, T]: rank m's position, -1 after
+  has = by_rank >= 0
+  head_mean = jnp.where(has, at(cos_LBKT, by_rank), 0.0).mean(2)  # [L, B, T] per rank
+  n = has[:, :, 0].sum(-1, keepdims=True)  # [L, B, 1]: E
+  passing = has[:, :, 0] & (head_mean >= head_mean.sum(-1, keepdims=True) / jnp.maximum(n, 1))
+  rank = jnp.cumsum(evict_LBKT, -1, dtype=jnp.int32) - 1  # [L, B, K, T] of each evicted token
+  per_head = lambda x: jnp.broadcast_to(x[:, :, None], evict_LBKT.shape)
+  if not misaligned:
+    return jnp.where(evict_LBKT & at(per_head(passing), rank), target_LBKT, -1)
+  nth = per_head(positions_from_mask(passing, t))  # the j-th passing rank, -1 after
+  dest = jnp.where(nth >= 0, at(at(target_LBKT, by_rank), nth), -1)  # [L, B, K, T] by j
+  return jnp.where(evict_LBKT, at(dest, rank), -1)
+
+
+def merged_slots(
+  k: Array,
+  v: Array,
+  target_LBKT: Array,
+  weight_LBKT: Array,
+  positions_LBKC: Array,
+  pivot: bool = False,
+):
+  """The kept slots' K/V ``[L, B, K, C, H]`` (``positions_LBKC`` ascending, -1: empty slot,
+  zeros) with each token t whose ``target_LBKT`` is a kept position (not -1) merged into it:
+  x_c <- (x_c + sum_t w_t x_t) / (L_c + 1), w = ``weight_LBKT``; ``pivot``: x_t -> (x_t + x_c)
+  / 2. The sums are made row by row (XLA CPU copies a scatter's whole update operand)."""
   shape = k.shape
   c = positions_LBKC.shape[-1]
   flat = lambda x: x.reshape((-1,) + x.shape[3:])
-  kf, vf, keep, evict, pos_RC = (
-    flat(k),
-    flat(v),
-    flat(keep_LBKT),
-    flat(evict_LBKT),
-    flat(positions_LBKC),
-  )
+  kf, vf, target, weight, pos_RC = map(flat, (k, v, target_LBKT, weight_LBKT, positions_LBKC))
   r, t = kf.shape[:2]
-  target, cos = nearest(kf, keep, evict, kept_width=c)
   rows = jnp.arange(r)[:, None]
   slot_of = (
     jnp.full((r, t + 1), c, jnp.int32)
@@ -212,13 +271,12 @@ def merge_kept(
     .set(jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), pos_RC.shape))
   )
   seg = jnp.take_along_axis(slot_of, jnp.where(target >= 0, target, t), axis=1)  # c: discarded
-  weight = cos if rule == "weighted" else jnp.ones_like(cos)
   # Sums into a buffer made from this layer's data: XLA would otherwise allocate every layer's
   # zeros at the start of the prefill.
   zeros = lambda *shape: order.after(jnp.zeros((r, c + 1) + shape, jnp.float32), target[0, 0])
   count = zeros().at[rows, seg].add(1.0)[:, :c]
 
-  def sums(x):  # [R, C, H]; row by row: XLA CPU copies a scatter's whole update operand
+  def sums(x):  # [R, C, H]
     def row(i, acc):
       update = x[i].astype(jnp.float32) * weight[i][:, None]
       return acc.at[i, seg[i]].add(update)
@@ -227,56 +285,12 @@ def merge_kept(
 
   out = []
   for x in (kf, vf):
-    x32 = x.astype(jnp.float32)
     summed = sums(x)
-    x_c = jnp.take_along_axis(x32, jnp.maximum(pos_RC, 0)[..., None], axis=1)
-    if rule == "pivot":
+    x_c = jnp.take_along_axis(x, jnp.maximum(pos_RC, 0)[..., None], axis=1).astype(jnp.float32)
+    if pivot:
       new = (x_c * (1 + count[..., None] / 2) + summed / 2) / (count[..., None] + 1)
     else:
       new = (x_c + summed) / (count[..., None] + 1)
     new = jnp.where((pos_RC >= 0)[..., None], new, 0.0)
     out.append(new.astype(x.dtype).reshape(shape[:3] + (c,) + shape[4:]))
-  return out[0], out[1]
-
-
-def merge_code_compat(
-  k: Array, v: Array, keep_LBKT: Array, evict_LBKT: Array, misaligned: bool = True
-):
-  """The released MEDA / LOOK-M average merge ("code-compat", not the paper), as
-  tests/references/merge_ref.merge_code_compat specifies: evicted tokens are indexed by their rank
-  in each head; a rank passes when the head-mean of its best cosine is >= the layer's mean; with
-  ``misaligned`` the j-th passing target receives the rank-j token (the released bug), otherwise
-  the passing token itself. Every head of a layer must evict the same number of tokens."""
-  l, b, kh, t, _ = k.shape
-  flat = lambda x: x.reshape((-1,) + x.shape[3:])
-  target, cos = nearest(flat(k), flat(keep_LBKT), flat(evict_LBKT))
-  target, cos = target.reshape(l, b, kh, t), cos.reshape(l, b, kh, t)
-  rank_pos = positions_from_mask(evict_LBKT, t)  # [L, B, K, T]: evicted positions by rank, -1 after
-  has = rank_pos >= 0
-  tgt_m = jnp.where(has, jnp.take_along_axis(target, jnp.maximum(rank_pos, 0), -1), -1)
-  mx_m = jnp.where(has, jnp.take_along_axis(cos, jnp.maximum(rank_pos, 0), -1), 0.0)
-  n_m = has[:, :, 0].sum(-1, keepdims=True)  # evicted per head (the same in every head)
-  head_mean = mx_m.mean(2)  # [L, B, T]
-  global_mean = head_mean.sum(-1, keepdims=True) / jnp.maximum(n_m, 1)
-  passing = has[:, :, 0] & (head_mean >= global_mean)
-  f_rank = positions_from_mask(passing[:, :, None], t)[:, :, 0]  # [L, B, T]: F[j], -1 after
-  slot_ok = f_rank >= 0
-  dest = jnp.where(
-    slot_ok[:, :, None], jnp.take_along_axis(tgt_m, jnp.maximum(f_rank, 0)[:, :, None], -1), -1
-  )
-  src_rank = jnp.arange(t) if misaligned else jnp.maximum(f_rank, 0)
-  src_pos = jnp.take_along_axis(rank_pos, jnp.broadcast_to(src_rank, (l, b, t))[:, :, None], -1)
-  src_pos = jnp.where(slot_ok[:, :, None] & (src_pos >= 0), src_pos, -1)  # [L, B, K, T]
-  seg = jnp.where((src_pos >= 0) & (dest >= 0), dest, t)
-  rows = lambda x: x.reshape((-1,) + x.shape[3:])
-  count = jax.vmap(lambda s: jax.ops.segment_sum(jnp.ones((t,)), s, t + 1)[:t])(rows(seg))
-  out = []
-  for x in (k, v):
-    x32 = x.astype(jnp.float32)
-    src = jnp.take_along_axis(x32, jnp.maximum(src_pos, 0)[..., None], 3)
-    summed = jax.vmap(lambda d, s: jax.ops.segment_sum(d, s, t + 1)[:t])(rows(src), rows(seg))
-    new = (rows(x32) + summed) / (count[..., None] + 1)
-    out.append(
-      jnp.where(rows(keep_LBKT)[..., None], new, rows(x32)).astype(x.dtype).reshape(x.shape)
-    )
   return out[0], out[1]

@@ -20,20 +20,22 @@ VARIANTS = [
 
 
 def _check(setup, kw, budget):
-  """Compares with the reference; returns the cache and the reference of the last row."""
+  """Compares with the reference; returns the cache and the references of the rows."""
   cache = jmmkv.compress(
     setup.model, setup.batch, jmmkv.policies.get("lookm", **kw), jmmkv.Budget(**budget)
   )
   k, v = np.asarray(cache.k), np.asarray(cache.v)
+  refs = []
   for b, row in enumerate(setup.rows):
     ref = lookm(row["attn"], row["keys"], row["values"], row["modality"], **budget, **kw)
+    refs.append(ref)
     assert_same_kept(cache, b, ref["kept"], f"{kw} row {b}")
     for l, kept_l in enumerate(ref["kept"]):
       for h, kept in enumerate(kept_l):
         c = len(kept)
         np.testing.assert_allclose(k[l, b, h, :c], ref["k"][l][h, :c], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(v[l, b, h, :c], ref["v"][l][h, :c], atol=1e-5, rtol=1e-5)
-  return cache, ref
+  return cache, refs
 
 
 @pytest.fixture(
@@ -50,6 +52,14 @@ def test_llava_with_images(llava, kw, budget):
   _check(llava, kw, budget)
 
 
+@pytest.mark.parametrize("merge", ["average-code", "weighted-code"])
+def test_released_code_merges(llava, merge):
+  """The released code's filtered merges (merge_ref.merge_code_compat); the similarity filter
+  drops some evicted tokens (every evicted token has a nearest kept one: the recent window)."""
+  _, refs = _check(llava, dict(merge=merge), dict(ratio=0.2))
+  assert any((t == -1).any() for ref in refs for layer in ref["target"] for t in layer)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_text_only_prompt_falls_back_to_h2o_selection(tmp_path, seed):
   _check(text_setup(tmp_path, seed, [64, 27]), dict(), dict(ratio=0.3))
@@ -59,8 +69,8 @@ def test_text_only_prompt_falls_back_to_h2o_selection(tmp_path, seed):
 def test_keep_all_text_false_holds_the_budget(llava, ratio):
   """The paper reading overruns the budget when text before the window exceeds N; the literal
   eq. 8 reading keeps exactly n (and, like the reference, the best-scored text tokens)."""
-  _, paper = _check(llava, dict(), dict(ratio=ratio))
-  cache, strict = _check(llava, dict(keep_all_text=False), dict(ratio=ratio))
+  paper = _check(llava, dict(), dict(ratio=ratio))[1][-1]
+  cache, (*_, strict) = _check(llava, dict(keep_all_text=False), dict(ratio=ratio))
   assert (paper["overrun"] > 0).any()  # the case where the two readings differ is exercised
   assert (strict["overrun"] == 0).all()
   kept_LBK = np.asarray(cache.kept_LBK())

@@ -39,8 +39,10 @@ same split, followed by the same merge, i.e. LOOK-M's non-text-prior variants (t
 Merge (eqs. 9-12): every evicted token (the candidates not kept) is merged into its key-cosine
 nearest kept token of the same head (recent and text tokens are merge targets too) with
 ``merge`` = "pivot" (P-Merge, the paper default), "average" (A-Merge), "weighted" (W-Merge), or
-None (plain eviction). Exact rules, ties and the released-code variant (``code_compat=True``:
-similarity filter and, for "average", the src/index misalignment) are in merge_ref.
+None (plain eviction). The released code's merges (ALGORITHMS.md 1.2 step 3g and 3.1 "Code"):
+"average-code" (the A-Merge classes: similarity filter and src/index misalignment) and
+"weighted-code" (TextWeightedMerge_LayerWise: the same filter, aligned), i.e.
+merge_ref.merge_code_compat with rule "average" / "weighted". Exact rules and ties: merge_ref.
 
 Output: "kept" [L][K] ascending int arrays, "counts" [L, K], "k", "v" [L][K, C_l, H] (merged
 kept keys / values in ascending position order), "n", "recent" (M), "important" (N),
@@ -57,6 +59,7 @@ import numpy as np
 from references import merge_ref
 
 TEXT, IMAGE, VIDEO = 1, 2, 3
+CODE_MERGES = ("average-code", "weighted-code")  # the released code's filtered merges
 
 
 def budget_n(T: int, ratio: float | None = None, tokens: int | None = None) -> int:
@@ -145,11 +148,13 @@ def lookm(
   merge: str | None = "pivot",
   text_prior: bool = True,
   keep_all_text: bool = True,
-  code_compat: bool = False,
 ) -> dict:
   """LOOK-M kept positions and merged K/V per layer and KV head (module docstring)."""
-  if merge is not None and merge not in merge_ref.RULES:
-    raise ValueError(f"merge must be one of {merge_ref.RULES} or None, got {merge!r}")
+  if merge is not None and merge not in merge_ref.RULES + CODE_MERGES:
+    raise ValueError(f"merge must be one of {merge_ref.RULES + CODE_MERGES} or None, got {merge!r}")
+  code_compat = merge in CODE_MERGES
+  if code_compat:
+    merge = merge.removesuffix("-code")
   T = attn[0].shape[-1]
   if ratio is None and tokens is None:
     ratio = recent_ratio + important_ratio

@@ -41,7 +41,9 @@ is in general a different position). With u, c* as above:
    filtered but the source tensor is not, and scatter_reduce reads the first |F| sources. Then
    x_c <- (x_c + sum of the sources sent to c) / (1 + their count), for k and v with the same
    pairing. misaligned=False pairs rank F[j] with c*(h, F[j]) (filter only, no bug).
-4. weighted: filtered and correctly aligned (those classes filter the source too):
+4. weighted: filtered and correctly aligned (ALGORITHMS.md 3.1 "Code": the official W-Merge,
+   TextWeightedMerge_LayerWise, applies the same filter without the misalignment), with the W-Merge
+   weight u[i, c*(i)] = mx:
    x_c <- (x_c + sum_j mx[h, F[j]] x_{F[j]}) / (1 + count), over the j with c*(h, F[j]) = c.
 5. pivot: no filter, no misalignment: identical to the paper P-Merge.
 

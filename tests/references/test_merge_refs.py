@@ -120,6 +120,26 @@ def test_code_compat_filter_is_shared_across_heads():
     merge_ref.merge_code_compat(k, k, [np.array([0]), np.array([0, 1])])
 
 
+def test_code_weighted_filter_is_shared_across_heads():
+  # One kept key [1, 0] per head. Max-cos by evicted rank: head 0 (1, 0.71, 0), head 1 (0, 1,
+  # 0.71); rank means (0.5, 0.85, 0.35) against the global mean 0.57: only rank 1 passes (a
+  # per-head filter would pass ranks 0, 1 of head 0 and 1, 2 of head 1).
+  k = np.array(
+    [
+      [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]],
+      [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]],
+    ]
+  )
+  kept = [np.array([0]), np.array([0])]
+  w = merge_ref.merge_code_compat(k, k, kept, rule="weighted")
+  assert [t.tolist() for t in w["target"]] == [[-1, 0, -1], [-1, 0, -1]]
+  s = 1 / math.sqrt(2)
+  np.testing.assert_allclose(w["k"][:, 0], [[(1 + s) / 2, s / 2], [1.0, 0.0]], atol=1e-12)
+  # average, misaligned: the rank-0 tokens (position 1) go to rank 1's target, 0.
+  a = merge_ref.merge_code_compat(k, k, kept, rule="average")
+  np.testing.assert_allclose(a["k"][:, 0], [[1.0, 0.0], [0.5, 0.5]], atol=1e-12)
+
+
 def _scores_attn(score_NT):
   """An [N, T, T] array whose column sums are score_NT (the references only sum columns)."""
   n, t = score_NT.shape
@@ -174,8 +194,12 @@ def test_lookm_random_invariants(seed):
         m = merge_ref.merge(keys[l], values[l], kept_K, rule=merge)
         np.testing.assert_array_equal(out["v"][l], m["v"])
     assert n == math.ceil(0.5 * T)
-  cc = lookm_ref.lookm(attn, keys, values, modality, ratio=0.5, merge="average", code_compat=True)
-  assert any((t == -1).any() for layer in cc["target"] for t in layer)  # the filter drops some
+  for merge in lookm_ref.CODE_MERGES:  # the released code's: merge_code_compat, some dropped
+    cc = lookm_ref.lookm(attn, keys, values, modality, ratio=0.5, merge=merge)
+    assert any((t == -1).any() for layer in cc["target"] for t in layer)
+    for l, kept_K in enumerate(cc["kept"]):
+      m = merge_ref.merge_code_compat(keys[l], values[l], kept_K, rule=merge.removesuffix("-code"))
+      np.testing.assert_array_equal(cc["v"][l], m["v"])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -9,8 +9,13 @@ tests/references/lookm_ref.py (the executable spec). Per row, with n the budget:
   M + max(N, #text before the window) tokens are kept (all text is kept: the budget can overrun);
   (``keep_all_text=False`` reads eq. 8 literally: the same order, but exactly M + N are kept, so
   the budget holds and surplus text is ranked by score like the rest);
-  merge each evicted token into its key-cosine nearest kept token ("pivot" P-Merge by default,
-  "average", "weighted", or None to only evict).
+  merge each evicted token into its key-cosine nearest kept token (``merge``, below).
+``merge`` (jmmkv.cache.merge has the rules): the paper's, every evicted token merged: "pivot"
+(P-Merge, the default; the released code's too), "average" (A-Merge), "weighted" (W-Merge); the
+released code's, which merge only the evicted tokens whose max-cosine, averaged over the row's KV
+heads at the same evicted rank, is >= its mean over all heads and ranks of the layer:
+"average-code" (TextAVGMerge: A-Merge with the code's index misalignment, as MEDA "code") and
+"weighted-code" (TextWeightedMerge: W-Merge, aligned); None only evicts.
 A row without image / video tokens (or text_prior=False) has no text priority: H2O's selection
 with the same split, then the same merge. Defaults: a1 = a2 = 0.1 (recent 10% + important 10%).
 """
@@ -22,7 +27,6 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jmmkv import sharding
 from jmmkv.cache import merge as merging
 from jmmkv.cache import select
 from jmmkv.cache.policies.base import (
@@ -100,10 +104,9 @@ class LookM(Base):
         f"recent_ratio and important_ratio must be >= 0 with a positive sum, got "
         f"{self.recent_ratio}, {self.important_ratio}"
       )
-    if self.merge is not None and self.merge not in merging.RULES:
-      raise ValueError(
-        f"merge must be None or one of {', '.join(merging.RULES)}, got {self.merge!r}"
-      )
+    rules = merging.RULES + merging.CODE_RULES
+    if self.merge is not None and self.merge not in rules:
+      raise ValueError(f"merge must be None or one of {', '.join(rules)}, got {self.merge!r}")
 
   def plan(self, host: HostPrompt) -> Plan:
     """At most n, or with every text token kept the recent M plus max(N, the row's text)."""
@@ -131,9 +134,4 @@ def finish(layer: PromptKV, keep_1BKT: Array, rule: str | None, capacity: int) -
   if rule is None:
     return Kept(positions)
   evict = layer.valid_BT[None, :, None, :] & ~keep_1BKT
-  if rule == merging.CODE_COMPAT:  # merged over the whole layer, then gathered
-    k, v = sharding.per_head(merging.merge_code_compat, layer.k, layer.v, keep_1BKT, evict)
-    return Kept(positions, *select.gather(layer._replace(k=k, v=v), positions)[:2])
-  merge = lambda k, v, keep, ev, pos: merging.merge_kept(k, v, keep, ev, rule, pos)
-  k, v = sharding.per_head(merge, layer.k, layer.v, keep_1BKT, evict, positions)  # shard-local
-  return Kept(positions, k, v)
+  return Kept(positions, *merging.merge_kept(layer.k, layer.v, keep_1BKT, evict, rule, positions))
