@@ -16,6 +16,7 @@ CORE = [
 EXTRA = [
   dict(mpa=False, hcc=False),
   dict(theta=0.5, proxy_window=4, b_min=3),
+  dict(kernel=5),
   dict(reading="B", mpa=False),
   dict(reading="A"),
   dict(reading="B", hcc_units="layer_total"),
@@ -81,7 +82,13 @@ def _attention(rng, n_layers, n_heads, t):
   return out
 
 
-DEEP_VARIANTS = [dict(), dict(mpa=False), dict(hcc=False), dict(mpa=False, hcc=False)]
+DEEP_VARIANTS = [
+  dict(),
+  dict(mpa=False),
+  dict(hcc=False),
+  dict(mpa=False, hcc=False),
+  dict(kernel=3),
+]
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5])

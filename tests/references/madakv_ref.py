@@ -15,6 +15,12 @@ head, proxy window included.
    0 .. T-p-1. Query head q: psi_q(i) = sum_{j = T-p}^{T-1} A_q[j, i] over the given causal
    probabilities (inside the window only i <= j contributes), for all i; no pooling. KV head k:
    psi_k = MEAN of psi_q over its query heads q = k*G .. k*G+G-1.
+   Pooling (option `kernel`, odd, default 1 = none, as the paper): with kernel > 1, before the
+   GQA mean, psi_q over the candidates 0 .. T-p-1 only is average-pooled along positions as
+   SnapKV does: pooled(i) = (1/kernel) * sum of psi_q(j) over candidates j with |j - i| <=
+   kernel // 2 (positions outside the candidates count as zeros, the divisor stays kernel). The
+   window positions keep their unpooled psi_q. Every later step (weights, demands, rankings)
+   uses this psi.
 3. Modalities. Visual = modality 2 (image) or 3 (video); text = any other id (1). Over the
    candidates only: n_v, n_t = counts; w_v, w_t = sums of psi_k over visual / text candidates.
 4. Demand (per layer, KV head and modality m). Sort psi_k of the candidates of modality m
@@ -114,11 +120,42 @@ def kept_tokens(t: int, ratio: float | None = None, tokens: int | None = None) -
   return min(int(tokens), t)
 
 
-def proxy_scores(attn_NTT: np.ndarray, n_kv: int, proxy_window: int) -> np.ndarray:
-  """psi [Kh, T]: proxy-row sums per query head, GQA mean per KV head (item 2)."""
+def check_kernel(kernel) -> int:
+  """The pooling kernel as an int: a positive odd integer (item 2), else ValueError."""
+  if isinstance(kernel, bool) or not isinstance(kernel, (int, np.integer)):
+    raise ValueError(f"kernel must be a positive odd integer, got {kernel!r}")
+  if kernel < 1 or kernel % 2 == 0:
+    raise ValueError(f"kernel must be a positive odd integer, got {kernel!r}")
+  return int(kernel)
+
+
+def pool_psi(psi: np.ndarray, n_cand: int, kernel: int = 1) -> np.ndarray:
+  """psi [..., T] with the candidates 0 .. n_cand-1 average-pooled along positions (item 2):
+  pooled(i) = (1/kernel) * sum of psi(j) over candidates j with |j - i| <= kernel // 2,
+  positions outside the candidates count as zeros, the divisor is always kernel; positions
+  n_cand .. T-1 (the window) are returned unpooled. kernel == 1 returns psi unchanged."""
+  kernel = check_kernel(kernel)
+  psi = np.asarray(psi, np.float64)
+  if kernel == 1:
+    return psi
+  half = kernel // 2
+  out = psi.copy()
+  padded = np.zeros(psi.shape[:-1] + (n_cand + 2 * half,))
+  padded[..., half : half + n_cand] = psi[..., :n_cand]
+  total = np.zeros(psi.shape[:-1] + (n_cand,))
+  for off in range(kernel):  # padded[i + off] is psi(i + off - half)
+    total += padded[..., off : off + n_cand]
+  out[..., :n_cand] = total / kernel
+  return out
+
+
+def proxy_scores(attn_NTT: np.ndarray, n_kv: int, proxy_window: int, kernel: int = 1) -> np.ndarray:
+  """psi [Kh, T]: proxy-row sums per query head, candidates pooled with `kernel` (window
+  unpooled), then the GQA mean per KV head (item 2)."""
   n, t, _ = attn_NTT.shape
   p = min(proxy_window, t)
   psi_NT = np.asarray(attn_NTT, np.float64)[:, t - p :, :].sum(1)
+  psi_NT = pool_psi(psi_NT, t - p, kernel)
   return psi_NT.reshape(n_kv, n // n_kv, t).mean(1)
 
 
@@ -236,10 +273,12 @@ def madakv_ref(
   b_min: int = 1,
   pool_cap: bool = True,
   n_kv: int | None = None,
+  kernel: int = 1,
 ) -> dict:
   """MadaKV on one row. attn: [L][N, T, T] causal probabilities; keys / values: [L][Kh, T, H]
   or None (then n_kv gives Kh, default N); modality: [T] ids (1 text, 2 image, 3 video);
-  reading: "A", "B" or "C" (items 5, 6, 6C)."""
+  reading: "A", "B" or "C" (items 5, 6, 6C); kernel: odd psi pooling width (item 2, 1 = none)."""
+  kernel = check_kernel(kernel)
   if reading not in ("A", "B", "C"):
     raise ValueError(f"reading must be 'A', 'B' or 'C', got {reading!r}")
   n_layers = len(attn)
@@ -251,7 +290,7 @@ def madakv_ref(
   cand_vis = visual[: t - p]
   n_v, n_t = int(cand_vis.sum()), int((~cand_vis).sum())
 
-  psi = np.stack([proxy_scores(a, kh, proxy_window) for a in attn])  # [L, Kh, T]
+  psi = np.stack([proxy_scores(a, kh, proxy_window, kernel) for a in attn])  # [L, Kh, T]
   w = np.stack(
     [psi[..., : t - p][..., cand_vis].sum(-1), psi[..., : t - p][..., ~cand_vis].sum(-1)], -1
   )

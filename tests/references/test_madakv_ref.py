@@ -11,6 +11,7 @@ from references.madakv_ref import (
   madakv_ref,
   mpa_split,
   next_budget,
+  pool_psi,
   proxy_scores,
 )
 
@@ -444,3 +445,126 @@ def test_reading_c_hcc_off_reports():
   assert (out["counts"] == 8).all() and (out["caps"] == 8).all()
   np.testing.assert_array_equal(out["layer_slots"], [16] * 4)
   np.testing.assert_array_equal(out["remaining"], [64, 48, 32, 16])
+
+
+# Pooling (item 2, option kernel).
+
+
+def test_pool_psi_hand_computed():
+  # T = 8, p = 3: candidates 0..4 = (3, 6, 0, 9, 3), window 5..7 = (1, 2, 4). kernel 3:
+  # 0: (0 + 3 + 6) / 3 = 3 (zero before position 0, divisor still 3, not 2);
+  # 1: (3 + 6 + 0) / 3 = 3; 2: (6 + 0 + 9) / 3 = 5; 3: (0 + 9 + 3) / 3 = 4;
+  # 4: (9 + 3 + 0) / 3 = 4 (window position 5 counts as zero, not 1); window unpooled.
+  psi = np.array([3.0, 6.0, 0.0, 9.0, 3.0, 1.0, 2.0, 4.0])
+  np.testing.assert_array_equal(pool_psi(psi, 5, 3), [3, 3, 5, 4, 4, 1, 2, 4])
+  # kernel 5: 0: (3+6+0)/5, 1: (3+6+0+9)/5, 2: 21/5, 3: (6+0+9+3)/5, 4: (0+9+3)/5.
+  np.testing.assert_allclose(
+    pool_psi(psi, 5, 5), [9 / 5, 18 / 5, 21 / 5, 18 / 5, 12 / 5, 1, 2, 4], rtol=0, atol=1e-15
+  )
+  # A kernel wider than the candidates: every candidate averages all of them over the kernel.
+  np.testing.assert_allclose(pool_psi(psi, 2, 7), [9 / 7, 9 / 7, 0, 9, 3, 1, 2, 4], atol=1e-15)
+  np.testing.assert_array_equal(pool_psi(psi, 0, 3), psi)  # no candidates (p == T)
+  np.testing.assert_array_equal(pool_psi(psi, 5, 1), psi)
+  # Leading axes are pooled independently.
+  two = np.stack([psi, psi[::-1]])
+  np.testing.assert_array_equal(pool_psi(two, 5, 3)[0], pool_psi(psi, 5, 3))
+  np.testing.assert_array_equal(pool_psi(two, 5, 3)[1], pool_psi(psi[::-1], 5, 3))
+
+
+def test_proxy_scores_pooled_then_gqa_mean():
+  attn = _random_attn(np.random.default_rng(3), 1, 4, 12)[0]
+  per_q = attn[:, 7:, :].sum(1)  # p = 5: candidates 0..6, window 7..11
+  pooled = per_q.copy()
+  for q in range(4):  # independent form: zero-padded "same" convolution over the candidates
+    pooled[q, :7] = np.convolve(per_q[q, :7], np.ones(3), mode="same") / 3
+  psi = proxy_scores(attn, 2, 5, kernel=3)
+  np.testing.assert_allclose(psi[0], (pooled[0] + pooled[1]) / 2, rtol=1e-13)
+  np.testing.assert_allclose(psi[1], (pooled[2] + pooled[3]) / 2, rtol=1e-13)
+  np.testing.assert_array_equal(psi[:, 7:], proxy_scores(attn, 2, 5)[:, 7:])  # window untouched
+  assert not np.allclose(psi[:, :7], proxy_scores(attn, 2, 5)[:, :7])
+  np.testing.assert_array_equal(proxy_scores(attn, 2, 5, kernel=1), proxy_scores(attn, 2, 5))
+
+
+def _outputs_equal(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    if key in ("kept", "k", "v"):
+      for row_a, row_b in zip(a[key], b[key], strict=True):
+        if key == "kept":
+          for x, y in zip(row_a, row_b, strict=True):
+            np.testing.assert_array_equal(x, y)
+        else:
+          np.testing.assert_array_equal(row_a, row_b)
+    else:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("reading", ["A", "B", "C"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kernel_one_is_exactly_default(seed, reading):
+  attn, keys, values, mod = _case(seed, n_layers=5)
+  for ratio, mpa, hcc in ((0.2, True, True), (0.4, False, True), (0.3, True, False)):
+    common = dict(ratio=ratio, proxy_window=6, reading=reading, mpa=mpa, hcc=hcc)
+    base = madakv_ref(attn, keys, values, mod, **common)
+    _outputs_equal(madakv_ref(attn, keys, values, mod, kernel=1, **common), base)
+    pooled = madakv_ref(attn, keys, values, mod, kernel=5, **common)
+    assert not np.array_equal(pooled["psi"], base["psi"])  # the option is really applied
+    for layer in range(5):
+      np.testing.assert_array_equal(pooled["psi"][layer], proxy_scores(attn[layer], 2, 6, kernel=5))
+
+
+def _lone_vs_run_attn(t, p):
+  """[1, T, T]: proxy rows put 0.2 on position 5 (lone), 0.15 on each of 20, 21, 22 (a run)
+  and the rest on themselves; earlier rows are uniform causal."""
+  a = np.zeros((1, t, t))
+  for j in range(t):
+    if j >= t - p:
+      a[0, j, 5], a[0, j, 20:23], a[0, j, j] = 0.2, 0.15, 0.35
+    else:
+      a[0, j, : j + 1] = 1.0 / (j + 1)
+  return a
+
+
+@pytest.mark.parametrize("reading", ["A", "B", "C"])
+def test_pooling_prefers_a_run_over_a_lone_peak(reading):
+  # T = 32, p = 4: psi(5) = 0.8, psi(20..22) = 0.6 each. Unpooled top 3 candidates: 5, then
+  # 20, 21 (ties to the lower position). kernel 3: pooled(21) = 1.8/3 = 0.6, pooled(20) =
+  # pooled(22) = 1.2/3 = 0.4, pooled(4..6) = 0.8/3 = 0.267 -> the run 20, 21, 22 wins.
+  t, p = 32, 4
+  attn, mod = [_lone_vs_run_attn(t, p)], np.ones(t, np.int64)
+  common = dict(tokens=p + 3, proxy_window=p, reading=reading, hcc=False)
+  plain = madakv_ref(attn, None, None, mod, **common)
+  pooled = madakv_ref(attn, None, None, mod, kernel=3, **common)
+  np.testing.assert_array_equal(plain["kept"][0][0], [5, 20, 21, 28, 29, 30, 31])
+  np.testing.assert_array_equal(pooled["kept"][0][0], [20, 21, 22, 28, 29, 30, 31])
+  psi = pooled["psi"][0, 0]
+  np.testing.assert_allclose(
+    psi[[4, 5, 6, 19, 20, 21, 22, 23]], [0.8 / 3] * 3 + [0.2, 0.4, 0.6, 0.4, 0.2]
+  )
+  np.testing.assert_array_equal(psi[t - p :], plain["psi"][0, 0, t - p :])  # window unpooled
+  # Demand follows the pooled psi too: more, smaller scores need more slots to reach theta.
+  assert pooled["demand"][0, 0, 1] > plain["demand"][0, 0, 1]
+
+
+def test_pooling_changes_mpa_weights_with_image_next_to_text():
+  # Pooling moves score across a modality border: a text peak at 10 next to images 0..9.
+  t, p = 24, 4
+  a = _looking_at(t, 1, [[10]])
+  mod = _modality(t, 0, 10)
+  plain = madakv_ref([a], None, None, mod, tokens=8, proxy_window=p, hcc=False)
+  pooled = madakv_ref([a], None, None, mod, tokens=8, proxy_window=p, hcc=False, kernel=3)
+  # Proxy rows put 0.9 on 10: psi(10) = 3.6; pooled: 9, 10, 11 get 1.2 each.
+  np.testing.assert_allclose(plain["modality_weights"][0, 0], [0.0, 3.6])
+  np.testing.assert_allclose(pooled["modality_weights"][0, 0], [1.2, 2.4])
+
+
+@pytest.mark.parametrize("kernel", [0, -1, -3, 2, 4, 3.0, 2.5, "3", None, True])
+def test_kernel_must_be_positive_odd_integer(kernel):
+  attn, keys, values, mod = _case(0, n_layers=1)
+  with pytest.raises(ValueError, match="kernel"):
+    madakv_ref(attn, keys, values, mod, ratio=0.3, proxy_window=6, kernel=kernel)
+  with pytest.raises(ValueError, match="kernel"):
+    proxy_scores(attn[0], 2, 6, kernel=kernel)
+  with pytest.raises(ValueError, match="kernel"):
+    pool_psi(np.ones(8), 5, kernel)
+  madakv_ref(attn, keys, values, mod, ratio=0.3, proxy_window=6, kernel=np.int64(3))

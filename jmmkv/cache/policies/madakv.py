@@ -6,7 +6,9 @@ ALGORITHMS.md 2.2-2.5 with the readings spelled out in tests/references/madakv_r
 executable spec), per row, in slots per KV head (proxy window included):
 
 - psi(i) = sum over the last p = min(proxy_window, T) queries of their attention to i, per query
-  head, then the GQA mean. Candidates are the positions before the proxy window.
+  head, then the GQA mean. Candidates are the positions before the proxy window. ``kernel`` > 1
+  (not in the paper; default 1) first average-pools the candidates' psi per query head as SnapKV
+  does (window unpooled).
 - Demand of modality m (visual = image or video, text = the rest): the fewest top-psi candidates
   covering theta of the modality's psi mass; a head needs d = p + k_v + k_t slots (reading C
   with mpa=False: d = p + k_a, the same count over all candidates).
@@ -54,6 +56,7 @@ from jmmkv.cache.policies.base import (
   PromptKV,
   check_fields,
 )
+from jmmkv.cache.policies.snapkv import pool
 from jmmkv.cache.stats import StatsSpec, spec
 from jmmkv.cache.statistics import WindowSums
 from jmmkv.typing import IMAGE, VIDEO
@@ -75,6 +78,7 @@ def _demand(psi, members, theta):
 @dataclasses.dataclass(frozen=True)
 class MadaKV(Base):
   proxy_window: int = 32
+  kernel: int = 1
   theta: float = 0.9
   reading: str = "C"
   hcc_units: str = "per_head"
@@ -87,6 +91,8 @@ class MadaKV(Base):
 
   def __post_init__(self):
     check_fields(self)
+    if self.kernel < 1 or self.kernel % 2 == 0:
+      raise ValueError(f"kernel must be a positive odd integer, got {self.kernel}")
     if self.proxy_window < 1:
       raise ValueError(f"proxy_window must be a positive integer, got {self.proxy_window}")
     if not 0.0 < self.theta <= 1.0:
@@ -159,10 +165,14 @@ class MadaKV(Base):
     """Layer ``index``'s kept positions; the carry is phi (readings A, B) or the slots spent
     (reading C), ``[B]``."""
     kh = layer.k.shape[2]
-    psi = select.reduce_heads(layer.stats[WindowSums.name], kh, "mean")  # [L, B, K, T]
+    psi_N = layer.stats[WindowSums.name]  # [L, B, N, T]
     valid = layer.valid_BT[None, :, None, :]
     p_B = jnp.minimum(self.proxy_window, layer.lengths_B)
     proxy = select.recent_rows(layer.valid_BT, p_B)[None, :, None, :]
+    if self.kernel > 1:  # SnapKV's average pooling over the candidates; the window unpooled
+      pooled = pool(psi_N, layer.valid_BT & ~proxy[0, :, 0], self.kernel, "avg")
+      psi_N = jnp.where(proxy, psi_N, pooled)
+    psi = select.reduce_heads(psi_N, kh, "mean")  # [L, B, K, T]
     cand = valid & ~proxy
     mod = layer.modality_BT[None, :, None, :]
     vis = cand & ((mod == IMAGE) | (mod == VIDEO))
