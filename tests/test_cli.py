@@ -234,7 +234,15 @@ def _dtype_choices(parser) -> dict:
 
 def test_every_dtype_option_takes_both_spellings(capsys):
   choices = _dtype_choices(cli.build_parser())
-  commands = {"demo", "convert", "generate", "bench", "eval milebench", "eval synthetic"}
+  commands = {
+    "demo",
+    "convert",
+    "generate",
+    "bench",
+    "eval milebench",
+    "eval synthetic",
+    "eval ruler",
+  }
   assert set(choices) == commands
   for command, got in choices.items():
     assert set(got) == {"float32", "fp32", "bfloat16", "bf16"}, command

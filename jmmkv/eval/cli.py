@@ -141,6 +141,7 @@ def _ruler(args) -> int:
 
 
 def _add_ruler(benchmarks) -> None:
+  from jmmkv.arguments import DTYPES
   from jmmkv.eval import ruler_tasks, smollm2
 
   ru = benchmarks.add_parser(
@@ -221,6 +222,7 @@ def _add_ruler(benchmarks) -> None:
     default="",
     help="also write an accuracy-vs-budget PNG here (one panel per length; needs matplotlib)",
   )
+  ru.add_argument("--dtype", choices=DTYPES, default="float32")
   ru.set_defaults(func=_ruler)
 
 

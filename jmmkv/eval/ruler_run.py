@@ -74,6 +74,7 @@ def run(args) -> int:
   from jmmkv import arguments, runinfo
   from jmmkv.files import atomic_path, output_path, write_atomic
   from jmmkv.eval import ruler_plot
+  from jmmkv.models.model import dtype_name
 
   grid = ruler.Grid(
     policies=tuple(jmmkv.policies.spec_list(args.policies)),
@@ -96,7 +97,7 @@ def run(args) -> int:
   path, source = model_dir(args)
   settings = dict(
     model=str(path),
-    dtype="float32",
+    dtype=dtype_name(args.dtype),
     tasks=list(grid.tasks),
     n=grid.n,
     batch=grid.batch,
@@ -108,7 +109,7 @@ def run(args) -> int:
   )
   done = ruler.read_cells(partial, settings) if args.resume else {}
   t0 = time.perf_counter()
-  model = jmmkv.load(path)  # float32
+  model = jmmkv.load(path, dtype=args.dtype)
   if model.tokenizer is None:
     raise ValueError(f"{path} has no tokenizer files: jmmkv eval ruler needs one")
   prompter = ruler_tasks.Prompter(model.tokenizer, chat=args.chat_template)
