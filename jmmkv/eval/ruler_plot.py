@@ -5,16 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jmmkv.eval import plotting
+
 
 def plot(rows: list[dict], path: Path) -> None:
   """Writes the PNG of `jmmkv.eval.ruler` result rows to ``path``."""
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+  plt = plotting.pyplot()
   lengths = sorted({r["length"] for r in rows})
   fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
   for ax, length in zip(axes[0], lengths):

@@ -4,13 +4,12 @@ built, the grid run (`jmmkv.eval.ruler`), then the table, the JSON and the plot.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
-from jmmkv.eval import ruler, ruler_tasks, ruler_text, smollm2
+from jmmkv.eval import plotting, ruler, ruler_tasks, ruler_text, smollm2
 from jmmkv.eval.milebench_progress import progress_path, refuse_progress
 
 
@@ -86,9 +85,7 @@ def run(args) -> int:
   )
   check_counts(args)
   out_path = output_path(args.out, "--out")
-  plot_path = output_path(args.plot, "--plot") if args.plot else None
-  if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
-    raise ValueError("--plot needs matplotlib: pip install -e '.[plot]' (or leave --plot out)")
+  plot_path = plotting.plot_path(args.plot)
   partial = progress_path(out_path)
   if not args.resume:
     refuse_progress(partial, "--resume")

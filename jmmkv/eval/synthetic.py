@@ -8,11 +8,12 @@ metadata and an accuracy-vs-budget plot (one panel per task, one line per policy
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+
+from jmmkv.eval import plotting
 
 BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 
@@ -59,13 +60,7 @@ def format_table(rows, task_names) -> str:
 
 def plot(rows, task_names, path: Path) -> None:
   """Accuracy vs budget per task (and the mean); the full cache is a dashed line."""
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+  plt = plotting.pyplot()
   panels = [*task_names, "mean"]
   fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True)
   full = next(r for r in rows if r["policy"] == "full")
@@ -103,9 +98,7 @@ def run(args) -> int:
     raise ValueError("--n and --batch-size must be >= 1")
   settings = tasks.TaskSettings(n_images=args.images, filler=args.filler)
   out_path = output_path(args.out, "--out")
-  plot_path = output_path(args.plot, "--plot") if args.plot else None
-  if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
-    raise ValueError("--plot needs matplotlib: pip install -e '.[plot]' (or leave --plot out)")
+  plot_path = plotting.plot_path(args.plot)
   model = demo.load_bundled(args.model or demo.MODEL_DIR, args.dtype)
   samples = tasks.heldout_all(args.n, settings, task_names)
   t0 = time.perf_counter()
