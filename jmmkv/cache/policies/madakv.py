@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -139,7 +140,6 @@ class MadaKV(Base):
     b = b_min[:, None] + allocate(
       s - kh * b_min, jnp.maximum(d_BK - b_min[:, None], 0), t_B - b_min
     )
-    b = jnp.where((n_B >= t_B)[:, None], t_B[:, None], b)  # n == T: keep everything
     return b, spent_B + b.sum(-1)
 
   def layer_slots(self, d_BK, phi_B, n_B, t_B, index: int, num_layers: int):
@@ -151,7 +151,6 @@ class MadaKV(Base):
       b = jnp.clip(d_BK, self.b_min, cap[:, None])
     else:
       b = jnp.broadcast_to(phi_B[:, None], d_BK.shape)
-    b = jnp.where((n_B >= t_B)[:, None], t_B[:, None], b)  # n == T: keep everything
     if self.hcc and r > 0:
       x = (d_BK if self.reading == "A" else b).sum(-1)
       if self.hcc_units == "per_head":
@@ -186,6 +185,8 @@ class MadaKV(Base):
     else:
       slots_of = self.layer_slots
     b_BK, phi_B = slots_of(d[0], phi_B, ctx.kept_B, layer.lengths_B, index, ctx.num_layers)
+    whole = (ctx.kept_B >= layer.lengths_B)[:, None]  # n == T: keep everything (any carry)
+    b_BK = jnp.where(whole, layer.lengths_B[:, None], b_BK)
     slots = b_BK[None]
     p = p_B[None, :, None]
     c = jnp.maximum(0, slots - p)
@@ -226,10 +227,11 @@ def allocate(extra_B, weight_BK, cap_B):
     q = jnp.where((total > 0)[:, None], by_weight, (f32(left) / f32(count))[:, None])
     return free, left, q
 
-  capped = jnp.zeros(weight_BK.shape, bool)
-  for _ in range(kh):  # a fixed point after at most K rounds
+  def more_capped(_, capped):
     free, _, q = quotas(capped)
-    capped |= free & (q > cap_B[:, None].astype(jnp.float32))
+    return capped | (free & (q > cap_B[:, None].astype(jnp.float32)))
+
+  capped = jax.lax.fori_loop(0, kh, more_capped, jnp.zeros(weight_BK.shape, bool))  # fixed point
   free, left, q = quotas(capped)
   whole = jnp.floor(q)
   floors = jnp.where(free, whole, 0).astype(jnp.int32)
