@@ -13,7 +13,7 @@ import functools
 import numbers
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -239,6 +239,21 @@ def generate(
   saves more than 10% of the prefix bytes. A model loaded with a ``mesh`` runs everything under
   it, with the cache split over batch and KV heads (dense layout: pages mix heads).
   """
+  sampling, rng, eos_E = decode_settings(
+    model, max_new_tokens, temperature, top_k, top_p, rng, eos_token_id
+  )
+  with sharding.context(model.mesh):
+    padded, logits_BV, cache, prefill_s, layout_s = _prefill_and_compress(
+      model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
+    )
+    out, cache, decode_s = decode_stage(
+      model, logits_BV, cache, rng, eos_E, sampling, max_new_tokens, output_scores
+    )
+  return finish(model, padded, out, cache, (prefill_s, layout_s, decode_s), return_cache)
+
+
+def decode_settings(model, max_new_tokens, temperature, top_k, top_p, rng, eos_token_id):
+  """`generate`'s decoding arguments checked: ``(Sampling, rng, eos ids [E])``."""
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
   sampling = Sampling(temperature, top_k, top_p)
@@ -249,33 +264,40 @@ def generate(
   rng = jax.random.key(0) if rng is None else rng
   eos = model.text_config.eos_token_ids if eos_token_id is None else eos_token_id
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(eos, np.int32)).reshape(-1))
+  return sampling, rng, eos_E
 
-  with sharding.context(model.mesh):
-    padded, logits_BV, cache, prefill_s, layout_s = _prefill_and_compress(
-      model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
-    )
-    cfg, dtype, params = model.text_config, model.dtype_name, model.params["text"]
-    _warn_past_max_positions(cache.rope_start, max_new_tokens, cfg.max_position_embeddings)
-    (tokens_BM, cache, scores), decode_s = _timed(
-      decode_loop,
-      params,
-      logits_BV,
-      cache,
-      rng,
-      eos_E,
-      cfg=cfg,
-      dtype=dtype,
-      sampling=sampling,
-      max_new_tokens=max_new_tokens,
-      output_scores=output_scores,
-    )
+
+def decode_stage(model, logits_BV, cache, rng, eos_E, sampling, max_new_tokens, output_scores):
+  """The last stage of `generate`: `decode_loop` from the prefill's logits (the cache is
+  donated). Returns ``((tokens_BM, scores_BMV or None), cache, seconds)``."""
+  cfg = model.text_config
+  _warn_past_max_positions(cache.rope_start, max_new_tokens, cfg.max_position_embeddings)
+  (tokens_BM, cache, scores), decode_s = _timed(
+    decode_loop,
+    model.params["text"],
+    logits_BV,
+    cache,
+    rng,
+    eos_E,
+    cfg=cfg,
+    dtype=model.dtype_name,
+    sampling=sampling,
+    max_new_tokens=max_new_tokens,
+    output_scores=output_scores,
+  )
+  return (tokens_BM, scores), cache, decode_s
+
+
+def finish(model, padded: inputs.Padded, out, cache, seconds, return_cache: bool):
+  """The `GenerateOutput` of `decode_stage`'s ``out`` and ``cache``; ``seconds``: (prefill,
+  layout, decode)."""
+  tokens_BM, scores = out
   tokens = [[int(x) for x in row if x >= 0] for row in np.asarray(tokens_BM)]
   texts = model.decode_text(tokens) if model.tokenizer is not None else None
-  stats = _stats(cache, padded, tokens, prefill_s, layout_s, decode_s)
   return GenerateOutput(
     tokens,
     texts,
-    stats,
+    _stats(cache, padded, tokens, *seconds),
     cache if return_cache else None,
     None if scores is None else np.asarray(scores),
   )
@@ -290,7 +312,7 @@ def _warn_past_max_positions(rope_start, max_new_tokens: int, max_positions: int
       f"the prompt plus max_new_tokens={max_new_tokens} reach position {last}, past the model's "
       f"max_position_embeddings={max_positions}: output beyond it may be meaningless (shorten the "
       "prompt or lower max_new_tokens)",
-      stacklevel=3,
+      stacklevel=4,  # the caller of generate (via decode_stage)
     )
 
 
@@ -305,9 +327,92 @@ def _donation_quiet():
 LAYOUTS = ("auto", "dense", "paged")
 
 
-def _check_layout(layout: str) -> None:
+def check_layout(layout: str) -> None:
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+class Prompt(NamedTuple):
+  """A padded batch embedded for the prompt forward (`embed_prompt`)."""
+
+  padded: inputs.Padded
+  args: tuple  # (params, x_BTD, positions, valid_BT, modality_BT), placed for the mesh
+  rope_start_B: np.ndarray  # [B] (or M-RoPE [3, B]): the first new token's position
+
+  def bound(self, spec: StatsSpec) -> StatsSpec:
+    """``spec`` with the prompt's static settings (`stats.for_prompt`, e.g. the cross
+    entropies' sizes)."""
+    valid_BT, mod_BT = np.asarray(self.padded.valid_BT), np.asarray(self.padded.modality_BT)
+    return stats.for_prompt(spec, valid_BT, mod_BT)
+
+
+def check_batch(batch) -> None:
+  """A TypeError unless ``batch`` is a `jmmkv.Batch`."""
+  if not isinstance(batch, inputs.Batch):
+    raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
+
+
+def embed_prompt(model, padded: inputs.Padded) -> Prompt:
+  """The prompt's embeddings (vision features spliced in) and positions, on the model's mesh."""
+  x_BTD = model.embed(padded.ids_BT, padded.media)
+  positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
+  # New tokens continue from the last prompt token's position + 1, on each M-RoPE axis (as
+  # transformers' generate; with M-RoPE this can be below the prompt length).
+  lengths = np.asarray(padded.lengths_B)
+  rows = np.arange(len(lengths))
+  rope_start_B = (positions[..., rows, lengths - 1] + 1).astype(np.int32)  # [B], or [3, B]
+  mesh = model.mesh
+  args = (
+    model.params["text"],
+    sharding.put_batch(x_BTD, mesh),
+    sharding.put_batch(positions.astype(np.int32), mesh, axis=positions.ndim - 2),
+    sharding.put_batch(padded.valid_BT, mesh),
+    sharding.put_batch(padded.modality_BT, mesh),
+  )
+  return Prompt(padded, args, rope_start_B)
+
+
+def kept_counts(policy, budget: Budget | None, lengths_B: np.ndarray) -> np.ndarray:
+  """``[B]`` int32: the budget's kept count per (layer, KV head) of each row (the lengths
+  without a budget); a ValueError when ``policy`` needs a budget and has none."""
+  if budget is None and policy.needs_budget:
+    raise ValueError(
+      f"policy {policy.name!r} needs a budget: jmmkv.Budget(ratio=...) or Budget(tokens=...)"
+    )
+  return np.array([budget.kept(int(n)) for n in lengths_B] if budget else lengths_B, np.int32)
+
+
+def plan_storage(model, prompt: Prompt, policy, kept_B: np.ndarray, survey: Stats):
+  """Where the policy's kept slots go (`stream.storage_for` of its `Plan`), and the device
+  arguments the compressing prefill takes after the prompt's (lengths, rope start, kept
+  counts, survey)."""
+  cfg, mesh, padded = model.text_config, model.mesh, prompt.padded
+  lengths = np.asarray(padded.lengths_B)
+  valid_BT = np.asarray(padded.valid_BT)
+  host = HostPrompt(
+    lengths,
+    kept_B,
+    valid_BT,
+    np.asarray(padded.modality_BT),
+    cfg.num_layers,
+    cfg.num_kv_heads,
+    {name: np.asarray(x) for name, x in survey.items()},
+  )
+  storage = stream.storage_for(
+    policy.plan(host),
+    cfg.num_layers,
+    len(lengths),
+    cfg.num_kv_heads,
+    valid_BT.shape[1],
+    mesh is None,
+  )
+  args = (
+    sharding.put_batch(padded.lengths_B, mesh),
+    sharding.put_batch(prompt.rope_start_B, mesh, axis=prompt.rope_start_B.ndim - 1),
+    sharding.put_batch(kept_B, mesh),
+    survey,
+  )
+  return storage, args
 
 
 def prefill_stage(
@@ -326,64 +431,29 @@ def prefill_stage(
   logits_BV, (cache, pool), storage, prefill_s)``. ``compile_first`` compiles the embedding and
   the forward ahead of time, outside the timed seconds (benchmarks).
   """
-  if not isinstance(batch, inputs.Batch):
-    raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
-  if budget is None and policy.needs_budget:
-    raise ValueError(
-      f"policy {policy.name!r} needs a budget: jmmkv.Budget(ratio=...) or Budget(tokens=...)"
-    )
+  check_batch(batch)
   padded = inputs.pad(batch, pad_id=0)
-  cfg, mesh = model.text_config, model.mesh
-  lengths = np.asarray(padded.lengths_B)
-  kept_B = np.array([budget.kept(int(n)) for n in lengths] if budget else lengths, np.int32)
+  kept_B = kept_counts(policy, budget, np.asarray(padded.lengths_B))
   if compile_first:  # the first embed call compiles it (and the vision tower)
     jax.block_until_ready(model.embed(padded.ids_BT, padded.media))
     model.positions(padded.ids_BT, padded.valid_BT, padded.media)
   t0 = time.perf_counter()
-  x_BTD = model.embed(padded.ids_BT, padded.media)  # vision features spliced in
-  positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
-  # New tokens continue from the last prompt token's position + 1, on each M-RoPE axis (as
-  # transformers' generate; with M-RoPE this can be below the prompt length).
-  rows = np.arange(len(lengths))
-  rope_start_B = (positions[..., rows, lengths - 1] + 1).astype(np.int32)  # [B], or [3, B]
-  args = (
-    model.params["text"],
-    sharding.put_batch(x_BTD, mesh),
-    sharding.put_batch(positions.astype(np.int32), mesh, axis=positions.ndim - 2),
-    sharding.put_batch(padded.valid_BT, mesh),
-    sharding.put_batch(padded.modality_BT, mesh),
-  )
-  mod_BT, valid_BT = np.asarray(padded.modality_BT), np.asarray(padded.valid_BT)
-  bound = lambda spec: stats.for_prompt(spec, valid_BT, mod_BT)  # e.g. the cross entropies' sizes
-  kw = dict(cfg=cfg, dtype=model.dtype_name)
+  prompt = embed_prompt(model, padded)
+  args = prompt.args
+  kw = dict(cfg=model.text_config, dtype=model.dtype_name)
   survey = {}
   if policy.survey:
     if compile_first:
       seconds = time.perf_counter() - t0
-      survey_step.lower(*jax.block_until_ready(args), spec=bound(policy.survey), **kw).compile()
+      survey_step.lower(
+        *jax.block_until_ready(args), spec=prompt.bound(policy.survey), **kw
+      ).compile()
       t0 = time.perf_counter() - seconds
-    survey = survey_step(*args, spec=bound(policy.survey), **kw)
-  host = HostPrompt(
-    lengths,
-    kept_B,
-    valid_BT,
-    mod_BT,
-    cfg.num_layers,
-    cfg.num_kv_heads,
-    {name: np.asarray(x) for name, x in survey.items()},
-  )
-  plan = policy.plan(host)
-  storage = stream.storage_for(
-    plan, cfg.num_layers, len(lengths), cfg.num_kv_heads, valid_BT.shape[1], mesh is None
-  )
-  args += (
-    sharding.put_batch(padded.lengths_B, mesh),
-    sharding.put_batch(rope_start_B, mesh, axis=rope_start_B.ndim - 1),
-    sharding.put_batch(kept_B, mesh),
-    survey,
-  )
+    survey = survey_step(*args, spec=prompt.bound(policy.survey), **kw)
+  storage, more = plan_storage(model, prompt, policy, kept_B, survey)
+  args += more
   kw.update(
-    spec=bound(policy.stats), policy=policy, storage=storage, append_capacity=append_capacity
+    spec=prompt.bound(policy.stats), policy=policy, storage=storage, append_capacity=append_capacity
   )
   if compile_first:
     seconds = time.perf_counter() - t0
@@ -397,7 +467,7 @@ def layout_stage(stored, storage: stream.Storage, layout: str):
   """The second stage of `generate`: the smallest decode layout of what the prefill kept (a
   pool's pages per layer or a dense prefix; a dense prefix cut to its longest (layer, row, head),
   or paged when that saves over 10%). Returns the cache and the seconds taken."""
-  _check_layout(layout)
+  check_layout(layout)
   if not jax.sharding.get_abstract_mesh().empty:  # pages mix KV heads: no head split
     if layout == "paged":
       raise ValueError("layout='paged' is not supported under a mesh; use 'dense' or 'auto'")
@@ -421,13 +491,21 @@ def layout_stage(stored, storage: stream.Storage, layout: str):
   return cache, time.perf_counter() - t0
 
 
+def resolve(policy, budget, lengths):
+  """``(policy, budget)`` as objects (`as_policy`, `as_budget`); `Full` when the budget keeps
+  every prompt of ``lengths`` whole (an exact no-op)."""
+  policy, budget = policies.as_policy(policy), as_budget(budget)
+  if budget is not None and all(budget.kept(int(n)) >= n for n in lengths):
+    policy = policies.as_policy(None)
+  return policy, budget
+
+
 def _prefill_and_compress(
   model, batch: inputs.Batch, policy, budget, append_capacity: int, layout: str = "dense"
 ):
-  _check_layout(layout)  # before any work
-  policy, budget = policies.as_policy(policy), as_budget(budget)
-  if budget is not None and all(budget.kept(int(n)) >= n for n in batch.lengths):
-    policy = policies.as_policy(None)  # the budget keeps every prompt whole: an exact no-op
+  check_layout(layout)  # before any work
+  check_batch(batch)
+  policy, budget = resolve(policy, budget, batch.lengths)
   padded, logits_BV, stored, storage, prefill_s = prefill_stage(
     model, batch, policy, budget, append_capacity
   )

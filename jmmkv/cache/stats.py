@@ -235,7 +235,12 @@ def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT) -> Array:
   which would otherwise gather every device's q/K/V."""
   b, t = q_BTNH.shape[:2]
   kh = k_BKTH.shape[1]
-  blocks = (t, t) if t <= FLASH_KEY_BLOCK else (FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)
+  # The query blocks `_exact` uses (at most 256 rows): both paths then do the same arithmetic and
+  # give the same outputs, so one prefill can serve policies with and without probability
+  # statistics (`jmmkv.compare`).
+  blocks = (
+    (min(t, FLASH_QUERY_BLOCK), t) if t <= FLASH_KEY_BLOCK else (FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)
+  )
   if t > FLASH_KEY_BLOCK:
     q_BTNH, k_BKTH, v_BKTH, valid_BT = _pad_tokens(
       -t % FLASH_KEY_BLOCK, q_BTNH, k_BKTH, v_BKTH, valid_BT

@@ -1,13 +1,16 @@
 """``jmmkv eval ruler``: RULER-style long-context tasks (`jmmkv.eval.ruler_tasks`) answered with
 the full cache and every policy x budget, scored per task and prompt length.
 
-For each length the same ``n`` samples per task (from ``seed``) go through the full cache once
-and every compressing policy at every budget: batches of ``batch`` prompts of one task (the last
-batch padded with copies of its last prompt, so one task compiles one shape), greedy decoding,
-`ruler_tasks.score`. Each (policy, budget, length) is a result row: per-task scores, their
-average, the kept KV fraction actually realised (pooled over the rows' prompt tokens, layers and
-KV heads) and the seconds taken. Rows are saved to ``<out>.partial.json`` as they finish; an
-interrupted run continues with ``--resume`` (other lengths, policies or budgets may be added).
+For each length the same ``n`` samples per task (from ``seed``) go through the full cache and
+every compressing policy at every budget: batches of ``batch`` prompts of one task (the last
+batch padded with copies of its last prompt, so one task compiles one shape), each batch one
+prompt forward shared by all the jobs (`jmmkv.compare.generate_each`, which gives what
+`jmmkv.generate` gives job by job), greedy decoding, `ruler_tasks.score`. Each (policy, budget,
+length) is a result row: per-task scores, their average, the kept KV fraction actually realised
+(pooled over the rows' prompt tokens, layers and KV heads) and the seconds taken (its own
+compression and decoding plus an equal share of the forward). Cells are saved to
+``<out>.partial.json`` after each (length, task); an interrupted run continues with
+``--resume`` (other lengths, policies or budgets may be added).
 """
 
 from __future__ import annotations
@@ -62,57 +65,74 @@ def padded_batches(samples: list, size: int) -> list[tuple[list, int]]:
   return out
 
 
-def run_cell(model, samples: dict, policy_spec: str, budget, new_tokens: dict, batch: int, bar):
-  """One result row: every task's samples (``samples[task]``) with one policy and budget."""
+def run_task(model, task_samples: list, jobs, max_new_tokens: int, batch: int, bar) -> list[dict]:
+  """One task's samples under every (policy spec, budget) of ``jobs``: per job, its score, kept
+  fraction, seconds and per-sample records. Each batch is one `jmmkv.compare.generate_each` call
+  (one prompt forward for all jobs); a job's seconds are its own compression and decoding plus
+  an equal share of the forward."""
   import jmmkv
+  from jmmkv.compare import generate_each
   from jmmkv.generate import kept_fraction
 
-  policy = jmmkv.policies.from_spec(policy_spec)
-  b = None if budget is None else jmmkv.Budget(ratio=budget)
-  per_task, records, t_cell = {}, [], time.perf_counter()
-  kept_all = prompt_all = 0
-  for task, task_samples in samples.items():
-    t0, scores, kept, prompt = time.perf_counter(), [], 0.0, 0
-    for rows, real in padded_batches(task_samples, batch):
-      out = jmmkv.generate(
-        model,
-        model.prepare(input_ids=[list(s.ids) for s in rows]),
-        policy,
-        b,
-        max_new_tokens=new_tokens[task],
-      )
-      n_tok = sum(len(s.ids) for s in rows[:real])
-      kept += kept_fraction(out.stats["kept_tokens_per_layer_head"][:, :real], n_tok) * n_tok
-      prompt += n_tok
-      for s, text in zip(rows[:real], out.texts):
-        scores.append(tasks_mod.score(text, s.answers))
-        records.append(
+  pairs = [
+    (jmmkv.policies.from_spec(p), None if b is None else jmmkv.Budget(ratio=b)) for p, b in jobs
+  ]
+  out = [dict(scores=[], records=[], kept=0.0, prompt=0, seconds=0.0) for _ in jobs]
+  for rows, real in padded_batches(task_samples, batch):
+    t0 = time.perf_counter()
+    outs = generate_each(
+      model,
+      model.prepare(input_ids=[list(s.ids) for s in rows]),
+      pairs,
+      max_new_tokens=max_new_tokens,
+    )
+    own = [o.stats["compress_s"] + o.stats["layout_s"] + o.stats["decode_s"] for o in outs]
+    shared = max(0.0, time.perf_counter() - t0 - sum(own)) / len(jobs)
+    n_tok = sum(len(s.ids) for s in rows[:real])
+    for acc, o, seconds in zip(out, outs, own):
+      acc["seconds"] += seconds + shared
+      acc["kept"] += kept_fraction(o.stats["kept_tokens_per_layer_head"][:, :real], n_tok) * n_tok
+      acc["prompt"] += n_tok
+      for s, text in zip(rows[:real], o.texts):
+        acc["scores"].append(tasks_mod.score(text, s.answers))
+        acc["records"].append(
           dict(
-            task=task,
+            task=s.task,
             index=s.index,
             prompt_tokens=len(s.ids),
             depths=[round(d, 4) for d in s.depths],
             answers=list(s.answers),
             prediction=text,
-            score=scores[-1],
+            score=acc["scores"][-1],
           )
         )
-      bar.update(real)
-    per_task[task] = dict(
-      score=sum(scores) / len(scores),
-      n=len(scores),
-      kept_fraction=kept / prompt,
-      prompt_tokens=prompt,
-      seconds=round(time.perf_counter() - t0, 2),
+    bar.update(real * len(jobs))
+  return [
+    dict(
+      score=sum(a["scores"]) / len(a["scores"]),
+      n=len(a["scores"]),
+      kept_fraction=a["kept"] / a["prompt"],
+      prompt_tokens=a["prompt"],
+      seconds=round(a["seconds"], 2),
+      records=a["records"],
     )
-    kept_all, prompt_all = kept_all + kept, prompt_all + prompt
-  seconds = time.perf_counter() - t_cell
+    for a in out
+  ]
+
+
+def finish_cell(cell: dict, task_names) -> dict:
+  """A result row from a cell holding every task's result (`run_task`'s, by task)."""
+  tasks = {t: {k: v for k, v in cell["tasks"][t].items() if k != "records"} for t in task_names}
+  records = [r for t in task_names for r in cell["tasks"][t]["records"]]
+  seconds = sum(t["seconds"] for t in tasks.values())
+  prompt = sum(t["prompt_tokens"] for t in tasks.values())
   return dict(
-    policy=policy_spec,
-    budget=budget,
-    tasks=per_task,
-    average=sum(t["score"] for t in per_task.values()) / len(per_task),
-    kept_fraction=kept_all / prompt_all,
+    length=cell["length"],
+    policy=cell["policy"],
+    budget=cell["budget"],
+    tasks=tasks,
+    average=sum(t["score"] for t in tasks.values()) / len(tasks),
+    kept_fraction=sum(t["kept_fraction"] * t["prompt_tokens"] for t in tasks.values()) / prompt,
     seconds=round(seconds, 2),
     seconds_per_sample=round(seconds / len(records), 3),
     samples=records,
@@ -153,7 +173,9 @@ def evaluate(
   progress=True,
 ) -> list[dict]:
   """Result rows for every (length, job) of ``grid``; ``samples[length][task]`` are the prompts.
-  Rows in ``done`` (by `cell_key`) are reused; with ``partial`` each new row is saved there."""
+  Per length and task, the jobs without that task's result run together (`run_task`); cells
+  (by `cell_key`) of ``done`` keep the tasks they hold, and with ``partial`` the cells are saved
+  there after each task."""
   import jax
   from tqdm import tqdm
 
@@ -161,24 +183,32 @@ def evaluate(
 
   cells = dict(done or {})
   jobs = grid.jobs()
-  per_length = grid.n * len(grid.tasks)
-  todo = [(ln, p, b) for ln in grid.lengths for p, b in jobs if cell_key(p, b, ln) not in cells]
-  bar = tqdm(total=len(todo) * per_length, unit="sample", file=sys.stderr, disable=not progress)
+  for length in grid.lengths:
+    for p, b in jobs:
+      cells.setdefault(cell_key(p, b, length), dict(length=length, policy=p, budget=b, tasks={}))
+  missing = lambda length, task: [
+    (p, b) for p, b in jobs if task not in cells[cell_key(p, b, length)]["tasks"]
+  ]
+  todo = sum(len(missing(ln, t)) for ln in grid.lengths for t in grid.tasks) * grid.n
+  bar = tqdm(total=todo, unit="answer", file=sys.stderr, disable=not progress)
   with bar:
     for length in grid.lengths:
-      for policy, budget in jobs:
-        key = cell_key(policy, budget, length)
-        if key in cells:
+      for task in grid.tasks:
+        pending = missing(length, task)
+        if not pending:
           continue
-        bar.set_description(f"{length} {policy} {budget or ''}".strip())
-        row = run_cell(model, samples[length], policy, budget, new_tokens, grid.batch, bar)
-        cells[key] = {"length": length, **row}
+        bar.set_description(f"{length} {task}")
+        results = run_task(model, samples[length][task], pending, new_tokens[task], grid.batch, bar)
+        for (p, b), result in zip(pending, results):
+          cells[cell_key(p, b, length)]["tasks"][task] = result
         if partial is not None:
           write_atomic(partial, json.dumps({"settings": settings, "cells": cells}) + "\n")
         gc.collect()
         jmmkv.memory.trim()  # glibc keeps freed prompt caches otherwise
       jax.clear_caches()  # this length's compiled steps are not needed again
-  return [cells[cell_key(p, b, ln)] for ln in grid.lengths for p, b in jobs]
+  return [
+    finish_cell(cells[cell_key(p, b, ln)], grid.tasks) for ln in grid.lengths for p, b in jobs
+  ]
 
 
 def format_table(rows: list[dict], task_names) -> str:

@@ -103,6 +103,7 @@ def run(args) -> int:
     chat_template=args.chat_template,
     task_settings=dataclasses.asdict(task_settings),
     haystack=ruler_text.fingerprint(),
+    progress_format=2,  # cells filled task by task (format 1: whole rows)
   )
   done = ruler.read_cells(partial, settings) if args.resume else {}
   t0 = time.perf_counter()

@@ -175,24 +175,29 @@ def test_command_writes_table_json_plot_and_resumes(model_dir, tmp_path, capsys,
   argv += ["--batch", "2", "--policies", "snapkv:window=8", "--budgets", "0.25"]
   argv += ["--tasks", "niah_single_number,common_words", "--max-new-tokens", str(NEW)]
   argv += ["--out", str(out)]
-  real, calls = ruler.run_cell, []
+  real, calls = ruler.run_task, []
 
-  def stop_second(*args, **kwargs):  # Ctrl-C during the second (policy, budget)
-    calls.append(args[2:4])
+  def stop_second(model, task_samples, jobs, *args):  # Ctrl-C during the second task
+    calls.append((task_samples[0].task, list(jobs)))
     if len(calls) == 2:
       raise KeyboardInterrupt
-    return real(*args, **kwargs)
+    return real(model, task_samples, jobs, *args)
 
-  monkeypatch.setattr(ruler, "run_cell", stop_second)
+  monkeypatch.setattr(ruler, "run_task", stop_second)
   assert cli.main(argv) == 130
   partial = tmp_path / "r.json.partial.json"
-  assert not out.exists() and len(json.loads(partial.read_text())["cells"]) == 1
+  cells = json.loads(partial.read_text())["cells"]
+  assert (
+    not out.exists() and [list(c["tasks"]) for c in cells.values()] == [["niah_single_number"]] * 2
+  )
   capsys.readouterr()
   assert cli.main(argv) == 2  # a leftover progress file is not overwritten
   assert "--resume" in capsys.readouterr().err
   assert cli.main(argv + ["--resume", "--plot", str(png)]) == 0
   spec = "snapkv:window=8"
-  assert calls == [("full", None), (spec, 0.25), (spec, 0.25)]  # the last one resumed
+  both = [("full", None), (spec, 0.25)]
+  # one call per task with both jobs (one forward per batch); the second task resumed
+  assert calls == [("niah_single_number", both), ("common_words", both), ("common_words", both)]
   assert not partial.exists() and png.stat().st_size > 1000
   table = capsys.readouterr().out
   assert "length 2048 (3 samples per task)" in table and "s_num" in table and "cwe" in table
