@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +115,7 @@ def groups(specs: Sequence[StatsSpec]) -> list[tuple[list[int], StatsSpec]]:
   return [(members, stats.spec(*union.values())) for members, union in out]
 
 
-def generate_each(
+def iter_each(
   model,
   batch,
   jobs: Sequence[tuple],
@@ -124,11 +124,9 @@ def generate_each(
   eos_token_id: int | Sequence[int] | None = None,
   layout: str = "auto",
   return_cache: bool = False,
-) -> list[GenerateOutput]:
-  """``[jmmkv.generate(model, batch, policy, budget, ...) for policy, budget in jobs]`` (greedy),
-  from one prompt forward per group of pairs (module docstring). ``jobs``: (policy, budget)
-  pairs as `generate` takes them. Each output's ``stats["prefill_s"]`` is the shared forward's
-  seconds plus its own compression's (``stats["compress_s"]``)."""
+) -> Iterator[tuple[int, GenerateOutput]]:
+  """`generate_each`'s outputs as they are made: ``(index in jobs, output)``, grouped by shared
+  forward (so a caller can reduce each cache before the next is made)."""
   sampling, rng, eos_E = decode_settings(model, max_new_tokens, 0.0, None, None, None, eos_token_id)
   check_layout(layout)
   check_batch(batch)
@@ -136,7 +134,6 @@ def generate_each(
   lengths = np.asarray(padded.lengths_B)
   resolved = [resolve(p, b, lengths) for p, b in jobs]
   kept = [kept_counts(p, b, lengths) for p, b in resolved]  # a missing budget fails here
-  outs: list[GenerateOutput | None] = [None] * len(jobs)
   kw = dict(cfg=model.text_config, dtype=model.dtype_name)
   with sharding.context(model.mesh):
     prompt = embed_prompt(model, padded)
@@ -172,7 +169,54 @@ def generate_each(
           model, logits_BV, cache, rng, eos_E, sampling, max_new_tokens, False
         )
         seconds = (forward_s + compress_s, layout_s, decode_s)
-        outs[i] = finish(model, padded, out, cache, seconds, return_cache)
-        outs[i].stats["compress_s"] = compress_s
+        done = finish(model, padded, out, cache, seconds, return_cache)
+        done.stats["compress_s"] = compress_s
+        yield i, done
       del k, v, st  # this group's full K/V
+
+
+def generate_each(
+  model,
+  batch,
+  jobs: Sequence[tuple],
+  *,
+  max_new_tokens: int = 64,
+  eos_token_id: int | Sequence[int] | None = None,
+  layout: str = "auto",
+  return_cache: bool = False,
+) -> list[GenerateOutput]:
+  """``[jmmkv.generate(model, batch, policy, budget, ...) for policy, budget in jobs]`` (greedy),
+  from one prompt forward per group of pairs (module docstring). ``jobs``: (policy, budget)
+  pairs as `generate` takes them. Each output's ``stats["prefill_s"]`` is the shared forward's
+  seconds plus its own compression's (``stats["compress_s"]``). Errors in ``jobs`` are raised
+  before any work."""
+  outs: list = [None] * len(jobs)
+  for i, out in iter_each(
+    model,
+    batch,
+    jobs,
+    max_new_tokens=max_new_tokens,
+    eos_token_id=eos_token_id,
+    layout=layout,
+    return_cache=return_cache,
+  ):
+    outs[i] = out
   return outs
+
+
+def kept_mask(cache, t: int) -> np.ndarray:
+  """``[L, B, K, t]`` bool (NumPy): the prompt positions below ``t`` that each (layer, row, KV
+  head) of a dense or paged ``cache`` kept."""
+  _, b, kh = cache.append_k.shape[:3]
+  out = np.zeros((len(cache.append_k), b, kh, t), bool)
+  if hasattr(cache, "owner"):  # PagedKVCache: pages owned by b * K + head
+    for layer, (owner, pos) in enumerate(zip(cache.owner, cache.positions)):
+      owner, pos = np.asarray(owner), np.asarray(pos)
+      for page in np.nonzero(owner < b * kh)[0]:
+        p = pos[page][(pos[page] >= 0) & (pos[page] < t)]
+        out[layer, owner[page] // kh, owner[page] % kh, p] = True
+  else:
+    pos = np.asarray(cache.positions)  # [L, B, K, C]
+    ll, bb, kk, cc = np.nonzero((pos >= 0) & (pos < t))
+    out[ll, bb, kk, pos[ll, bb, kk, cc]] = True
+  return out

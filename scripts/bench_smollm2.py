@@ -23,10 +23,10 @@ Defaults picked so that Full solves the task: plain text (`--chat` wraps the pro
 template; Full then fails more often from 2k on) and the five classic filler sentences of the
 passkey task (`--filler varied` draws from twenty, which distract the model more).
 
-Each batch is prefilled once with the union of the statistics all policies ask for; every policy
-and budget then compresses a copy of that prompt cache and decodes from it, calling jmmkv.generate's
-own prefill / compress / decode steps one by one (private functions of `jmmkv.generate`).
-`--verify` checks on the first batch that this gives the same tokens as `jmmkv.generate`.
+Each batch is prefilled once for every policy and budget (`jmmkv.compare`: the forward keeps
+every layer's K/V and the statistics all policies ask for; each policy then compresses them
+through jmmkv.generate's per-layer driver and decodes). `--verify` checks on the first batch that
+this gives the same tokens as `jmmkv.generate` (tests/test_compare.py checks it on every run).
 
   python scripts/bench_smollm2.py --lengths 2048,4096,8192 --n 5 --out /tmp/smollm2.json
 """
@@ -213,72 +213,35 @@ def score(text: str, key: str) -> tuple[bool, int]:
 # ---- shared prefill, per-policy compression + decode --------------------------------------------
 
 
-def kept_mask(cache, t: int) -> np.ndarray:
-  """``[L, B, K, T]`` bool: which prompt positions each (layer, row, KV head) kept."""
-  _, b, kh = cache.append_k.shape[:3]
-  out = np.zeros((len(cache.append_k), b, kh, t), bool)
-  if hasattr(cache, "owner"):  # PagedKVCache: pages owned by b * K + head
-    for layer, (owner, pos) in enumerate(zip(cache.owner, cache.positions)):
-      owner, pos = np.asarray(owner), np.asarray(pos)
-      for page in range(len(owner)):
-        if owner[page] < b * kh:
-          p = pos[page][pos[page] >= 0]
-          out[layer, owner[page] // kh, owner[page] % kh, p] = True
-  else:
-    pos = np.asarray(cache.positions)  # [L, B, K, C]
-    ll, bb, kk, cc = np.nonzero(pos >= 0)
-    out[ll, bb, kk, pos[ll, bb, kk, cc]] = True
-  return out
-
-
 class Runner:
-  """Per (policy, budget): the streaming prefill (compression inside it), layout, decode."""
+  """Per batch, every (policy, budget) from one prompt forward (`jmmkv.compare.iter_each`: the
+  same outputs as `jmmkv.generate` pair by pair); each cache is reduced to its kept mask as soon
+  as it is made."""
 
-  def __init__(self, model, policies: dict, max_new_tokens: int):
-    import jax.numpy as jnp
-
-    from jmmkv.generate import as_budget, decode_loop, layout_stage, prefill_stage
-    from jmmkv.sampling import Sampling
-
-    self.model, self.policies, self.m = model, policies, max_new_tokens
-    self.layout_stage, self.prefill_stage, self._decode = layout_stage, prefill_stage, decode_loop
-    self._as_budget = as_budget
-    self._sampling, self._jnp = Sampling(0.0), jnp
+  def __init__(self, model, policies: dict, combos: list, max_new_tokens: int):
+    self.model, self.policies, self.combos, self.m = model, policies, combos, max_new_tokens
 
   def prefill(self, batch):
-    """Remembers the batch (each policy prefills it itself); no time of its own."""
-    self.state = batch
-    return 0.0
+    """Runs every combination on ``batch``; returns the shared forward's seconds."""
+    import jmmkv
+    from jmmkv.compare import iter_each, kept_mask
 
-  def run(self, name: str, budget):
+    budget = lambda r: None if r is None else jmmkv.Budget(ratio=r)
+    jobs = [(self.policies[name], budget(r)) for name, r in self.combos]
+    t = max(batch.lengths)
+    self.results, forward_s = {}, 0.0
+    for i, out in iter_each(self.model, batch, jobs, max_new_tokens=self.m, return_cache=True):
+      st = out.stats
+      forward_s = st["prefill_s"] - st["compress_s"]
+      seconds = st["compress_s"] + st["layout_s"] + st["decode_s"]
+      mask = kept_mask(out.cache, t)
+      self.results[self.combos[i]] = (out.tokens, mask, st["kept_fraction"], seconds)
+      trim_memory()
+    return forward_s
+
+  def run(self, name: str, ratio):
     """Tokens, kept mask ``[L, B, K, T]``, kept fraction and seconds for one policy / budget."""
-    import jax
-
-    from jmmkv.generate import kept_fraction
-
-    jnp = self._jnp
-    t0 = time.perf_counter()
-    padded, logits_BV, stored, storage, _ = self.prefill_stage(
-      self.model, self.state, self.policies[name], self._as_budget(budget), max(1, self.m - 1)
-    )
-    cache, _ = self.layout_stage(stored, storage, "auto")
-    mask = kept_mask(cache, padded.ids_BT.shape[1])
-    fraction = kept_fraction(cache.kept_LBK(), int(padded.lengths_B.sum()))
-    cfg, params = self.model.text_config, self.model.params["text"]
-    eos = jnp.asarray(np.atleast_1d(np.asarray(cfg.eos_token_ids, np.int32)).reshape(-1))
-    tokens_BM, _, _ = self._decode(
-      params,
-      logits_BV,
-      cache,
-      jax.random.key(0),
-      eos,
-      cfg=cfg,
-      dtype=self.model.dtype_name,
-      sampling=self._sampling,
-      max_new_tokens=self.m,
-    )
-    tokens = [[int(x) for x in row if x >= 0] for row in np.asarray(tokens_BM)]
-    return tokens, mask, fraction, time.perf_counter() - t0
+    return self.results.pop((name, ratio))
 
 
 def trim_memory():
@@ -367,9 +330,9 @@ def main(argv=None):
       )
     report["parity"] = rows
 
-  runner = Runner(model, policies, m)
   combos = [("full", None)] if "full" in names else []
   combos += [(n, b) for n in names if n != "full" for b in args.budgets]
+  runner = Runner(model, policies, combos, m)
   results, timings = {}, {}
   steps = sum(-(-args.n // args.batch) * (1 + len(combos)) for _ in args.lengths)
   bar = tqdm(total=steps, desc="passkey", file=sys.stderr)
@@ -384,8 +347,7 @@ def main(argv=None):
       for name, ratio in combos:
         bar.set_postfix_str(f"{length}: {name} {ratio}")
         budget = None if ratio is None else jmmkv.Budget(ratio=ratio)
-        tokens, mask, fraction, seconds = runner.run(name, budget)
-        trim_memory()
+        tokens, mask, fraction, seconds = runner.run(name, ratio)
         texts = model.decode_text(tokens)
         if args.verify and lo == 0 and length == args.lengths[0]:
           ref = jmmkv.generate(model, batch, policies[name], budget, max_new_tokens=m)

@@ -8,6 +8,7 @@ import pytest
 
 import jmmkv
 from jmmkv import compare
+from jmmkv.cache.paged import PagedKVCache
 from mm_models import build_mm_model, make_case
 
 # The tiny LLaVA's max_position_embeddings is 512; the prompt is longer, for several key tiles.
@@ -81,6 +82,24 @@ def test_equals_generate(setup, each, i):
     np.testing.assert_array_equal(a, b, err_msg=f"{policy}: cache.{name}")
   if budget is not None:
     assert got.stats["kept_fraction"] < 1.0
+
+
+def test_kept_mask_of_dense_and_paged_layouts(setup, each):
+  model, batch = setup
+  i = [p for p, _ in JOBS].index("madakv:proxy_window=8")
+  paged = jmmkv.generate(
+    model, batch, JOBS[i][0], JOBS[i][1], max_new_tokens=2, layout="paged", return_cache=True
+  )
+  assert isinstance(paged.cache, PagedKVCache)
+  t = max(batch.lengths)
+  dense = compare.kept_mask(each[i].cache, t)
+  np.testing.assert_array_equal(compare.kept_mask(paged.cache, t), dense)
+  pos = np.asarray(each[i].cache.positions)  # [L, B, K, C]
+  assert dense.sum() == (pos >= 0).sum() and dense.any(-1).all()
+  l, b, k = -1, 1, 0
+  np.testing.assert_array_equal(
+    np.nonzero(dense[l, b, k])[0], np.sort(pos[l, b, k][pos[l, b, k] >= 0])
+  )
 
 
 def test_bad_jobs_fail_before_any_work(setup):
