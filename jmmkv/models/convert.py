@@ -17,14 +17,6 @@ from safetensors import SafetensorError, safe_open
 
 from jmmkv.models.configs import DecoderConfig, as_int_tuple
 
-DECODER_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-MULTIMODAL_ARCHITECTURES = (
-  "LlavaForConditionalGeneration",
-  "LlavaNextForConditionalGeneration",
-  "Qwen2VLForConditionalGeneration",
-  "Qwen2_5_VLForConditionalGeneration",
-)
-SUPPORTED_ARCHITECTURES = DECODER_ARCHITECTURES + MULTIMODAL_ARCHITECTURES
 # Buffers that some checkpoints carry and that are recomputed from the config.
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|embeddings\.position_ids)$")
 
@@ -39,8 +31,9 @@ def read_json(path: Path):
     raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_config(model_dir: str | Path) -> tuple[dict, str]:
-  """Reads ``config.json``; returns it with its (supported) architecture name."""
+def read_config(model_dir: str | Path) -> tuple[dict, str | None]:
+  """Reads ``config.json``; returns it with its architecture name (``architectures[0]``, None
+  if absent: `jmmkv.models.families.for_architecture` says whether it is supported)."""
   path = Path(model_dir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(
@@ -50,13 +43,7 @@ def read_config(model_dir: str | Path) -> tuple[dict, str]:
   if not isinstance(cfg, dict):
     raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
   archs = cfg.get("architectures") or []
-  arch = archs[0] if archs else None
-  if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(
-      f"unsupported architecture {arch!r} in {path}; supported: "
-      f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
-  return cfg, arch
+  return cfg, (archs[0] if archs else None)
 
 
 def decoder_key_table(

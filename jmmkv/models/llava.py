@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmmkv.models import anyres, mm
+from jmmkv import inputs
+from jmmkv.models import anyres, clip, convert, mm
 from jmmkv.models.clip import ClipVisionConfig, ClipVisionTower
+from jmmkv.models.family import Multimodal, embed_text, text_table
 from jmmkv.models.configs import DecoderConfig, decoder_config_from_hf
 from jmmkv.models.layers import Einsum, activation
 from jmmkv.models.llama import Decoder
@@ -157,3 +159,71 @@ def layout(cfg: LlavaConfig, pixel_values, image_sizes=None):
   tiles = np.concatenate([p[:n] for p, n in zip(pix, counts)])
   packs = anyres.pack_index(sizes, cfg.grid_pinpoints, s, cfg.side)
   return tiles, np.concatenate(packs).astype(np.int32), [len(p) for p in packs]
+
+
+# First match wins. The CLIP tower appears as `vision_tower.vision_model.` (hub checkpoints) or
+# `vision_tower.` (transformers 5 saving a model built from a config).
+RENAMES = (
+  ("model.language_model.", "language_model.model."),
+  ("lm_head.", "language_model.lm_head."),
+  ("vision_tower.vision_model.", "vision_tower.vision_model."),
+  ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+  ("model.vision_tower.", "vision_tower.vision_model."),
+  ("vision_tower.", "vision_tower.vision_model."),
+  ("model.multi_modal_projector.", "multi_modal_projector."),
+  ("model.image_newline", "image_newline"),
+)
+
+
+def key_table(cfg: LlavaConfig) -> dict[str, convert.Entry]:
+  table = text_table(cfg.text, "language_model.model.", "language_model.lm_head.weight")
+  table.update(
+    convert.nest(clip.key_table(cfg.vision, "vision_tower.vision_model."), ("vision", "params"))
+  )
+  d, e = cfg.text.hidden_size, cfg.vision.hidden_size * len(cfg.feature_layers)
+  for name, (d_in, d_out) in (("linear_1", (e, d)), ("linear_2", (d, d))):
+    key = f"multi_modal_projector.{name}."
+    table[key + "weight"] = (("projector", "params", name, "w"), (d_out, d_in), lambda x: x.T)
+    if cfg.projector_bias:
+      table[key + "bias"] = (("projector", "params", name, "b"), (d_out,), lambda x: x)
+  if cfg.is_next:
+    table["image_newline"] = (("image_newline",), (d,), lambda x: x)
+  return table
+
+
+class LlavaFamily(Multimodal):
+  """LLaVA-1.5 and LLaVA-NeXT (`jmmkv.models.family`)."""
+
+  name = "LLaVA-1.5 / LLaVA-NeXT"
+  architectures = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+  config_type = LlavaConfig
+  renames = RENAMES
+
+  def parse_config(self, hf_cfg: dict, architecture: str) -> LlavaConfig:
+    return config_from_hf(hf_cfg, architecture)
+
+  def key_table(self, cfg: LlavaConfig):
+    return key_table(cfg)
+
+  def media_counts(self, model, media: inputs.Media):
+    if media.pixel_values is None and media.pixel_values_videos is None:
+      return [], []
+    if media.pixel_values_videos is not None:
+      raise self.no_videos(model)
+    return layout(model.config, media.pixel_values, media.image_sizes)[2], []
+
+  def image_features(self, model, pixel_values, image_sizes=None, image_grid_thw=None):
+    pix, pack, counts = layout(model.config, pixel_values, image_sizes)
+    flat = image_features(model.params, pix, pack, cfg=model.config, dtype=model.dtype_name)
+    return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])
+
+  def embed(self, model, ids_BT, media: inputs.Media, counts):
+    img_counts = counts[0]
+    b, t = mm.placeholder_index(ids_BT, model.config.image_token_id, sum(img_counts))
+    if not img_counts:
+      return embed_text(model.params, ids_BT, cfg=model.text_config, dtype=model.dtype_name)
+    pix, pack, _ = layout(model.config, media.pixel_values, media.image_sizes)
+    return embed(model.params, ids_BT, pix, pack, b, t, cfg=model.config, dtype=model.dtype_name)
+
+
+FAMILY = LlavaFamily()

@@ -1,7 +1,8 @@
 """`Model`: a config, its params and (optionally) a tokenizer / processor, with numpy entry points.
 
-One class serves every family; the family-specific parts (vision features, splicing, position
-ids) live in `llava` and `qwen2_vl` and are picked by the type of ``config``.
+One class serves every family: what differs between architectures (vision features, media token
+counts, splicing, position ids, the processor's placeholders) is the family adapter's
+(`jmmkv.models.family`), chosen once from the type of ``config`` (`jmmkv.models.families`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmkv import inputs, sharding
-from jmmkv.models import llava, mm, qwen2_vl
+from jmmkv.models import families, mm
 from jmmkv.models.checkpoints import load_checkpoint, load_config_and_shapes
 from jmmkv.models.configs import DecoderConfig
+from jmmkv.models.family import Family
 from jmmkv.models.llama import Decoder, init_params
 from jmmkv.models.processing import load_processor, prompts_to_arrays
 
@@ -34,11 +36,6 @@ def dtype_name(dtype) -> str:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def embed_text(params, ids_BT, *, cfg: DecoderConfig, dtype: str):
-  return Decoder(cfg, jnp.dtype(dtype)).apply(params["text"], ids_BT, method=Decoder.embed)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
 def forward_logits(params, x_BTD, positions, valid_BT, *, cfg: DecoderConfig, dtype: str):
   """Full-forward logits ``[B, T, V]`` (float32) from embeddings."""
   dec = Decoder(cfg, jnp.dtype(dtype))
@@ -48,7 +45,7 @@ def forward_logits(params, x_BTD, positions, valid_BT, *, cfg: DecoderConfig, dt
 
 @dataclasses.dataclass
 class Model:
-  config: Any  # DecoderConfig | llava.LlavaConfig | qwen2_vl.QwenVLConfig
+  config: Any  # a family's config (`jmmkv.models.families`): DecoderConfig, LlavaConfig, ...
   params: Any = dataclasses.field(repr=False)  # {"text": {"params": ...}, "vision": ..., ...}
   dtype_name: str = "float32"
   tokenizer: Any = dataclasses.field(default=None, repr=False)  # transformers tokenizer, if any
@@ -57,45 +54,23 @@ class Model:
   mesh: Any = dataclasses.field(default=None, repr=False)  # jax.sharding.Mesh, when sharded
 
   @property
+  def family(self) -> Family:
+    """The architecture's adapter (`jmmkv.models.family`)."""
+    return families.for_config(self.config)
+
+  @property
   def text_config(self) -> DecoderConfig:
-    return self.config if isinstance(self.config, DecoderConfig) else self.config.text
-
-  @property
-  def is_llava(self) -> bool:
-    return isinstance(self.config, llava.LlavaConfig)
-
-  @property
-  def is_qwen_vl(self) -> bool:
-    return isinstance(self.config, qwen2_vl.QwenVLConfig)
+    return self.family.text_config(self.config)
 
   # ---- vision -------------------------------------------------------------------------------
 
   def image_features(self, pixel_values, image_sizes=None, image_grid_thw=None) -> list[np.ndarray]:
     """Per image, the features that replace its placeholder tokens, ``[n_i, D]`` each."""
-    if self.is_qwen_vl:
-      return self._qwen_features(pixel_values, image_grid_thw, "pixel_values")
-    if not self.is_llava:
-      raise ValueError(
-        f"{self.text_config.architecture} is a text-only model: it has no vision tower"
-      )
-    pix, pack, counts = llava.layout(self.config, pixel_values, image_sizes)
-    flat = llava.image_features(self.params, pix, pack, cfg=self.config, dtype=self.dtype_name)
-    return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])
+    return self.family.image_features(self, pixel_values, image_sizes, image_grid_thw)
 
   def video_features(self, pixel_values_videos, video_grid_thw) -> list[np.ndarray]:
     """Per video, ``[n_i, D]`` (Qwen2-VL / Qwen2.5-VL)."""
-    if not self.is_qwen_vl:
-      raise ValueError("only Qwen2-VL / Qwen2.5-VL models take videos")
-    return self._qwen_features(pixel_values_videos, video_grid_thw, "pixel_values_videos")
-
-  def _qwen_features(self, pixel_values, grid_thw, name: str) -> list[np.ndarray]:
-    grid = qwen2_vl._grid(grid_thw)
-    pix = qwen2_vl.check_pixels(self.config, pixel_values, grid, name)
-    flat = qwen2_vl.vision_features(
-      self.params, pix, grid=grid, cfg=self.config, dtype=self.dtype_name
-    )
-    counts = qwen2_vl.num_features(self.config, grid)
-    return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])
+    return self.family.video_features(self, pixel_values_videos, video_grid_thw)
 
   def rope_index(
     self,
@@ -107,10 +82,8 @@ class Model:
     second_per_grid_ts=None,
   ):
     """Qwen2-VL M-RoPE ids ``[3, B, T]`` and deltas ``[B, 1]`` (as HF ``get_rope_index``)."""
-    if not self.is_qwen_vl:
-      raise ValueError("M-RoPE position ids exist only for Qwen2-VL / Qwen2.5-VL models")
-    return qwen2_vl.rope_index(
-      self.config,
+    return self.family.rope_index(
+      self,
       input_ids,
       mm_token_type_ids,
       image_grid_thw,
@@ -121,72 +94,14 @@ class Model:
 
   # ---- embedding + positions of any layout --------------------------------------------------
 
-  def _media_counts(self, media: inputs.Media):
-    """(image tokens per image, video tokens per video), validating pixel shapes."""
-    if media.pixel_values is None and media.pixel_values_videos is None:
-      return [], []
-    if self.is_llava:
-      if media.pixel_values_videos is not None:
-        raise ValueError("LLaVA models take no videos")
-      return llava.layout(self.config, media.pixel_values, media.image_sizes)[2], []
-    if self.is_qwen_vl:
-      counts = []
-      for pix, grid, name in (
-        (media.pixel_values, media.image_grid_thw, "pixel_values"),
-        (media.pixel_values_videos, media.video_grid_thw, "pixel_values_videos"),
-      ):
-        if pix is None:
-          counts.append([])
-          continue
-        if grid is None:
-          raise ValueError(f"{name} given without its grid_thw")
-        grid = qwen2_vl._grid(grid)
-        qwen2_vl.check_pixels(self.config, pix, grid, name)
-        counts.append(qwen2_vl.num_features(self.config, grid))
-      return counts[0], counts[1]
-    raise ValueError(f"{self.text_config.architecture} is a text-only model: it takes no images")
-
   def embed(self, ids_BT: np.ndarray, media: inputs.Media):
     """Token embeddings ``[B, T, D]`` (a jax array) with the vision features spliced in."""
     ids_BT = np.asarray(ids_BT, np.int32)
-    img_counts, vid_counts = self._media_counts(media)
-    kw = dict(cfg=self.config, dtype=self.dtype_name)
-    if self.is_llava:
-      b, t = mm.placeholder_index(ids_BT, self.config.image_token_id, sum(img_counts))
-      if not img_counts:
-        return embed_text(self.params, ids_BT, cfg=self.text_config, dtype=self.dtype_name)
-      pix, pack, _ = llava.layout(self.config, media.pixel_values, media.image_sizes)
-      return llava.embed(self.params, ids_BT, pix, pack, b, t, **kw)
-    if self.is_qwen_vl:
-      c = self.config
-      ib, it = mm.placeholder_index(ids_BT, c.image_token_id, sum(img_counts))
-      vb, vt = mm.placeholder_index(ids_BT, c.video_token_id, sum(vid_counts), "video")
-      igrid = qwen2_vl._grid(media.image_grid_thw) if img_counts else ()
-      vgrid = qwen2_vl._grid(media.video_grid_thw) if vid_counts else ()
-      ipix = media.pixel_values if img_counts else np.zeros((0, 1), np.float32)
-      vpix = media.pixel_values_videos if vid_counts else np.zeros((0, 1), np.float32)
-      return qwen2_vl.embed(
-        self.params,
-        ids_BT,
-        np.asarray(ipix),
-        np.asarray(vpix),
-        ib,
-        it,
-        vb,
-        vt,
-        image_grid=igrid,
-        video_grid=vgrid,
-        **kw,
-      )
-    return embed_text(self.params, ids_BT, cfg=self.text_config, dtype=self.dtype_name)
+    return self.family.embed(self, ids_BT, media, self.family.media_counts(self, media))
 
   def positions(self, ids_BT: np.ndarray, valid_BT: np.ndarray, media: inputs.Media) -> np.ndarray:
     """RoPE positions: ``[B, T]`` (``cumsum(mask) - 1``) or Qwen2-VL M-RoPE ids ``[3, B, T]``."""
-    if self.is_qwen_vl:
-      return self.rope_index(
-        ids_BT, None, media.image_grid_thw, media.video_grid_thw, valid_BT, media.second_per_grid_ts
-      )[0]
-    return np.clip(np.cumsum(valid_BT, axis=1) - 1, 0, None)
+    return self.family.positions(self, ids_BT, valid_BT, media)
 
   # ---- public numpy entry points ------------------------------------------------------------
 
@@ -234,12 +149,7 @@ class Model:
     )
     x_BTD = self.embed(ids_BT, media)
     if position_ids is None:
-      if self.is_qwen_vl:
-        pos = self.rope_index(
-          ids_BT, mm_token_type_ids, image_grid_thw, video_grid_thw, mask_BT, second_per_grid_ts
-        )[0]
-      else:
-        pos = self.positions(ids_BT, mask_BT, media)
+      pos = self.family.positions(self, ids_BT, mask_BT, media, mm_token_type_ids)
     else:
       pos = np.asarray(position_ids)
       if pos.shape[-2:] != ids_BT.shape or pos.ndim not in (2, 3):
@@ -297,9 +207,9 @@ class Model:
       second_per_grid_ts,
     )
     rows = inputs.token_rows(input_ids, attention_mask, self.text_config.vocab_size)
-    img_counts, vid_counts = self._media_counts(media)
-    image_id = self.config.image_token_id if not isinstance(self.config, DecoderConfig) else None
-    video_id = self.config.video_token_id if self.is_qwen_vl else None
+    img_counts, vid_counts = self.family.media_counts(self, media)
+    image_id = self.family.image_token_id(self.config)
+    video_id = self.family.video_token_id(self.config)
     for token, counts, what in ((image_id, img_counts, "image"), (video_id, vid_counts, "video")):
       if token is not None:
         mm.check_count(sum(int((r == token).sum()) for r in rows), sum(counts), what)
@@ -334,9 +244,8 @@ def load(path: str | Path, dtype="float32", mesh=None) -> Model:
   """Loads an HF directory (config.json + *.safetensors, sharded or not, + tokenizer/processor
   files) or a checkpoint written by `jmmkv.save` (orbax params + the same config files).
 
-  Architectures: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``LlavaForConditionalGeneration``,
-  ``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
-  ``Qwen2_5_VLForConditionalGeneration``. ``dtype``: "float32" or "bfloat16". ``mesh``: a
+  Architectures: `jmmkv.models.families.ARCHITECTURES` (Llama, Qwen2, Mistral, LLaVA-1.5,
+  LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). ``dtype``: "float32" or "bfloat16". ``mesh``: a
   `jax.sharding.Mesh` with axes ``"data"`` and/or ``"model"``; params are placed split over
   heads and MLP width (`jmmkv.sharding`; orbax checkpoints are restored straight onto it) and
   `jmmkv.generate` keeps the cache split over batch and KV heads.
@@ -361,10 +270,10 @@ def load(path: str | Path, dtype="float32", mesh=None) -> Model:
     if mesh is not None:
       params = sharding.shard_params(params, mesh)
   tokenizer = _load_tokenizer(path)
-  multimodal = not isinstance(cfg, DecoderConfig)
-  processor = (
-    load_processor(path, cfg.architecture) if tokenizer is not None and multimodal else None
-  )
+  family = families.for_config(cfg)
+  multimodal = family.multimodal
+  images_only = family.images_only_processor(cfg.architecture) if multimodal else None
+  processor = load_processor(path, images_only) if tokenizer is not None and multimodal else None
   return Model(cfg, params, name, tokenizer, str(path), processor, mesh)
 
 

@@ -24,11 +24,12 @@ _ARRAYS = (
 )
 
 
-def load_processor(model_dir: Path, architecture: str):
+def load_processor(model_dir: Path, images_only: str | None = None):
   """The checkpoint's HF processor with PIL image processing (no torchvision), or None.
 
-  Qwen2-VL's processor also builds a video processor, which exists only with torchvision; when
-  that fails the processor is built for images only (videos then go in as processor arrays).
+  Some processors (Qwen2-VL's) also build a video processor, which exists only with torchvision;
+  when that fails and ``images_only`` names the transformers processor class, it is built for
+  images only (videos then go in as processor arrays or frames: the family's ``video_arrays``).
   """
   model_dir = Path(model_dir)
   if not any(
@@ -40,9 +41,9 @@ def load_processor(model_dir: Path, architecture: str):
   try:
     return transformers.AutoProcessor.from_pretrained(str(model_dir), backend="pil")
   except ImportError:
-    if architecture not in _QWEN_PROCESSORS:
+    if images_only is None:
       raise
-  cls = getattr(transformers, _QWEN_PROCESSORS[architecture])
+  cls = getattr(transformers, images_only)
   image_processor = transformers.AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
   return _images_only(cls)(image_processor=image_processor, tokenizer=tokenizer)
@@ -58,23 +59,6 @@ def _images_only(cls):
 
   ImagesOnly.__name__ = cls.__name__
   return ImagesOnly
-
-
-_QWEN_PROCESSORS = {
-  "Qwen2VLForConditionalGeneration": "Qwen2VLProcessor",
-  "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLProcessor",
-}
-
-
-def _placeholders(model) -> tuple[str, str]:
-  """The text that stands for one image / one video before the processor expands it."""
-  if model.is_qwen_vl:
-    c = model.config
-    start, end, image, video = model.tokenizer.convert_ids_to_tokens(
-      [c.vision_start_token_id, c.vision_end_token_id, c.image_token_id, c.video_token_id]
-    )
-    return f"{start}{image}{end}", f"{start}{video}{end}"
-  return getattr(model.processor, "image_token", IMAGE_MARK), VIDEO_MARK
 
 
 def _check_counts(prompts, media, mark: str, what: str):
@@ -116,13 +100,11 @@ def prompts_to_arrays(
     )
   video = {}
   if flat_videos and getattr(model.processor, "video_processor", None) is None:
-    if not model.is_qwen_vl:
-      raise ValueError("only Qwen2-VL / Qwen2.5-VL models take videos")
-    # No torchvision: frames go through the PIL image processor, grouped here (`video_arrays`).
-    video = video_arrays(model.processor.image_processor, flat_videos, fps, model.config.variant)
+    # No torchvision: the family groups the frames for its PIL image processor.
+    video = model.family.video_arrays(model, flat_videos, fps)
     flat_videos = []
   if multimodal:
-    image_text, video_text = _placeholders(model)
+    image_text, video_text = model.family.placeholders(model, IMAGE_MARK, VIDEO_MARK)
     if video:  # an empty vision span, filled with the video's pad tokens after tokenising
       video_text = video_text.replace(
         model.tokenizer.convert_ids_to_tokens(model.config.video_token_id), ""

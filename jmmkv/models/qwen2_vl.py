@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmmkv.models import mm, mrope
+from jmmkv import inputs
+from jmmkv.models import convert, mm, mrope, processing, qwen_vision
+from jmmkv.models.family import Multimodal, text_table
 from jmmkv.models.configs import DecoderConfig, decoder_config_from_hf
 from jmmkv.models.llama import Decoder
 from jmmkv.models.qwen_vision import QwenVisionConfig, QwenVisionTower
@@ -143,3 +145,119 @@ def rope_index(
     second_per_grid_ts=None if second_per_grid_ts is None else np.asarray(second_per_grid_ts),
     tokens_per_second=cfg.tokens_per_second,
   )
+
+
+RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+PROCESSORS = {  # without a video processor when AutoProcessor would need torchvision for one
+  "Qwen2VLForConditionalGeneration": "Qwen2VLProcessor",
+  "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLProcessor",
+}
+
+
+def key_table(cfg: QwenVLConfig) -> dict[str, convert.Entry]:
+  table = text_table(cfg.text, "model.", "lm_head.weight")
+  table.update(convert.nest(qwen_vision.key_table(cfg.vision, "visual."), ("vision", "params")))
+  return table
+
+
+class QwenVLFamily(Multimodal):
+  """Qwen2-VL and Qwen2.5-VL (`jmmkv.models.family`): images and videos, M-RoPE positions."""
+
+  name = "Qwen2-VL / Qwen2.5-VL"
+  architectures = tuple(VARIANTS)
+  config_type = QwenVLConfig
+  renames = RENAMES
+  takes_videos = True
+
+  def parse_config(self, hf_cfg: dict, architecture: str) -> QwenVLConfig:
+    return config_from_hf(hf_cfg, architecture)
+
+  def key_table(self, cfg: QwenVLConfig):
+    return key_table(cfg)
+
+  def video_token_id(self, cfg: QwenVLConfig) -> int:
+    return cfg.video_token_id
+
+  def media_counts(self, model, media: inputs.Media):
+    counts = []
+    for pix, grid, name in (
+      (media.pixel_values, media.image_grid_thw, "pixel_values"),
+      (media.pixel_values_videos, media.video_grid_thw, "pixel_values_videos"),
+    ):
+      if pix is None:
+        counts.append([])
+        continue
+      if grid is None:
+        raise ValueError(f"{name} given without its grid_thw")
+      grid = _grid(grid)
+      check_pixels(model.config, pix, grid, name)
+      counts.append(num_features(model.config, grid))
+    return counts[0], counts[1]
+
+  def _features(self, model, pixel_values, grid_thw, name: str) -> list[np.ndarray]:
+    grid = _grid(grid_thw)
+    pix = check_pixels(model.config, pixel_values, grid, name)
+    flat = vision_features(model.params, pix, grid=grid, cfg=model.config, dtype=model.dtype_name)
+    counts = num_features(model.config, grid)
+    return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])
+
+  def image_features(self, model, pixel_values, image_sizes=None, image_grid_thw=None):
+    return self._features(model, pixel_values, image_grid_thw, "pixel_values")
+
+  def video_features(self, model, pixel_values_videos, video_grid_thw):
+    return self._features(model, pixel_values_videos, video_grid_thw, "pixel_values_videos")
+
+  def embed(self, model, ids_BT, media: inputs.Media, counts):
+    img_counts, vid_counts = counts
+    c = model.config
+    ib, it = mm.placeholder_index(ids_BT, c.image_token_id, sum(img_counts))
+    vb, vt = mm.placeholder_index(ids_BT, c.video_token_id, sum(vid_counts), "video")
+    igrid = _grid(media.image_grid_thw) if img_counts else ()
+    vgrid = _grid(media.video_grid_thw) if vid_counts else ()
+    ipix = media.pixel_values if img_counts else np.zeros((0, 1), np.float32)
+    vpix = media.pixel_values_videos if vid_counts else np.zeros((0, 1), np.float32)
+    return embed(
+      model.params,
+      ids_BT,
+      np.asarray(ipix),
+      np.asarray(vpix),
+      ib,
+      it,
+      vb,
+      vt,
+      image_grid=igrid,
+      video_grid=vgrid,
+      cfg=c,
+      dtype=model.dtype_name,
+    )
+
+  def positions(self, model, ids_BT, valid_BT, media: inputs.Media, mm_token_type_ids=None):
+    return self.rope_index(
+      model,
+      ids_BT,
+      mm_token_type_ids,
+      media.image_grid_thw,
+      media.video_grid_thw,
+      valid_BT,
+      media.second_per_grid_ts,
+    )[0]
+
+  def rope_index(self, model, *args, **kwargs):
+    return rope_index(model.config, *args, **kwargs)
+
+  def images_only_processor(self, architecture: str) -> str | None:
+    return PROCESSORS[architecture]
+
+  def placeholders(self, model, image_mark: str, video_mark: str) -> tuple[str, str]:
+    c = model.config
+    start, end, image, video = model.tokenizer.convert_ids_to_tokens(
+      [c.vision_start_token_id, c.vision_end_token_id, c.image_token_id, c.video_token_id]
+    )
+    return f"{start}{image}{end}", f"{start}{video}{end}"
+
+  def video_arrays(self, model, frames: list, fps: float) -> dict:
+    image_processor = model.processor.image_processor
+    return processing.video_arrays(image_processor, frames, fps, model.config.variant)
+
+
+FAMILY = QwenVLFamily()

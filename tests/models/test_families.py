@@ -1,0 +1,95 @@
+"""Model families as adapters (`jmmkv.models.family`): the registry, docs/adding_a_family.md's
+example (Mistral) against transformers, and `Model` free of family branches."""
+
+import ast
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+import jmmkv
+from hf_models import TEXT, hf_logits, pad_batch, random_ids, randomize_
+from jmmkv.models import families, family, llava, qwen2_vl
+from jmmkv.models.configs import DecoderConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_architecture_has_one_family():
+  archs = [a for f in families.FAMILIES for a in f.architectures]
+  assert len(archs) == len(set(archs)) and set(archs) == set(families.ARCHITECTURES)
+  assert families.for_architecture("MistralForCausalLM").name == "Mistral"
+  assert families.for_architecture("Qwen2_5_VLForConditionalGeneration") is qwen2_vl.FAMILY
+  with pytest.raises(ValueError, match=r"unsupported architecture 'GPT2LMHeadModel' in x/c\.json"):
+    families.for_architecture("GPT2LMHeadModel", "x/c.json")
+  with pytest.raises(TypeError, match="no model family has a config of type dict"):
+    families.for_config({})
+
+
+def test_config_type_picks_the_run_time_family():
+  text = DecoderConfig(8, 8, 8, 1, 1, 1, 8)
+  assert type(families.for_config(text)) is family.Family
+  assert families.for_config(llava.LlavaConfig.__new__(llava.LlavaConfig)) is llava.FAMILY
+
+
+def test_model_names_no_family():
+  """model.py imports no family module or config class and never tests the config's type."""
+  source = (ROOT / "jmmkv" / "models" / "model.py").read_text()
+  tree = ast.parse(source)
+  imported = {
+    a.name
+    for n in ast.walk(tree)
+    if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("jmmkv.models")
+    for a in n.names
+  }
+  assert not imported & {"llava", "qwen2_vl", "mistral", "LlavaConfig", "QwenVLConfig"}
+  assert not re.search(
+    r"isinstance\(\s*(self\.)?(config|cfg)\b|is_llava|is_qwen|\.architecture ==", source
+  )
+
+
+def test_doc_shows_the_module_as_it_is():
+  doc = (ROOT / "docs" / "adding_a_family.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+  assert blocks[0] == (ROOT / "jmmkv" / "models" / "mistral.py").read_text()
+  assert blocks[1].strip() in (ROOT / "jmmkv" / "models" / "families.py").read_text()
+
+
+def _mistral(tmp_path, seed: int, **kw):
+  cfg = MistralConfig(**{**TEXT, "head_dim": 16, "sliding_window": None, **kw})
+  torch.manual_seed(seed)
+  hf = MistralForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+  randomize_(hf, seed)
+  hf.eval().save_pretrained(tmp_path)
+  return hf
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mistral_logits_equal_transformers(tmp_path, seed):
+  hf = _mistral(tmp_path, seed)
+  model = jmmkv.load(tmp_path)
+  assert model.config.architecture == "MistralForCausalLM"
+  rng = np.random.default_rng(seed)
+  ids, mask = pad_batch([random_ids(rng, 23), random_ids(rng, 9)], "left")
+  want = hf_logits(hf, ids, mask)
+  got = model.logits(ids, mask)
+  m = mask.astype(bool)
+  assert np.abs(got[m] - want[m]).max() <= 1e-4
+  out = jmmkv.generate(
+    model,
+    model.prepare(input_ids=ids, attention_mask=mask),
+    "snapkv",
+    0.5,
+    max_new_tokens=3,
+    eos_token_id=[],
+  )
+  assert [len(t) for t in out.tokens] == [3, 3]
+
+
+def test_mistral_window_refused(tmp_path):
+  _mistral(tmp_path, 0, sliding_window=64)
+  with pytest.raises(ValueError, match="sliding_window=64 below max_position_embeddings=512"):
+    jmmkv.load(tmp_path)
