@@ -20,11 +20,11 @@ from jmmkv.models.layers import ACTIVATIONS, Einsum
 from jmmkv.typing import Array, DType
 
 
-def _square(value, name: str) -> int:
+def square(value, name: str) -> int:
   """An int, or a square ``[s, s]`` pair, as an int."""
   if isinstance(value, (list, tuple)):
     if len(value) != 2 or value[0] != value[1]:
-      raise ValueError(f"CLIP vision {name} must be square, got {value}")
+      raise ValueError(f"vision {name} must be square, got {value}")
     value = value[0]
   return int(value)
 
@@ -79,8 +79,8 @@ class ClipVisionConfig:
       intermediate_size=int(d.get("intermediate_size", 3072)),
       num_layers=int(d.get("num_hidden_layers", 12)),
       num_heads=int(d.get("num_attention_heads", 12)),
-      patch_size=_square(d.get("patch_size", 32), "patch_size"),
-      image_size=_square(d.get("image_size", 224), "image_size"),
+      patch_size=square(d.get("patch_size", 32), "patch_size"),
+      image_size=square(d.get("image_size", 224), "image_size"),
       num_channels=int(d.get("num_channels", 3)),
       layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
       hidden_act=str(d.get("hidden_act", "quick_gelu")),
@@ -219,10 +219,8 @@ def key_table(cfg: ClipVisionConfig, prefix: str) -> dict[str, Entry]:
   in llava-hf hub checkpoints, ``"vision_tower."`` in a transformers-v5 ``save_pretrained`` of a
   model built from a config (see `find_prefix`).
   """
-  d, f, n, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
-  ch, p = cfg.num_channels, cfg.patch_size
+  d, ch, p = cfg.hidden_size, cfg.num_channels, cfg.patch_size
   same = lambda x: x
-  t = lambda x: x.T
   table: dict[str, Entry] = {
     f"{prefix}embeddings.class_embedding": (("class_embedding",), (d,), same),
     f"{prefix}embeddings.patch_embedding.weight": (
@@ -239,6 +237,16 @@ def key_table(cfg: ClipVisionConfig, prefix: str) -> dict[str, Entry]:
   for hf, ours in (("pre_layrnorm", "pre_norm"), ("post_layernorm", "post_norm")):
     table[f"{prefix}{hf}.weight"] = ((ours, "scale"), (d,), same)
     table[f"{prefix}{hf}.bias"] = ((ours, "bias"), (d,), same)
+  table.update(layer_key_table(cfg, prefix))
+  return table
+
+
+def layer_key_table(cfg: ClipVisionConfig, prefix: str) -> dict[str, Entry]:
+  """The encoder layers' part of `key_table` (CLIP's and SigLIP's names are the same)."""
+  d, f, n, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+  same = lambda x: x
+  t = lambda x: x.T
+  table: dict[str, Entry] = {}
   for i in range(cfg.num_layers):
     hf, ours = f"{prefix}encoder.layers.{i}.", f"layers_{i}"
     for norm, our_norm in (("layer_norm1", "norm1"), ("layer_norm2", "norm2")):
