@@ -40,7 +40,6 @@ from jmmkv.cache.policies.base import Context
 from jmmkv.cache.stats import Stats, StatsSpec
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.llama import Decoder
-from jmmkv.typing import Array
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "spec"))
@@ -56,20 +55,23 @@ def capture_step(
   dtype: str,
   spec: StatsSpec,
 ):
-  """The prompt forward keeping everything: the last valid token's logits ``[B, V]``, K/V
-  ``[L, B, K, T, H]`` and the ``spec`` statistics ``{name: [L, ...]}``."""
+  """The prompt forward keeping everything: the last valid token's logits ``[B, V]``, each
+  layer's K/V (tuples of ``[B, K, T, H]``: no stacked copy) and the ``spec`` statistics
+  ``{name: [L, ...]}``."""
   dec = Decoder(cfg, jnp.dtype(dtype))
-  h_BTD, k_LBKTH, v_LBKTH, st = dec.apply(
-    params, x_BTD, positions, valid_BT, modality_BT, spec, method=Decoder.prefill
+  keep = lambda index, k, v, st, acc: (acc + ((k, v, st),), jnp.zeros(()))
+  h_BTD, layers = dec.apply(
+    params, x_BTD, positions, valid_BT, modality_BT, spec, keep, (), method=Decoder.prefill
   )
   h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
-  return dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0], k_LBKTH, v_LBKTH, st
+  ks, vs, sts = zip(*layers)
+  return dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0], ks, vs, stats.stack(sts)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "storage", "append_capacity"))
 def compress_step(
-  k_LBKTH: Array,
-  v_LBKTH: Array,
+  ks: tuple,
+  vs: tuple,
   own: Stats,
   valid_BT,
   modality_BT,
@@ -82,18 +84,17 @@ def compress_step(
   storage: stream.Storage,
   append_capacity: int,
 ):
-  """What `generate.prefill_step` stores, from captured K/V and statistics (``own``: the
-  policy's, ``[L, ...]``): the decode cache and, for a pool, the `Pool`."""
-  num_layers, shape = k_LBKTH.shape[0], k_LBKTH.shape[1:]
+  """What `generate.prefill_step` stores, from captured K/V (per layer ``[B, K, T, H]``) and
+  statistics (``own``: the policy's, ``[L, ...]``): the decode cache and, for a pool, the
+  `Pool`."""
+  num_layers, shape, dtype = len(ks), ks[0].shape, ks[0].dtype
   ctx = Context(kept_B, lengths_B, survey, num_layers)
-  state = (policy.start(ctx), stream.start(storage, num_layers, shape, k_LBKTH.dtype))
+  state = (policy.start(ctx), stream.start(storage, num_layers, shape, dtype))
   hook = stream.on_layer(policy, storage, ctx, valid_BT, modality_BT, lengths_B)
   for index in range(num_layers):
     layer_stats = {name: x[index] for name, x in own.items()}
-    state, _ = hook(index, k_LBKTH[index], v_LBKTH[index], layer_stats, state)
-  return stream.stored(
-    storage, state[1], lengths_B, rope_start_B, append_capacity, shape, k_LBKTH.dtype
-  )
+    state, _ = hook(index, ks[index], vs[index], layer_stats, state)
+  return stream.stored(storage, state[1], lengths_B, rope_start_B, append_capacity, shape, dtype)
 
 
 def _pick(st: Stats, spec: StatsSpec) -> Stats:
