@@ -176,31 +176,15 @@ def iter_each(
       del k, v, st  # this group's full K/V
 
 
-def generate_each(
-  model,
-  batch,
-  jobs: Sequence[tuple],
-  *,
-  max_new_tokens: int = 64,
-  eos_token_id: int | Sequence[int] | None = None,
-  layout: str = "auto",
-  return_cache: bool = False,
-) -> list[GenerateOutput]:
+def generate_each(model, batch, jobs: Sequence[tuple], **options) -> list[GenerateOutput]:
   """``[jmmkv.generate(model, batch, policy, budget, ...) for policy, budget in jobs]`` (greedy),
   from one prompt forward per group of pairs (module docstring). ``jobs``: (policy, budget)
-  pairs as `generate` takes them. Each output's ``stats["prefill_s"]`` is the shared forward's
-  seconds plus its own compression's (``stats["compress_s"]``). Errors in ``jobs`` are raised
-  before any work."""
+  pairs as `generate` takes them; ``options``: `iter_each`'s (``max_new_tokens``,
+  ``eos_token_id``, ``layout``, ``return_cache``). Each output's ``stats["prefill_s"]`` is the
+  shared forward's seconds plus its own compression's (``stats["compress_s"]``). Errors in
+  ``jobs`` are raised before any work."""
   outs: list = [None] * len(jobs)
-  for i, out in iter_each(
-    model,
-    batch,
-    jobs,
-    max_new_tokens=max_new_tokens,
-    eos_token_id=eos_token_id,
-    layout=layout,
-    return_cache=return_cache,
-  ):
+  for i, out in iter_each(model, batch, jobs, **options):
     outs[i] = out
   return outs
 

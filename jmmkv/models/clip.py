@@ -170,19 +170,8 @@ class ClipVisionTower(nn.Module):
   def embed(self, pixel_values: Array) -> Array:
     """``[B, C, image_size, image_size]`` pixels -> pre-normed embeddings ``[B, T, D]``."""
     c = self.cfg
-    b, ch, hgt, wid = pixel_values.shape
-    if (ch, hgt, wid) != (c.num_channels, c.image_size, c.image_size):
-      raise ValueError(
-        f"pixel_values of shape {pixel_values.shape}; the CLIP tower expects "
-        f"[B, {c.num_channels}, {c.image_size}, {c.image_size}]"
-      )
-    g, p = c.grid, c.patch_size
-    x = pixel_values[:, :, : g * p, : g * p].astype(self.dtype)  # the conv drops remainder pixels
-    patches_BPCIJ = (
-      x.reshape(b, ch, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch, p, p)
-    )
-    x_BPD = self.patch_embedding("BPCIJ,CIJD->BPD", patches_BPCIJ)
-    cls_B1D = jnp.broadcast_to(self.class_embedding, (b, 1, c.hidden_size))
+    x_BPD = self.patch_embedding("BPCIJ,CIJD->BPD", patches(pixel_values, c, "CLIP", self.dtype))
+    cls_B1D = jnp.broadcast_to(self.class_embedding, (x_BPD.shape[0], 1, c.hidden_size))
     x_BTD = jnp.concatenate([cls_B1D, x_BPD], axis=1) + self.position_embedding
     return self.pre_norm(x_BTD)
 
@@ -191,12 +180,7 @@ class ClipVisionTower(nn.Module):
 
     ``num_layers`` must be static; it runs only the first ``num_layers`` encoder layers.
     """
-    n = self.cfg.num_layers if num_layers is None else num_layers
-    if not 0 <= n <= self.cfg.num_layers:
-      raise ValueError(f"num_layers={num_layers} not in [0, {self.cfg.num_layers}]")
-    hidden = [self.embed(pixel_values)]
-    for layer in self.layers[:n]:
-      hidden.append(layer(hidden[-1]))
+    hidden = hidden_states(self.layers, self.embed(pixel_values), num_layers)
     if self.is_initializing():  # create the post_norm params too
       self.post_norm(hidden[-1][:, 0])
     return hidden
@@ -204,6 +188,32 @@ class ClipVisionTower(nn.Module):
   def pooled(self, pixel_values: Array) -> Array:
     """HF ``pooler_output``: post-LayerNorm of the last layer's class token, ``[B, D]``."""
     return self.post_norm(self(pixel_values)[-1][:, 0])
+
+
+def patches(pixel_values: Array, cfg: ClipVisionConfig, tower: str, dtype) -> Array:
+  """``[B, C, S, S]`` pixels as ``[B, P, C, patch, patch]`` patches in row-major order (a
+  stride-``patch_size`` conv's view; remainder pixels are dropped as the conv drops them)."""
+  b, ch, hgt, wid = pixel_values.shape
+  if (ch, hgt, wid) != (cfg.num_channels, cfg.image_size, cfg.image_size):
+    raise ValueError(
+      f"pixel_values of shape {pixel_values.shape}; the {tower} tower expects "
+      f"[B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}]"
+    )
+  g, p = cfg.grid, cfg.patch_size
+  x = pixel_values[:, :, : g * p, : g * p].astype(dtype)
+  return x.reshape(b, ch, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch, p, p)
+
+
+def hidden_states(layers, x_BTD: Array, num_layers: int | None) -> list[Array]:
+  """The input and the outputs of the first ``num_layers`` (static; all by default) of
+  ``layers``."""
+  n = len(layers) if num_layers is None else num_layers
+  if not 0 <= n <= len(layers):
+    raise ValueError(f"num_layers={num_layers} not in [0, {len(layers)}]")
+  hidden = [x_BTD]
+  for layer in layers[:n]:
+    hidden.append(layer(hidden[-1]))
+  return hidden
 
 
 def init_params(cfg: ClipVisionConfig, rng: Array, dtype: DType = jnp.float32):

@@ -199,11 +199,8 @@ class LlavaFamily(Multimodal):
   config_type = LlavaConfig
   renames = RENAMES
 
-  def parse_config(self, hf_cfg: dict, architecture: str) -> LlavaConfig:
-    return config_from_hf(hf_cfg, architecture)
-
-  def key_table(self, cfg: LlavaConfig):
-    return key_table(cfg)
+  parse_config = staticmethod(config_from_hf)
+  key_table = staticmethod(key_table)
 
   def media_counts(self, model, media: inputs.Media):
     if media.pixel_values is None and media.pixel_values_videos is None:

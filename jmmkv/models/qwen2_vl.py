@@ -169,11 +169,8 @@ class QwenVLFamily(Multimodal):
   renames = RENAMES
   takes_videos = True
 
-  def parse_config(self, hf_cfg: dict, architecture: str) -> QwenVLConfig:
-    return config_from_hf(hf_cfg, architecture)
-
-  def key_table(self, cfg: QwenVLConfig):
-    return key_table(cfg)
+  parse_config = staticmethod(config_from_hf)
+  key_table = staticmethod(key_table)
 
   def video_token_id(self, cfg: QwenVLConfig) -> int:
     return cfg.video_token_id

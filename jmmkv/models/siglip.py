@@ -69,29 +69,13 @@ class SiglipVisionTower(nn.Module):
 
   def embed(self, pixel_values: Array) -> Array:
     """``[B, C, image_size, image_size]`` pixels -> embeddings ``[B, P, D]``."""
-    c = self.cfg
-    b, ch, hgt, wid = pixel_values.shape
-    if (ch, hgt, wid) != (c.num_channels, c.image_size, c.image_size):
-      raise ValueError(
-        f"pixel_values of shape {pixel_values.shape}; the SigLIP tower expects "
-        f"[B, {c.num_channels}, {c.image_size}, {c.image_size}]"
-      )
-    g, p = c.grid, c.patch_size
-    x = pixel_values[:, :, : g * p, : g * p].astype(self.dtype)  # the conv drops remainder pixels
-    patches_BPCIJ = (
-      x.reshape(b, ch, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch, p, p)
-    )
+    patches_BPCIJ = clip.patches(pixel_values, self.cfg, "SigLIP", self.dtype)
     return self.patch_embedding("BPCIJ,CIJD->BPD", patches_BPCIJ) + self.position_embedding
 
   def __call__(self, pixel_values: Array, num_layers: int | None = None) -> list[Array]:
     """Hidden states: ``num_layers + 1`` arrays ``[B, P, D]`` (all layers by default;
     ``num_layers`` static)."""
-    n = self.cfg.num_layers if num_layers is None else num_layers
-    if not 0 <= n <= self.cfg.num_layers:
-      raise ValueError(f"num_layers={num_layers} not in [0, {self.cfg.num_layers}]")
-    hidden = [self.embed(pixel_values)]
-    for layer in self.layers[:n]:
-      hidden.append(layer(hidden[-1]))
+    hidden = clip.hidden_states(self.layers, self.embed(pixel_values), num_layers)
     if self.is_initializing():  # create the post_norm params too
       self.post_norm(hidden[-1])
     return hidden
