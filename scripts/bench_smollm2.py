@@ -381,7 +381,7 @@ def main(argv=None):
       "prefill_s": prefill_s,
       "peak_rss_gb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    runner.state = None
+    runner.results = {}
     jax.clear_caches()  # the compiled steps of this length are not needed again
     trim_memory()
   bar.close()
