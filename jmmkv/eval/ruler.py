@@ -203,9 +203,12 @@ def evaluate(
           cells[cell_key(p, b, length)]["tasks"][task] = result
         if partial is not None:
           write_atomic(partial, json.dumps({"settings": settings, "cells": cells}) + "\n")
+        # This task's compiled steps go: each compiled program holds memory mappings, and a
+        # process that kept a whole length's (33 jobs x 7 tasks) died with "LLVM ERROR: Unable
+        # to allocate section memory" while most of its RAM was free.
+        jax.clear_caches()
         gc.collect()
         jmmkv.memory.trim()  # glibc keeps freed prompt caches otherwise
-      jax.clear_caches()  # this length's compiled steps are not needed again
   return [
     finish_cell(cells[cell_key(p, b, ln)], grid.tasks) for ln in grid.lengths for p, b in jobs
   ]
