@@ -30,6 +30,7 @@ from jmmkv.generate import (
   embed_prompt,
   finish,
   kept_counts,
+  last_logits,
   layout_stage,
   plan_storage,
   resolve,
@@ -63,9 +64,8 @@ def capture_step(
   h_BTD, layers = dec.apply(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep, (), method=Decoder.prefill
   )
-  h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
   ks, vs, sts = zip(*layers)
-  return dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0], ks, vs, stats.stack(sts)
+  return last_logits(dec, params, h_BTD, lengths_B), ks, vs, stats.stack(sts)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "storage", "append_capacity"))
@@ -139,9 +139,9 @@ def iter_each(
   with sharding.context(model.mesh):
     prompt = embed_prompt(model, padded)
     wanted = [prompt.bound(p.stats | p.survey) for p, _ in resolved]
+    lengths_B = sharding.put_batch(padded.lengths_B, model.mesh)
     for members, union in groups(wanted):
       t0 = time.perf_counter()
-      lengths_B = sharding.put_batch(padded.lengths_B, model.mesh)
       logits_BV, k, v, st = jax.block_until_ready(
         capture_step(*prompt.args, lengths_B, spec=union, **kw)
       )

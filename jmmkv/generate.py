@@ -73,6 +73,12 @@ def survey_step(
   return stats.stack(sts)
 
 
+def last_logits(dec: Decoder, params, h_BTD: Array, lengths_B: Array) -> Array:
+  """``[B, V]`` float32: the logits of each row's last valid token (rows right-padded)."""
+  h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
+  return dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
+
+
 @functools.partial(
   jax.jit, static_argnames=("cfg", "dtype", "spec", "policy", "storage", "append_capacity")
 )
@@ -108,8 +114,7 @@ def prefill_step(
   h_BTD, (_, store) = dec.apply(
     params, x_BTD, positions, valid_BT, modality_BT, spec, hook, state, method=Decoder.prefill
   )
-  h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
-  logits_BV = dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
+  logits_BV = last_logits(dec, params, h_BTD, lengths_B)
   cache, pool = stream.stored(
     storage, store, lengths_B, rope_start_B, append_capacity, k_shape, jnp.dtype(dtype)
   )
