@@ -17,13 +17,14 @@ class Media:
   HF processor returns them. Unused fields are None."""
 
   pixel_values: np.ndarray | None = (
-    None  # LLaVA [N, C, H, W]; NeXT [N, tiles, C, H, W]; Qwen [P, X]
+    None  # LLaVA [N, C, H, W]; NeXT, OneVision [N, tiles, C, H, W]; Qwen [P, X]
   )
-  image_sizes: np.ndarray | None = None  # NeXT [N, 2] original (h, w)
+  image_sizes: np.ndarray | None = None  # NeXT, OneVision [N, 2] original (h, w)
   image_grid_thw: np.ndarray | None = None  # Qwen [N, 3]
-  pixel_values_videos: np.ndarray | None = None  # Qwen [P, X]
+  pixel_values_videos: np.ndarray | None = None  # Qwen [P, X]; OneVision [V, F, C, H, W]
   video_grid_thw: np.ndarray | None = None  # Qwen [V, 3]
   second_per_grid_ts: np.ndarray | None = None  # Qwen2.5-VL [V]
+  batch_num_images: np.ndarray | None = None  # LLaVA-OneVision: images of each prompt [B']
 
 
 @dataclasses.dataclass(frozen=True)

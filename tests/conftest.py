@@ -132,6 +132,27 @@ def jmmkv_model(tiny_model):
   return get
 
 
+@pytest.fixture(scope="session")
+def mm_model(tmp_path_factory):
+  """Factory (family, seed) -> (HF model, jmmkv model, saved dir) of a tiny multimodal model of
+  tests/mm_models.py, built once per session (neither model is mutated by tests)."""
+  from mm_models import build_mm_model
+
+  cache: dict = {}
+
+  def get(family: str, seed: int):
+    import jmmkv
+
+    if (family, seed) not in cache:
+      hf = build_mm_model(family, seed)
+      path = tmp_path_factory.mktemp(f"{family}_s{seed}")
+      hf.save_pretrained(path)
+      cache[family, seed] = (hf, jmmkv.load(path, dtype="float32"), path)
+    return cache[family, seed]
+
+  return get
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
   """Drop JAX's compiled executables after each test module. Every CPU executable holds its own

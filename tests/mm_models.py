@@ -1,4 +1,5 @@
-"""Tiny random HF multimodal models (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) and their inputs.
+"""Tiny random HF multimodal models (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, and
+LLaVA-OneVision, which is not in `FAMILIES`: its tests are in tests/models) and their inputs.
 
 Plain helpers, independent of jmmkv: they build the reference models, random pixel arrays and
 token rows, and compute reference outputs with transformers (PyTorch, fp32, eager). Configs
@@ -26,10 +27,14 @@ from transformers import (
   LlavaForConditionalGeneration,
   LlavaNextConfig,
   LlavaNextForConditionalGeneration,
+  LlavaOnevisionConfig,
+  LlavaOnevisionForConditionalGeneration,
   Qwen2_5_VLConfig,
   Qwen2_5_VLForConditionalGeneration,
   Qwen2VLConfig,
   Qwen2VLForConditionalGeneration,
+  Qwen2Config,
+  SiglipVisionConfig,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -44,6 +49,10 @@ CLIP_IMAGE = 32  # CLIP image_size (and LLaVA-NeXT tile size)
 LLAVA_TOKENS = 16  # (32 / 8)^2 patch tokens per LLaVA image ("default" drops CLS)
 QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE = 14, 2, 2
 QWEN_FLAT = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH  # 1176 values per flat patch
+# LLaVA-OneVision: SigLIP 32 px tiles of 8 px patches (16 features a tile, 4 per pooled frame);
+# anyres_max_2 shrinks grids of more than 2 tiles' features (a 2x2 grid: 8x8 -> 5x5)
+OV_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64], [96, 96]]
+OV_MAX_TILES = 2
 
 _CLIP = dict(
   hidden_size=32,
@@ -115,7 +124,28 @@ def make_config(family: str):
     )
     cfg = Qwen2_5_VLConfig(text_config=_QWEN_TEXT, vision_config=vision, **_QWEN_TOKENS)
     return cfg, Qwen2_5_VLForConditionalGeneration
-  raise KeyError(f"unknown multimodal family {family!r}; known: {FAMILIES}")
+  if family == "llava_onevision":
+    vision = SiglipVisionConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=CLIP_IMAGE,
+      patch_size=8,
+      vision_use_head=False,
+    )
+    cfg = LlavaOnevisionConfig(
+      vision_config=vision,
+      text_config=Qwen2Config(**TEXT),
+      image_token_index=IMAGE_ID,
+      video_token_index=VIDEO_ID,
+      image_grid_pinpoints=OV_PINPOINTS,
+      vision_aspect_ratio=f"anyres_max_{OV_MAX_TILES}",
+      vision_feature_layer=-1,
+      vision_feature_select_strategy="full",
+    )
+    return cfg, LlavaOnevisionForConditionalGeneration
+  raise KeyError(f"unknown multimodal family {family!r}; known: {FAMILIES + ('llava_onevision',)}")
 
 
 def _is_norm(name: str) -> bool:
@@ -266,8 +296,42 @@ class Case:
     return kw
 
 
+def onevision_arrays(model, rng: np.random.Generator, images=(), videos=(), batch_num_images=None):
+  """LLaVA-OneVision media: ``images`` (H, W) sizes (tiles padded to the most with random
+  values), ``videos`` frame counts (all videos of a batch have the same count, as the video
+  processor pads them); token counts from the HF model."""
+  arrays: dict = {}
+  image_tokens, video_tokens = [], []
+  if len(images):
+    tiles = max(ov_num_patches(s) for s in images)
+    arrays["pixel_values"] = rng.standard_normal(
+      (len(images), tiles, 3, CLIP_IMAGE, CLIP_IMAGE)
+    ).astype(np.float32)
+    arrays["image_sizes"] = np.asarray(images, np.int64).reshape(-1, 2)
+    if batch_num_images is not None:
+      arrays["batch_num_images"] = np.asarray(batch_num_images, np.int64)
+    image_tokens = [len(f) for f in hf_image_features(model, **arrays)]
+  if len(videos):
+    assert len(set(videos)) == 1, videos
+    shape = (len(videos), videos[0], 3, CLIP_IMAGE, CLIP_IMAGE)
+    arrays["pixel_values_videos"] = rng.standard_normal(shape).astype(np.float32)
+    video_tokens = [len(f) for f in hf_video_features(model, arrays["pixel_values_videos"])]
+  return arrays, image_tokens, video_tokens
+
+
+def ov_num_patches(size: Sequence[int]) -> int:
+  """Tiles (anyres crops + base) of a LLaVA-OneVision image alone in its prompt."""
+  return int(image_size_to_num_patches(list(size), OV_PINPOINTS, CLIP_IMAGE))
+
+
 def media_arrays(
-  model, family: str, rng: np.random.Generator, images=(), videos=(), second_per_grid_ts=None
+  model,
+  family: str,
+  rng: np.random.Generator,
+  images=(),
+  videos=(),
+  second_per_grid_ts=None,
+  batch_num_images=None,
 ):
   """(HF media arrays, tokens per image, tokens per video) for images / videos in batch order.
 
@@ -285,6 +349,8 @@ def media_arrays(
     if len(images):
       arrays["pixel_values"], arrays["image_sizes"] = llava_next_pixels(rng, images)
       image_tokens = [len(f) for f in hf_image_features(model, **arrays)]
+  elif family == "llava_onevision":
+    return onevision_arrays(model, rng, images, videos, batch_num_images)
   else:
     image_tokens = qwen_num_tokens(images)
     if len(images):
@@ -307,11 +373,12 @@ def make_case(
   videos=(),
   side: str = "left",
   second_per_grid_ts=None,
+  batch_num_images=None,
 ) -> Case:
   """A padded batch from row specs: ints are runs of random text, "image" / "video" the next
   image / video of ``images`` / ``videos`` (batch order). See `media_arrays`."""
   arrays, image_tokens, video_tokens = media_arrays(
-    model, family, rng, images, videos, second_per_grid_ts
+    model, family, rng, images, videos, second_per_grid_ts, batch_num_images
   )
   queues = {"image": list(image_tokens), "video": list(video_tokens)}
   seqs, media = [], []
@@ -361,9 +428,13 @@ def hf_mm_logits(model, input_ids, attention_mask=None, **arrays) -> np.ndarray:
 
 
 @torch.no_grad()
-def hf_image_features(model, pixel_values, image_sizes=None, image_grid_thw=None):
+def hf_image_features(
+  model, pixel_values, image_sizes=None, image_grid_thw=None, batch_num_images=None
+):
   """``get_image_features(...).pooler_output`` as a list of [n_i, D] float32 arrays."""
-  kw = _torch(dict(image_sizes=image_sizes, image_grid_thw=image_grid_thw))
+  kw = _torch(
+    dict(image_sizes=image_sizes, image_grid_thw=image_grid_thw, batch_num_images=batch_num_images)
+  )
   out = model.model.get_image_features(pixel_values=_torch(dict(p=pixel_values))["p"], **kw)
   feats = out.pooler_output
   if isinstance(feats, torch.Tensor):  # LLaVA: one [N, 16, D] tensor
@@ -372,7 +443,7 @@ def hf_image_features(model, pixel_values, image_sizes=None, image_grid_thw=None
 
 
 @torch.no_grad()
-def hf_video_features(model, pixel_values_videos, video_grid_thw):
+def hf_video_features(model, pixel_values_videos, video_grid_thw=None):
   kw = _torch(dict(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw))
   return [f.float().numpy() for f in model.model.get_video_features(**kw).pooler_output]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mm_models import FAMILIES, QWEN, build_mm_model, hf_mm_greedy_generate, make_case
+from mm_models import FAMILIES, QWEN, hf_mm_greedy_generate, make_case
 
 SEEDS = (0, 1)
 MAX_NEW = 16
@@ -41,21 +41,9 @@ CASES = {  # per family kind: batch of one (unpadded rows) and batch of two (lef
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-  """(family, seed) -> (HF model, jmmkv model), built once per module."""
-  import jmmkv
-
-  cache = {}
-
-  def get(family: str, seed: int):
-    if (family, seed) not in cache:
-      hf = build_mm_model(family, seed)
-      path = tmp_path_factory.mktemp(f"{family}_gen_s{seed}")
-      hf.save_pretrained(path)
-      cache[family, seed] = (hf, jmmkv.load(path, dtype="float32"))
-    return cache[family, seed]
-
-  return get
+def models(mm_model):
+  """(family, seed) -> (HF model, jmmkv model, saved dir), shared by the session."""
+  return mm_model
 
 
 @pytest.mark.parametrize("size", ["one", "two"])
@@ -64,7 +52,7 @@ def models(tmp_path_factory):
 def test_greedy_matches_hf(family, seed, size, models):
   import jmmkv
 
-  hf, model = models(family, seed)
+  hf, model, _ = models(family, seed)
   spec = CASES["qwen" if family in QWEN else family][size]
   rng = np.random.default_rng(300 + 10 * seed + len(spec["rows"]))
   case = make_case(

@@ -35,7 +35,7 @@ def num_patches(size_hw, pinpoints, tile: int) -> int:
   return gh * gw + 1
 
 
-def _unpad(idx_HW: np.ndarray, size_hw) -> np.ndarray:
+def unpad(idx_HW: np.ndarray, size_hw) -> np.ndarray:
   """Crops the rows/columns that padding added when the image was resized into the grid."""
   oh, ow = (int(x) for x in size_hw)
   ch, cw = idx_HW.shape
@@ -63,10 +63,34 @@ def pack_index(image_sizes, pinpoints, tile: int, side: int) -> list[np.ndarray]
     if n > 1:
       gh, gw = tile_grid(size_hw, pinpoints, tile)
       grid = ((offset + 1) * p + np.arange((n - 1) * p)).reshape(gh, gw, side, side)
-      grid = _unpad(grid.transpose(0, 2, 1, 3).reshape(gh * side, gw * side), size_hw)
+      grid = unpad(grid.transpose(0, 2, 1, 3).reshape(gh * side, gw * side), size_hw)
       grid = np.concatenate([grid, np.full((grid.shape[0], 1), -1)], axis=1)
       out.append(np.concatenate([base, grid.reshape(-1)]))
     else:
       out.append(np.concatenate([base, [-1]]))
     offset += n
   return out
+
+
+def bilinear_taps(n_in: int, n_out: int):
+  """Along one axis, PyTorch's bilinear resize (``align_corners=False``, no antialias): for each
+  output index the two source indices and their weights, ``(i0, i1, w0, w1)``, each ``[n_out]``
+  (float32 arithmetic, as torch's CPU kernel)."""
+  scale = np.float32(n_in) / np.float32(n_out)
+  dst = np.arange(n_out, dtype=np.float32)
+  src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+  i0 = src.astype(np.int64)  # truncation; src >= 0
+  w1 = (src - i0.astype(np.float32)).astype(np.float32)
+  return i0, np.minimum(i0 + 1, n_in - 1), (np.float32(1) - w1).astype(np.float32), w1
+
+
+def resize_taps(idx_HW: np.ndarray, out_h: int, out_w: int):
+  """A grid of flat-feature indices resized bilinearly to ``[out_h, out_w]``, as four weighted
+  taps per output cell: (indices ``[out_h * out_w, 4]``, weights ``[out_h * out_w, 4]``)."""
+  y0, y1, wy0, wy1 = bilinear_taps(idx_HW.shape[0], out_h)
+  x0, x1, wx0, wx1 = bilinear_taps(idx_HW.shape[1], out_w)
+  ys, xs = (y0, y0, y1, y1), (x0, x1, x0, x1)
+  wys, wxs = (wy0, wy0, wy1, wy1), (wx0, wx1, wx0, wx1)
+  idx = np.stack([idx_HW[y[:, None], x[None, :]] for y, x in zip(ys, xs)], axis=-1)
+  w = np.stack([wy[:, None] * wx[None, :] for wy, wx in zip(wys, wxs)], axis=-1)
+  return idx.reshape(-1, 4), w.reshape(-1, 4).astype(np.float32)

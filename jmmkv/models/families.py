@@ -4,13 +4,14 @@ family: its module, then one line here."""
 
 from __future__ import annotations
 
-from jmmkv.models import family, llava, mistral, qwen2_vl
+from jmmkv.models import family, llava, llava_onevision, mistral, qwen2_vl
 
 FAMILIES: tuple[family.Family, ...] = (
   family.Family(),  # Llama, Qwen2
   llava.FAMILY,
   qwen2_vl.FAMILY,
   mistral.FAMILY,
+  llava_onevision.FAMILY,
 )
 ARCHITECTURES: tuple[str, ...] = tuple(a for f in FAMILIES for a in f.architectures)
 

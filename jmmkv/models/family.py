@@ -44,6 +44,7 @@ class Family:
   renames: tuple[tuple[str, str], ...] = ()  # checkpoint key prefixes -> the hub's spelling
   multimodal = False  # takes images (a processor, a vision tower)
   takes_videos = False
+  images_per_prompt = False  # its processor takes images as one list per prompt, not flat
 
   # ---- loading ------------------------------------------------------------------------------
 
@@ -84,7 +85,9 @@ class Family:
       return [], []
     raise self.no_images(model)
 
-  def image_features(self, model, pixel_values, image_sizes=None, image_grid_thw=None):
+  def image_features(
+    self, model, pixel_values, image_sizes=None, image_grid_thw=None, batch_num_images=None
+  ):
     """Per image, the features that replace its placeholder tokens, ``[n_i, D]`` each."""
     raise ValueError(
       f"{model.text_config.architecture} is a text-only model: it has no vision tower"
@@ -116,6 +119,11 @@ class Family:
   def placeholders(self, model, image_mark: str, video_mark: str) -> tuple[str, str]:
     """The text that stands for one image / one video before the processor expands it."""
     return getattr(model.processor, "image_token", image_mark), video_mark
+
+  def frames_processor(self, processor):
+    """A torchvision-free stand-in for ``processor``'s video processor, set on processors
+    built without one (None: videos take the `video_arrays` path)."""
+    return None
 
   def video_arrays(self, model, frames: list, fps: float) -> dict:
     """Processor arrays of videos given as frames, without torchvision."""

@@ -98,7 +98,9 @@ class Projector(nn.Module):
     return Einsum((self.d_out, self.d_out), b2, self.dtype, name="linear_2")("NPD,DE->NPE", h_NPD)
 
 
-def projector(cfg: LlavaConfig, dtype) -> Projector:
+def projector(cfg, dtype) -> Projector:
+  """The projector of a config with LLaVA's fields (``vision``, ``text``, ``feature_layers``,
+  ``projector_bias``, ``projector_act``)."""
   d_in = cfg.vision.hidden_size * len(cfg.feature_layers)
   return Projector(d_in, cfg.text.hidden_size, cfg.projector_bias, cfg.projector_act, dtype)
 
@@ -175,19 +177,26 @@ RENAMES = (
 )
 
 
-def key_table(cfg: LlavaConfig) -> dict[str, convert.Entry]:
-  table = text_table(cfg.text, "language_model.model.", "language_model.lm_head.weight")
-  table.update(
-    convert.nest(clip.key_table(cfg.vision, "vision_tower.vision_model."), ("vision", "params"))
-  )
+def projector_table(cfg) -> dict[str, convert.Entry]:
+  """The ``multi_modal_projector.`` keys of a config with LLaVA's projector fields."""
+  table = {}
   d, e = cfg.text.hidden_size, cfg.vision.hidden_size * len(cfg.feature_layers)
   for name, (d_in, d_out) in (("linear_1", (e, d)), ("linear_2", (d, d))):
     key = f"multi_modal_projector.{name}."
     table[key + "weight"] = (("projector", "params", name, "w"), (d_out, d_in), lambda x: x.T)
     if cfg.projector_bias:
       table[key + "bias"] = (("projector", "params", name, "b"), (d_out,), lambda x: x)
+  return table
+
+
+def key_table(cfg: LlavaConfig) -> dict[str, convert.Entry]:
+  table = text_table(cfg.text, "language_model.model.", "language_model.lm_head.weight")
+  table.update(
+    convert.nest(clip.key_table(cfg.vision, "vision_tower.vision_model."), ("vision", "params"))
+  )
+  table.update(projector_table(cfg))
   if cfg.is_next:
-    table["image_newline"] = (("image_newline",), (d,), lambda x: x)
+    table["image_newline"] = (("image_newline",), (cfg.text.hidden_size,), lambda x: x)
   return table
 
 
@@ -209,7 +218,9 @@ class LlavaFamily(Multimodal):
       raise self.no_videos(model)
     return layout(model.config, media.pixel_values, media.image_sizes)[2], []
 
-  def image_features(self, model, pixel_values, image_sizes=None, image_grid_thw=None):
+  def image_features(
+    self, model, pixel_values, image_sizes=None, image_grid_thw=None, batch_num_images=None
+  ):
     pix, pack, counts = layout(model.config, pixel_values, image_sizes)
     flat = image_features(model.params, pix, pack, cfg=model.config, dtype=model.dtype_name)
     return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])

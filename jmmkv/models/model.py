@@ -64,12 +64,16 @@ class Model:
 
   # ---- vision -------------------------------------------------------------------------------
 
-  def image_features(self, pixel_values, image_sizes=None, image_grid_thw=None) -> list[np.ndarray]:
+  def image_features(
+    self, pixel_values, image_sizes=None, image_grid_thw=None, batch_num_images=None
+  ) -> list[np.ndarray]:
     """Per image, the features that replace its placeholder tokens, ``[n_i, D]`` each."""
-    return self.family.image_features(self, pixel_values, image_sizes, image_grid_thw)
+    return self.family.image_features(
+      self, pixel_values, image_sizes, image_grid_thw, batch_num_images
+    )
 
   def video_features(self, pixel_values_videos, video_grid_thw) -> list[np.ndarray]:
-    """Per video, ``[n_i, D]`` (Qwen2-VL / Qwen2.5-VL)."""
+    """Per video, ``[n_i, D]`` (Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision)."""
     return self.family.video_features(self, pixel_values_videos, video_grid_thw)
 
   def rope_index(
@@ -117,6 +121,7 @@ class Model:
     mm_token_type_ids=None,
     second_per_grid_ts=None,
     position_ids=None,
+    batch_num_images=None,
   ) -> np.ndarray:
     """Full-forward logits ``[B, T, V]`` (float32 numpy) for the HF forward's named inputs.
 
@@ -146,6 +151,7 @@ class Model:
       pixel_values_videos,
       video_grid_thw,
       second_per_grid_ts,
+      batch_num_images,
     )
     x_BTD = self.embed(ids_BT, media)
     if position_ids is None:
@@ -177,6 +183,7 @@ class Model:
     mm_token_type_ids=None,
     second_per_grid_ts=None,
     fps: float = 2.0,
+    batch_num_images=None,
   ) -> inputs.Batch:
     """A `Batch` from text prompts (+ images / videos, through the checkpoint's processor) or from
     token ids (+ the HF processor's arrays).
@@ -205,6 +212,7 @@ class Model:
       pixel_values_videos,
       video_grid_thw,
       second_per_grid_ts,
+      batch_num_images,
     )
     rows = inputs.token_rows(input_ids, attention_mask, self.text_config.vocab_size)
     img_counts, vid_counts = self.family.media_counts(self, media)
@@ -245,7 +253,7 @@ def load(path: str | Path, dtype="float32", mesh=None) -> Model:
   files) or a checkpoint written by `jmmkv.save` (orbax params + the same config files).
 
   Architectures: `jmmkv.models.families.ARCHITECTURES` (Llama, Qwen2, Mistral, LLaVA-1.5,
-  LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL). ``dtype``: "float32" or "bfloat16". ``mesh``: a
+  LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL). ``dtype``: "float32" or "bfloat16". ``mesh``: a
   `jax.sharding.Mesh` with axes ``"data"`` and/or ``"model"``; params are placed split over
   heads and MLP width (`jmmkv.sharding`; orbax checkpoints are restored straight onto it) and
   `jmmkv.generate` keeps the cache split over batch and KV heads.
@@ -274,6 +282,10 @@ def load(path: str | Path, dtype="float32", mesh=None) -> Model:
   multimodal = family.multimodal
   images_only = family.images_only_processor(cfg.architecture) if multimodal else None
   processor = load_processor(path, images_only) if tokenizer is not None and multimodal else None
+  if processor is not None and getattr(processor, "video_processor", None) is None:
+    frames = family.frames_processor(processor)  # no torchvision: a PIL stand-in, if any
+    if frames is not None:
+      processor.video_processor = frames
   return Model(cfg, params, name, tokenizer, str(path), processor, mesh)
 
 

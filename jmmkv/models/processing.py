@@ -21,6 +21,7 @@ _ARRAYS = (
   "pixel_values_videos",
   "video_grid_thw",
   "second_per_grid_ts",
+  "batch_num_images",
 )
 
 
@@ -46,7 +47,24 @@ def load_processor(model_dir: Path, images_only: str | None = None):
   cls = getattr(transformers, images_only)
   image_processor = transformers.AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-  return _images_only(cls)(image_processor=image_processor, tokenizer=tokenizer)
+  return _images_only(cls)(
+    image_processor=image_processor, tokenizer=tokenizer, **_processor_kwargs(model_dir, cls)
+  )
+
+
+def _processor_kwargs(model_dir: Path, cls) -> dict:
+  """The processor's own settings in ``processor_config.json`` (LLaVA-OneVision's
+  ``num_image_tokens``...) that ``cls.__init__`` names, its parts excluded."""
+  path = model_dir / "processor_config.json"
+  if not path.is_file():
+    return {}
+  import inspect
+
+  from jmmkv.models.convert import read_json
+
+  names = set(inspect.signature(cls.__init__).parameters)
+  names -= {"self", "image_processor", "tokenizer", "video_processor", "kwargs"}
+  return {k: v for k, v in read_json(path).items() if k in names}
 
 
 def _images_only(cls):
@@ -91,6 +109,7 @@ def prompts_to_arrays(
   tok = model.tokenizer
   if tok is None:
     raise ValueError("this model has no tokenizer (none in its directory): pass input_ids instead")
+  original = list(prompts)
   flat_images = _check_counts(prompts, images, IMAGE_MARK, "image")
   flat_videos = _check_counts(prompts, videos, VIDEO_MARK, "video")
   multimodal = model.processor is not None
@@ -116,6 +135,9 @@ def prompts_to_arrays(
   if not multimodal:
     rows = [tok(p, add_special_tokens=not templated)["input_ids"] for p in prompts]
     return {"input_ids": rows}
+  if flat_images and model.family.images_per_prompt:  # one list per prompt: it tells
+    counts = [p.count(IMAGE_MARK) for p in original]  # which prompts hold several
+    flat_images = [flat_images[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(len(counts))]
   out = model.processor(
     text=prompts,
     images=flat_images or None,

@@ -198,7 +198,9 @@ class QwenVLFamily(Multimodal):
     counts = num_features(model.config, grid)
     return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])
 
-  def image_features(self, model, pixel_values, image_sizes=None, image_grid_thw=None):
+  def image_features(
+    self, model, pixel_values, image_sizes=None, image_grid_thw=None, batch_num_images=None
+  ):
     return self._features(model, pixel_values, image_grid_thw, "pixel_values")
 
   def video_features(self, model, pixel_values_videos, video_grid_thw):

@@ -12,7 +12,6 @@ import pytest
 from hf_models import positions_from_mask
 from mm_models import (
   IMAGE_ID,
-  build_mm_model,
   hf_image_features,
   hf_mm_logits,
   llava_next_pixels,
@@ -46,21 +45,9 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-  """seed -> (HF model, jmmkv model, saved dir), built once per module."""
-  import jmmkv
-
-  cache = {}
-
-  def get(seed: int):
-    if seed not in cache:
-      hf = build_mm_model(FAMILY, seed)
-      path = tmp_path_factory.mktemp(f"{FAMILY}_s{seed}")
-      hf.save_pretrained(path)
-      cache[seed] = (hf, jmmkv.load(path, dtype="float32"), path)
-    return cache[seed]
-
-  return get
+def models(mm_model):
+  """seed -> (HF model, jmmkv model, saved dir), shared by the session."""
+  return lambda seed: mm_model(FAMILY, seed)
 
 
 def _case(hf, seed: int, layout: str):

@@ -14,7 +14,6 @@ from mm_models import (
   IMAGE_ID,
   QWEN,
   QWEN_FLAT,
-  build_mm_model,
   hf_image_features,
   hf_mm_logits,
   hf_rope_index,
@@ -66,21 +65,9 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-  """(family, seed) -> (HF model, jmmkv model, saved dir), built once per module."""
-  import jmmkv
-
-  cache = {}
-
-  def get(family: str, seed: int):
-    if (family, seed) not in cache:
-      hf = build_mm_model(family, seed)
-      path = tmp_path_factory.mktemp(f"{family}_s{seed}")
-      hf.save_pretrained(path)
-      cache[family, seed] = (hf, jmmkv.load(path, dtype="float32"), path)
-    return cache[family, seed]
-
-  return get
+def models(mm_model):
+  """(family, seed) -> (HF model, jmmkv model, saved dir), shared by the session."""
+  return mm_model
 
 
 def _case(hf, family: str, seed: int, layout: str):
