@@ -1,5 +1,6 @@
 """Tiny random HF multimodal models (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, and
-LLaVA-OneVision, which is not in `FAMILIES`: its tests are in tests/models) and their inputs.
+LLaVA-OneVision and InternVL, which are not in `FAMILIES`: their tests are in tests/models) and
+their inputs.
 
 Plain helpers, independent of jmmkv: they build the reference models, random pixel arrays and
 token rows, and compute reference outputs with transformers (PyTorch, fp32, eager). Configs
@@ -27,6 +28,9 @@ from transformers import (
   LlavaForConditionalGeneration,
   LlavaNextConfig,
   LlavaNextForConditionalGeneration,
+  InternVLConfig,
+  InternVLForConditionalGeneration,
+  InternVLVisionConfig,
   LlavaOnevisionConfig,
   LlavaOnevisionForConditionalGeneration,
   Qwen2_5_VLConfig,
@@ -53,6 +57,8 @@ QWEN_FLAT = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH  # 1176 values per flat 
 # anyres_max_2 shrinks grids of more than 2 tiles' features (a 2x2 grid: 8x8 -> 5x5)
 OV_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64], [96, 96]]
 OV_MAX_TILES = 2
+INTERNVL = ("internvl", "internvl_plain")  # InternViT with / without qk-norm, RMSNorm, final norm
+INTERNVL_TOKENS = 4  # a 4x4-patch tile pixel-shuffled to 2x2
 
 _CLIP = dict(
   hidden_size=32,
@@ -145,7 +151,31 @@ def make_config(family: str):
       vision_feature_select_strategy="full",
     )
     return cfg, LlavaOnevisionForConditionalGeneration
-  raise KeyError(f"unknown multimodal family {family!r}; known: {FAMILIES + ('llava_onevision',)}")
+  if family in INTERNVL:
+    big = family == "internvl"  # InternViT-6B's style; "internvl_plain" is InternViT-300M's
+    vision = InternVLVisionConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=CLIP_IMAGE,
+      patch_size=8,
+      attention_bias=not big,
+      use_qk_norm=big,
+      norm_type="rms_norm" if big else "layer_norm",
+      use_mean_pooling=not big,
+    )
+    cfg = InternVLConfig(
+      vision_config=vision,
+      text_config=Qwen2Config(**TEXT),
+      image_token_id=IMAGE_ID,
+      image_seq_length=INTERNVL_TOKENS,
+      downsample_ratio=0.5,
+      tie_word_embeddings=False,
+    )
+    return cfg, InternVLForConditionalGeneration
+  known = FAMILIES + ("llava_onevision",) + INTERNVL
+  raise KeyError(f"unknown multimodal family {family!r}; known: {known}")
 
 
 def _is_norm(name: str) -> bool:
@@ -351,6 +381,11 @@ def media_arrays(
       image_tokens = [len(f) for f in hf_image_features(model, **arrays)]
   elif family == "llava_onevision":
     return onevision_arrays(model, rng, images, videos, batch_num_images)
+  elif family in INTERNVL:  # images: tiles per image
+    tiles = sum(images)
+    if tiles:
+      arrays["pixel_values"] = llava_pixels(rng, tiles)
+    image_tokens = [INTERNVL_TOKENS * n for n in images]
   else:
     image_tokens = qwen_num_tokens(images)
     if len(images):

@@ -4,7 +4,7 @@ family: its module, then one line here."""
 
 from __future__ import annotations
 
-from jmmkv.models import family, llava, llava_onevision, mistral, qwen2_vl
+from jmmkv.models import family, internvl, llava, llava_onevision, mistral, qwen2_vl
 
 FAMILIES: tuple[family.Family, ...] = (
   family.Family(),  # Llama, Qwen2
@@ -12,6 +12,7 @@ FAMILIES: tuple[family.Family, ...] = (
   qwen2_vl.FAMILY,
   mistral.FAMILY,
   llava_onevision.FAMILY,
+  internvl.FAMILY,
 )
 ARCHITECTURES: tuple[str, ...] = tuple(a for f in FAMILIES for a in f.architectures)
 

@@ -28,9 +28,10 @@ _ARRAYS = (
 def load_processor(model_dir: Path, images_only: str | None = None):
   """The checkpoint's HF processor with PIL image processing (no torchvision), or None.
 
-  Some processors (Qwen2-VL's) also build a video processor, which exists only with torchvision;
-  when that fails and ``images_only`` names the transformers processor class, it is built for
-  images only (videos then go in as processor arrays or frames: the family's ``video_arrays``).
+  Some processors (Qwen2-VL's, InternVL's) also build a video processor, which exists only with
+  torchvision; when that fails and ``images_only`` names the transformers processor class, it is
+  built for images only, with the settings of ``processor_config.json`` (videos then go in as
+  processor arrays, or as frames through the family's ``frames_processor`` / ``video_arrays``).
   """
   model_dir = Path(model_dir)
   if not any(
@@ -41,8 +42,8 @@ def load_processor(model_dir: Path, images_only: str | None = None):
 
   try:
     return transformers.AutoProcessor.from_pretrained(str(model_dir), backend="pil")
-  except ImportError:
-    if images_only is None:
+  except (ImportError, ValueError) as err:  # no torchvision: a video processor fails to build
+    if images_only is None or (isinstance(err, ValueError) and "video processor" not in str(err)):
       raise
   cls = getattr(transformers, images_only)
   image_processor = transformers.AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")

@@ -20,6 +20,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 import jmmkv
 from hf_models import positions_from_mask
+from policy_run import generate_and_check
 from mm_models import (
   CLIP_IMAGE,
   IMAGE_ID,
@@ -134,38 +135,10 @@ def test_greedy_matches_hf(seed, models):
 def test_every_policy_in_generate(name, models):
   """Batch 2 with images and a video; each kept slot's modality is its token's (from the ids)."""
   hf, model, _ = models(0)
+  rows = [[12, "image", 5, "video", 9], [4, "image", 20]]
   rng = np.random.default_rng(5)
-  case = make_case(
-    hf,
-    FAMILY,
-    rng,
-    [[12, "image", 5, "video", 9], [4, "image", 20]],
-    images=[(64, 64), (40, 96)],
-    videos=[2],
-  )
-  batch = model.prepare(input_ids=case.ids, attention_mask=case.mask, **case.arrays)
-  small = {"madakv": dict(proxy_window=8)}
-  window = {"window": 8} if name in ("snapkv", "pyramidkv", "adakv") else {}
-  policy = jmmkv.policies.get(name, **small.get(name, window))
-  budget = None if name == "full" else jmmkv.Budget(ratio=0.3)
-  out = jmmkv.generate(
-    model,
-    batch,
-    policy,
-    budget,
-    max_new_tokens=4,
-    eos_token_id=[],
-    return_cache=True,
-    layout="dense",
-  )
-  assert [len(t) for t in out.tokens] == [4, 4]
-  kept = out.stats["kept_fraction"]
-  assert (kept == 1.0) if name == "full" else (0 < kept < 1.0)
-  pos, mod = np.asarray(out.cache.positions), np.asarray(out.cache.modality)  # [L, B, K, t]
-  for b, row in enumerate(case.rows):
-    live = pos[:, b] >= 0
-    assert live.any()
-    np.testing.assert_array_equal(mod[:, b][live], modality_of(row)[pos[:, b][live]])
+  case = make_case(hf, FAMILY, rng, rows, images=[(64, 64), (40, 96)], videos=[2])
+  pos, mod = generate_and_check(model, case, name)
   if name == "full":
     assert set(np.unique(mod[:, 0][pos[:, 0] >= 0])) == {1, 2, 3}
 
