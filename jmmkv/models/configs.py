@@ -30,7 +30,7 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """A Llama-family text decoder (Llama, Vicuna, Qwen2)."""
+  """A Llama-family text decoder (Llama, Vicuna, Qwen2, Qwen3, Mistral)."""
 
   vocab_size: int
   hidden_size: int  # D
@@ -50,6 +50,7 @@ class DecoderConfig:
   pad_token_id: int | None = None
   architecture: str = "LlamaForCausalLM"
   mrope_section: tuple[int, ...] | None = None  # Qwen2-VL M-RoPE frequency groups (t, h, w)
+  qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key, before RoPE
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -90,6 +90,9 @@ def decoder_key_table(
         )
     if cfg.o_bias:
       table[hf + "self_attn.o_proj.bias"] = ((ours, "o_proj", "b"), (d,), same)
+    if cfg.qk_norm:
+      for name in ("q_norm", "k_norm"):
+        table[hf + f"self_attn.{name}.weight"] = ((ours, name, "scale"), (h,), same)
   return table
 
 

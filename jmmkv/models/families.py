@@ -4,13 +4,14 @@ family: its module, then one line here."""
 
 from __future__ import annotations
 
-from jmmkv.models import family, internvl, llava, llava_onevision, mistral, qwen2_vl
+from jmmkv.models import family, internvl, llava, llava_onevision, mistral, qwen2_vl, qwen3
 
 FAMILIES: tuple[family.Family, ...] = (
   family.Family(),  # Llama, Qwen2
   llava.FAMILY,
   qwen2_vl.FAMILY,
   mistral.FAMILY,
+  qwen3.FAMILY,
   llava_onevision.FAMILY,
   internvl.FAMILY,
 )

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Vicuna, Qwen2) in Flax linen, used pure-functionally.
+"""Llama-family decoder (Llama, Vicuna, Qwen2, Qwen3, Mistral) in Flax linen, used pure-functionally.
 
 Params are an explicit pytree; the prompt K/V come out of `Decoder.prefill` and the decode cache
 goes in and out of `Decoder.decode`. Dimension key: see `jmmkv.typing`.
@@ -37,14 +37,21 @@ class Block(nn.Module):
     self.v_proj = Einsum((d, kh, h), (kh, h) if c.qkv_bias else None, dt)
     self.o_proj = Einsum((n, h, d), (d,) if c.o_bias else None, dt)
     self.post_norm = RMSNorm(c.rms_norm_eps, dt)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c.rms_norm_eps, dt)
+      self.k_norm = RMSNorm(c.rms_norm_eps, dt)
     self.gate_proj = Einsum((d, c.intermediate_size), None, dt)
     self.up_proj = Einsum((d, c.intermediate_size), None, dt)
     self.down_proj = Einsum((c.intermediate_size, d), None, dt)
 
   def _qkv(self, x_BTD, cos_BTH, sin_BTH):
     h_BTD = self.input_norm(x_BTD)
-    q_BTNH = rope.apply_rope(self.q_proj("BTD,DNH->BTNH", h_BTD), cos_BTH, sin_BTH)
-    k_BTKH = rope.apply_rope(self.k_proj("BTD,DKH->BTKH", h_BTD), cos_BTH, sin_BTH)
+    q_BTNH = self.q_proj("BTD,DNH->BTNH", h_BTD)
+    k_BTKH = self.k_proj("BTD,DKH->BTKH", h_BTD)
+    if self.cfg.qk_norm:
+      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+    q_BTNH = rope.apply_rope(q_BTNH, cos_BTH, sin_BTH)
+    k_BTKH = rope.apply_rope(k_BTKH, cos_BTH, sin_BTH)
     v_BTKH = self.v_proj("BTD,DKH->BTKH", h_BTD)
     return q_BTNH, k_BTKH, v_BTKH
 

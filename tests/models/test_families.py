@@ -11,7 +11,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 import jmmkv
-from hf_models import TEXT, hf_logits, pad_batch, random_ids, randomize_
+from hf_models import TEXT, hf_greedy_generate, hf_logits, pad_batch, random_ids, randomize_
 from jmmkv.models import families, family, llava, qwen2_vl
 from jmmkv.models.configs import DecoderConfig
 
@@ -88,3 +88,30 @@ def test_mistral_window_refused(tmp_path):
   _mistral(tmp_path, 0, sliding_window=64)
   with pytest.raises(ValueError, match="sliding_window=64 below max_position_embeddings=512"):
     jmmkv.load(tmp_path)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_qwen3_logits_and_greedy_equal_transformers(tmp_path, seed):
+  """Qwen3: q/k RMSNorm per head before RoPE, no q/k/v bias, an explicit head_dim."""
+  from transformers import Qwen3Config, Qwen3ForCausalLM
+
+  cfg = Qwen3Config(**{**TEXT, "head_dim": 24, "tie_word_embeddings": seed == 1})
+  torch.manual_seed(seed)
+  hf = Qwen3ForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+  randomize_(hf, seed)
+  hf.eval().save_pretrained(tmp_path)
+  model = jmmkv.load(tmp_path)
+  assert model.config.qk_norm and not model.config.qkv_bias and model.config.head_dim == 24
+  rng = np.random.default_rng(seed)
+  rows = [random_ids(rng, 21), random_ids(rng, 8)]
+  ids, mask = pad_batch(rows, "left")
+  want = hf_logits(hf, ids, mask)
+  got = model.logits(ids, mask)
+  m = mask.astype(bool)
+  assert np.abs(got[m] - want[m]).max() <= 1e-4
+  tokens, margins = hf_greedy_generate(hf, rows, 16)
+  assert min(min(m) for m in margins) > 1e-4, f"seed={seed}: near tie in HF greedy"
+  out = jmmkv.generate(
+    model, model.prepare(input_ids=ids, attention_mask=mask), max_new_tokens=16, eos_token_id=[]
+  )
+  assert [[int(t) for t in r] for r in out.tokens] == tokens
