@@ -26,7 +26,7 @@ from jmmkv.cache.budget import Budget
 from jmmkv.cache.policies.base import Context, HostPrompt
 from jmmkv.cache.stats import Stats, StatsSpec
 from jmmkv.models.configs import DecoderConfig
-from jmmkv.models.llama import Decoder
+from jmmkv.models.llama import Decoder, Embedded
 from jmmkv.sampling import Sampling
 from jmmkv.typing import Array
 
@@ -367,9 +367,15 @@ def embed_prompt(model, padded: inputs.Padded) -> Prompt:
   rows = np.arange(len(lengths))
   rope_start_B = (positions[..., rows, lengths - 1] + 1).astype(np.int32)  # [B], or [3, B]
   mesh = model.mesh
+  if isinstance(x_BTD, Embedded):  # DeepStack: [L', B, T, D] additions, batch on axis 1
+    put = Embedded(
+      sharding.put_batch(x_BTD.x_BTD, mesh), sharding.put_batch(x_BTD.added_LBTD, mesh, 1)
+    )
+  else:
+    put = sharding.put_batch(x_BTD, mesh)
   args = (
     model.params["text"],
-    sharding.put_batch(x_BTD, mesh),
+    put,
     sharding.put_batch(positions.astype(np.int32), mesh, axis=positions.ndim - 2),
     sharding.put_batch(padded.valid_BT, mesh),
     sharding.put_batch(padded.modality_BT, mesh),

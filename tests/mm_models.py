@@ -38,6 +38,8 @@ from transformers import (
   Qwen2VLConfig,
   Qwen2VLForConditionalGeneration,
   Qwen2Config,
+  Qwen3VLConfig,
+  Qwen3VLForConditionalGeneration,
   SiglipVisionConfig,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -46,6 +48,7 @@ from hf_models import TEXT, pad_batch, positions_from_mask
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 QWEN = ("qwen2_vl", "qwen2_5_vl")
+QWEN_LIKE = (*QWEN, "qwen3_vl")  # Qwen vision spans and M-RoPE (Qwen3-VL: tests/models)
 IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 999, 998, 997, 996
 MAX_TEXT_ID = 990  # random text ids are drawn from [3, MAX_TEXT_ID): no pad/bos/eos/special ids
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
@@ -174,7 +177,27 @@ def make_config(family: str):
       tie_word_embeddings=False,
     )
     return cfg, InternVLForConditionalGeneration
-  known = FAMILIES + ("llava_onevision",) + INTERNVL
+  if family == "qwen3_vl":
+    vision = dict(
+      depth=3,
+      hidden_size=32,
+      intermediate_size=64,
+      num_heads=4,
+      out_hidden_size=64,
+      patch_size=QWEN_PATCH,
+      spatial_merge_size=QWEN_MERGE,
+      temporal_patch_size=QWEN_TEMPORAL,
+      num_position_embeddings=16,  # a 4x4 table resampled to every grid
+      deepstack_visual_indexes=[0, 2],
+    )
+    text = dict(
+      TEXT,
+      head_dim=16,
+      rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+    )
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **_QWEN_TOKENS)
+    return cfg, Qwen3VLForConditionalGeneration
+  known = FAMILIES + ("llava_onevision", "qwen3_vl") + INTERNVL
   raise KeyError(f"unknown multimodal family {family!r}; known: {known}")
 
 
@@ -275,7 +298,7 @@ def build_row(rng: np.random.Generator, spec, family: str) -> tuple[list[int], l
       continue
     kind, n = item
     token = {"image": IMAGE_ID, "video": VIDEO_ID}[kind]
-    qwen = family in QWEN
+    qwen = family in QWEN_LIKE
     if qwen:
       ids.append(VISION_START_ID)
       media.append(-1)
@@ -315,7 +338,7 @@ class Case:
     """Keyword inputs of the HF forward besides ids and mask: the media arrays, plus
     mm_token_type_ids (Qwen) or the cumsum positions of padded batches (LLaVA; HF's forward
     would use arange positions, its generate uses these)."""
-    if self.family in QWEN:
+    if self.family in QWEN_LIKE:
       return dict(self.arrays, mm_token_type_ids=mm_token_type_ids(self.ids))
     return dict(self.arrays, position_ids=positions_from_mask(self.mask))
 
@@ -392,7 +415,7 @@ def media_arrays(
       arrays["pixel_values"], arrays["image_grid_thw"] = qwen_pixels(rng, images)
   video_tokens = qwen_num_tokens(videos)
   if len(videos):
-    assert family in QWEN
+    assert family in QWEN_LIKE
     arrays["pixel_values_videos"], arrays["video_grid_thw"] = qwen_pixels(rng, videos)
     if second_per_grid_ts is not None:
       arrays["second_per_grid_ts"] = np.asarray(second_per_grid_ts, np.float32)

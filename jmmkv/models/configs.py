@@ -51,6 +51,7 @@ class DecoderConfig:
   architecture: str = "LlamaForCausalLM"
   mrope_section: tuple[int, ...] | None = None  # Qwen2-VL M-RoPE frequency groups (t, h, w)
   qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key, before RoPE
+  mrope_interleaved: bool = False  # Qwen3-VL: M-RoPE axes interleaved over the frequencies
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

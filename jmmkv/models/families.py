@@ -4,7 +4,16 @@ family: its module, then one line here."""
 
 from __future__ import annotations
 
-from jmmkv.models import family, internvl, llava, llava_onevision, mistral, qwen2_vl, qwen3
+from jmmkv.models import (
+  family,
+  internvl,
+  llava,
+  llava_onevision,
+  mistral,
+  qwen2_vl,
+  qwen3,
+  qwen3_vl,
+)
 
 FAMILIES: tuple[family.Family, ...] = (
   family.Family(),  # Llama, Qwen2
@@ -14,6 +23,7 @@ FAMILIES: tuple[family.Family, ...] = (
   qwen3.FAMILY,
   llava_onevision.FAMILY,
   internvl.FAMILY,
+  qwen3_vl.FAMILY,
 )
 ARCHITECTURES: tuple[str, ...] = tuple(a for f in FAMILIES for a in f.architectures)
 

@@ -6,6 +6,8 @@ goes in and out of `Decoder.decode`. Dimension key: see `jmmkv.typing`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,16 @@ from jmmkv.typing import Array, DType
 
 # Prompt tokens per MLP chunk in the prefill (a power of two: prompt buckets divide by it).
 MLP_CHUNK = 1024
+
+
+class Embedded(NamedTuple):
+  """A prompt's decoder input when the first layers' outputs get more added (Qwen3-VL's
+  DeepStack): the embeddings ``[B, T, D]`` and ``added_LBTD``, whose entry i is added to the
+  output of layer i (zero away from the visual tokens). `Decoder.prefill` takes it in place of
+  the embeddings."""
+
+  x_BTD: Array
+  added_LBTD: Array
 
 
 class Block(nn.Module):
@@ -182,7 +194,7 @@ class Decoder(nn.Module):
 
   def _cos_sin(self, positions):
     inv_freq = rope.inv_frequencies(self.cfg.rope, self.cfg.head_dim)
-    return rope.cos_sin(positions, inv_freq, self.cfg.mrope_section)
+    return rope.cos_sin(positions, inv_freq, self.cfg.mrope_section, self.cfg.mrope_interleaved)
 
   def prefill(
     self,
@@ -194,7 +206,8 @@ class Decoder(nn.Module):
     on_layer=None,
     state=None,
   ):
-    """Prompt forward from embeddings. ``positions``: ``[B, T]``, or ``[3, B, T]`` M-RoPE ids.
+    """Prompt forward from embeddings (or an `Embedded`). ``positions``: ``[B, T]``, or
+    ``[3, B, T]`` M-RoPE ids.
 
     Without ``on_layer``: returns final-normed hidden ``[B, T, D]``, K/V ``[L, B, K, T, H]`` and
     the `stats.Stats` that ``spec`` asks for, stacked over layers (``{name: [L, ...]}``).
@@ -205,6 +218,9 @@ class Decoder(nn.Module):
     the layer's K/V can die there (XLA CPU drops optimisation barriers, and schedules work no
     later layer needs as late as it can). Returns the hidden states and the final ``state``.
     """
+    added_LBTD = None
+    if isinstance(x_BTD, Embedded):
+      x_BTD, added_LBTD = x_BTD
     cos_BTH, sin_BTH = self._cos_sin(positions)
     modality_BT = valid_BT.astype(jnp.int32) if modality_BT is None else modality_BT
     ks, vs, sts = [], [], []
@@ -212,6 +228,8 @@ class Decoder(nn.Module):
       x_BTD, k_BKTH, v_BKTH, st = block.prefill(
         x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec
       )
+      if added_LBTD is not None and index < added_LBTD.shape[0]:
+        x_BTD = x_BTD + added_LBTD[index].astype(x_BTD.dtype)
       if on_layer is not None:
         state, token = on_layer(index, k_BKTH, v_BKTH, st, state)
         x_BTD = order.after(x_BTD, token)

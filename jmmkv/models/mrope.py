@@ -1,7 +1,10 @@
-"""M-RoPE position ids on the host (numpy) for Qwen2-VL and Qwen2.5-VL, as transformers v5.
+"""M-RoPE position ids on the host (numpy) for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, as
+transformers v5.
 
-Ports ``Qwen2VLModel.get_rope_index`` / ``Qwen2_5_VLModel.get_rope_index`` (and their helper
-``get_vision_position_ids``) of transformers 5.x. Token types follow HF's ``mm_token_type_ids``
+Ports ``Qwen2VLModel.get_rope_index`` / ``Qwen2_5_VLModel.get_rope_index`` /
+``Qwen3VLModel.get_rope_index`` (and their helper ``get_vision_position_ids``) of transformers
+5.x. Qwen3-VL puts timestamp text between a video's frames, so each frame (``t = 1``) is its own
+group. Token types follow HF's ``mm_token_type_ids``
 (0 text, 1 image, 2 video), not jmmkv's modality ids (0 pad, 1 text, 2 image, 3 video).
 
 Prompt (``rope_index``): each row's attended tokens are split into runs of equal type. A text run
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-VARIANTS = ("qwen2_vl", "qwen2_5_vl")
+VARIANTS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _NAMES = {1: "image", 2: "video"}
 
 
@@ -131,6 +134,9 @@ def rope_index(
   if not mask_BT.any(axis=1).all():
     raise ValueError(f"rows {np.flatnonzero(~mask_BT.any(axis=1))} have no attended token")
   grids = {1: _grids(image_grid_thw, "image_grid_thw"), 2: _grids(video_grid_thw, "video_grid_thw")}
+  if variant == "qwen3_vl":  # timestamps separate a video's frames: each frame is a group
+    grids[2] = np.repeat(grids[2], grids[2][:, 0], axis=0)
+    grids[2][:, 0] = 1
 
   runs_B = [_runs(types_BT[b][mask_BT[b]]) for b in range(ids_BT.shape[0])]
   for kind, grid in grids.items():

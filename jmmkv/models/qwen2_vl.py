@@ -60,7 +60,7 @@ def config_from_hf(cfg: dict, architecture: str) -> QwenVLConfig:
   )
 
 
-def _grid(grid_thw) -> tuple[tuple[int, int, int], ...]:
+def grid_of(grid_thw) -> tuple[tuple[int, int, int], ...]:
   return tuple(tuple(int(x) for x in g) for g in np.asarray(grid_thw).reshape(-1, 3))
 
 
@@ -85,7 +85,8 @@ def check_pixels(cfg: QwenVLConfig, pixel_values, grid, name: str) -> np.ndarray
 
 @functools.partial(jax.jit, static_argnames=("grid", "cfg", "dtype"))
 def vision_features(params, pixel_PX, *, grid, cfg: QwenVLConfig, dtype: str):
-  """Merged features ``[sum(t*h*w) / merge**2, D]`` of the images (or videos) of ``grid``."""
+  """Merged features ``[sum(t*h*w) / merge**2, D]`` of the images (or videos) of ``grid``
+  (Qwen3-VL: and its DeepStack features, a list of such arrays)."""
   tower = QwenVisionTower(cfg.vision, jnp.dtype(dtype))
   return tower.apply(params["vision"], pixel_PX.astype(jnp.dtype(dtype)), grid)
 
@@ -186,15 +187,17 @@ class QwenVLFamily(Multimodal):
         continue
       if grid is None:
         raise ValueError(f"{name} given without its grid_thw")
-      grid = _grid(grid)
+      grid = grid_of(grid)
       check_pixels(model.config, pix, grid, name)
       counts.append(num_features(model.config, grid))
     return counts[0], counts[1]
 
   def _features(self, model, pixel_values, grid_thw, name: str) -> list[np.ndarray]:
-    grid = _grid(grid_thw)
+    grid = grid_of(grid_thw)
     pix = check_pixels(model.config, pixel_values, grid, name)
     flat = vision_features(model.params, pix, grid=grid, cfg=model.config, dtype=model.dtype_name)
+    if isinstance(flat, tuple):  # Qwen3-VL: (tokens, DeepStack tokens)
+      flat = flat[0]
     counts = num_features(model.config, grid)
     return np.split(np.asarray(flat, np.float32), np.cumsum(counts)[:-1])
 
@@ -211,8 +214,8 @@ class QwenVLFamily(Multimodal):
     c = model.config
     ib, it = mm.placeholder_index(ids_BT, c.image_token_id, sum(img_counts))
     vb, vt = mm.placeholder_index(ids_BT, c.video_token_id, sum(vid_counts), "video")
-    igrid = _grid(media.image_grid_thw) if img_counts else ()
-    vgrid = _grid(media.video_grid_thw) if vid_counts else ()
+    igrid = grid_of(media.image_grid_thw) if img_counts else ()
+    vgrid = grid_of(media.video_grid_thw) if vid_counts else ()
     ipix = media.pixel_values if img_counts else np.zeros((0, 1), np.float32)
     vpix = media.pixel_values_videos if vid_counts else np.zeros((0, 1), np.float32)
     return embed(

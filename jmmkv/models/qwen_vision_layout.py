@@ -1,4 +1,4 @@
-"""Host-side index arrays of the Qwen2-VL / Qwen2.5-VL vision towers (numpy only).
+"""Host-side index arrays of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers (numpy only).
 
 Everything here depends only on ``grid_thw`` (a static tuple of ``(t, h, w)`` per image or video,
 in patches) and config scalars, so it is computed once per grid on the host and enters the traced
@@ -46,6 +46,29 @@ def rotary_positions(grid: Grid, merge: int) -> np.ndarray:
     cols = cols.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
     out.append(np.tile(np.stack([rows, cols], axis=-1), (t, 1)))
   return np.concatenate(out, axis=0).astype(np.int32)
+
+
+def position_taps(grid: Grid, merge: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+  """Qwen3-VL: each patch's learned position, a ``side x side`` table resampled bilinearly
+  (``align_corners=True``) to its frame's ``h x w`` grid, as four taps: (table rows ``[P, 4]``,
+  float32 weights ``[P, 4]``), patches in processor order (as HF
+  ``get_vision_interpolation_indices_and_weights``)."""
+  rows, cols = rotary_positions(grid, merge).T
+  sizes = np.concatenate([np.tile([[h, w]], (t * h * w, 1)) for t, h, w in grid])
+
+  def axis(index, size):
+    src = (
+      index.astype(np.float32) * np.float32(side - 1) / np.maximum(size - 1, 1).astype(np.float32)
+    )
+    floor = np.floor(src)
+    taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+    weights = np.clip(1 - np.abs(src[:, None] - floor[:, None] - np.arange(2)), 0, None)
+    return taps, weights.astype(np.float32)
+
+  h_taps, h_w = axis(rows, sizes[:, 0])
+  w_taps, w_w = axis(cols, sizes[:, 1])
+  taps = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+  return taps.astype(np.int32), (h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4)
 
 
 def frame_cu_seqlens(grid: Grid) -> np.ndarray:

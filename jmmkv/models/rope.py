@@ -37,12 +37,29 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def cos_sin(positions: Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] | None = None):
+def mrope_axes(mrope_section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+  """``[H / 2]``: which M-RoPE axis (0 t, 1 h, 2 w) each frequency reads. Qwen2-VL: contiguous
+  groups of ``mrope_section`` sizes. Qwen3-VL (``interleaved``): t, h, w in turn over the first
+  ``3 * section[1]`` / ``3 * section[2]`` frequencies, t for the rest."""
+  if not interleaved:
+    return np.repeat(np.arange(len(mrope_section)), mrope_section)
+  axis = np.zeros(sum(mrope_section), np.int64)
+  for dim in (1, 2):
+    axis[dim : 3 * mrope_section[dim] : 3] = dim
+  return axis
+
+
+def cos_sin(
+  positions: Array,
+  inv_freq: np.ndarray,
+  mrope_section: tuple[int, ...] | None = None,
+  interleaved: bool = False,
+):
   """cos, sin ``[B, T, H]`` in float32 for integer positions ``[B, T]`` or M-RoPE ids ``[3, B, T]``.
 
-  With M-RoPE (Qwen2-VL), frequency j uses the temporal, height or width position according to
-  ``mrope_section`` (sizes of the three frequency groups, summing to H / 2). ``[B, T]`` positions
-  mean the same position on all three axes (text tokens, and every decoded token).
+  With M-RoPE (Qwen2-VL, Qwen3-VL), frequency j uses the temporal, height or width position
+  according to `mrope_axes`. ``[B, T]`` positions mean the same position on all three axes
+  (text tokens, and every decoded token).
   """
   inv_freq = jnp.asarray(inv_freq)
   if positions.ndim == 3:
@@ -51,9 +68,7 @@ def cos_sin(positions: Array, inv_freq: np.ndarray, mrope_section: tuple[int, ..
         f"[3, B, T] positions need mrope_section summing to {inv_freq.shape[0]}, "
         f"got {mrope_section}"
       )
-    axis_h = np.repeat(
-      np.arange(len(mrope_section)), mrope_section
-    )  # which axis each frequency reads
+    axis_h = mrope_axes(mrope_section, interleaved)  # which axis each frequency reads
     pos_hBT = positions.astype(jnp.float32)[axis_h]
     freqs_BTh = jnp.einsum("hBT,h->BTh", pos_hBT, inv_freq)
   else:

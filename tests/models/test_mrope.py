@@ -21,7 +21,7 @@ from hf_models import TEXT
 from jmmkv.models import mrope
 
 SEEDS = (0, 1, 2)
-VARIANTS = mrope.VARIANTS
+VARIANTS = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL (videos split per frame): test_qwen3_vl.py
 MERGE = 2
 IMAGE, VIDEO, VSTART, VEND = 999, 998, 997, 996
 TOKEN_IDS = dict(
@@ -430,7 +430,7 @@ def test_invalid_inputs():
   with pytest.raises(ValueError, match=r"has 2 tokens but grid \[1, 2, 6\] gives 3"):
     mrope.rope_index(ids, types, np.array([[1, 2, 6], [1, 2, 2]]), vid, **kw)
   with pytest.raises(ValueError, match="variant"):
-    mrope.rope_index(ids, types, img, vid, variant="qwen3_vl", **kw)
+    mrope.rope_index(ids, types, img, vid, variant="qwen4_vl", **kw)
   with pytest.raises(ValueError, match="tokens_per_second"):
     mrope.rope_index(ids, types, img, vid, variant="qwen2_5_vl", **kw)
   with pytest.raises(ValueError, match="second_per_grid_ts has 2 values for 1"):
