@@ -551,3 +551,20 @@ def hf_mm_greedy_generate(model, input_ids, attention_mask, max_new_tokens: int,
   np.testing.assert_array_equal(np.argmax(logits, -1), new)  # no processor changed anything
   top2 = np.sort(logits, axis=-1)[..., -2:]
   return new.tolist(), (top2[..., 1] - top2[..., 0]).tolist()
+
+
+def respell(src, dst, rules) -> None:
+  """A copy of the model directory ``src`` at ``dst`` whose tensor names are rewritten by the
+  first matching (old prefix, new prefix) rule: the same checkpoint in another key spelling."""
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  shutil.copytree(src, dst)
+  for path in dst.glob("*.safetensors"):
+    tensors = load_file(path)
+    renamed = {}
+    for key, x in tensors.items():
+      old = next((o for o, _ in rules if key.startswith(o)), None)
+      renamed[key if old is None else dict(rules)[old] + key[len(old) :]] = x
+    save_file(renamed, path, metadata={"format": "pt"})

@@ -32,6 +32,7 @@ from mm_models import (
   max_diff_valid,
   mentions,
   modality_of,
+  respell,
 )
 
 SEEDS = (0, 1, 2)
@@ -40,7 +41,14 @@ LAYOUTS = {  # images: tiles of each image (the processor's crops + thumbnail)
   "batch_left": dict(rows=[[3, "image", 5, "image", 2], [4, "image", 6]], images=[2, 1, 3]),
   "batch_right": dict(rows=[["image", 7], [2, "image", 3]], images=[5, 1], side="right"),
 }
-START, END, VIDEO = 997, 996, 998  # <img>, </img>, <video> in the processor test's tokenizer
+START, END, VIDEO = 997, 996, 998
+V5_SPELLING = (  # the hub's (what save_pretrained writes) -> transformers 5's module names
+  ("language_model.model.", "model.language_model."),
+  ("language_model.lm_head.", "lm_head."),
+  ("vision_tower.", "model.vision_tower."),
+  ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+# <img>, </img>, <video> in the processor test's tokenizer
 
 
 def _case(hf, family: str, seed: int, layout: str):
@@ -95,6 +103,16 @@ def test_round_trip_through_convert(mm_model, tmp_path):
   case = _case(hf, "internvl", 0, "batch_right")
   a = model.logits(case.ids, attention_mask=case.mask, **case.arrays)
   np.testing.assert_array_equal(a, back.logits(case.ids, attention_mask=case.mask, **case.arrays))
+
+
+def test_the_other_key_spelling_loads(mm_model, tmp_path):
+  """transformers 5 saves this model in the hub's spelling; its own spelling loads too."""
+  hf, model, path = mm_model("internvl", 0)
+  respell(path, tmp_path / "v5", V5_SPELLING)
+  other = jmmkv.load(tmp_path / "v5")
+  case = _case(hf, "internvl", 0, "batch_left")
+  a = model.logits(case.ids, attention_mask=case.mask, **case.arrays)
+  np.testing.assert_array_equal(a, other.logits(case.ids, attention_mask=case.mask, **case.arrays))
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:

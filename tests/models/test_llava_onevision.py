@@ -36,8 +36,17 @@ from mm_models import (
   mentions,
   modality_of,
   onevision_arrays,
+  respell,
 )
 from test_mm_prepare import _tokenizer
+
+V5_SPELLING = (  # the hub's (what save_pretrained writes) -> transformers 5's module names
+  ("language_model.model.", "model.language_model."),
+  ("language_model.lm_head.", "lm_head."),
+  ("vision_tower.", "model.vision_tower."),
+  ("multi_modal_projector.", "model.multi_modal_projector."),
+  ("image_newline", "model.image_newline"),
+)
 
 FAMILY = "llava_onevision"
 SEEDS = (0, 1, 2)
@@ -152,6 +161,16 @@ def test_round_trip_through_convert(models, tmp_path):
   a = model.logits(case.ids, attention_mask=case.mask, **case.arrays)
   b = back.logits(case.ids, attention_mask=case.mask, **case.arrays)
   np.testing.assert_array_equal(a, b)
+
+
+def test_the_other_key_spelling_loads(models, tmp_path):
+  """transformers 5 saves this model in the hub's spelling; its own spelling loads too."""
+  hf, model, path = models(0)
+  respell(path, tmp_path / "v5", V5_SPELLING)
+  other = jmmkv.load(tmp_path / "v5")
+  case = _case(hf, 0, "image_video")
+  a = model.logits(case.ids, attention_mask=case.mask, **case.arrays)
+  np.testing.assert_array_equal(a, other.logits(case.ids, attention_mask=case.mask, **case.arrays))
 
 
 # ---- the processor path: PIL images and frames through model.prepare --------------------------

@@ -27,6 +27,7 @@ from mm_models import (
   max_diff_valid,
   mm_token_type_ids,
   modality_of,
+  respell,
 )
 from policy_run import generate_and_check
 from test_mm_prepare import QWEN_SPECIAL, _tokenizer
@@ -133,6 +134,18 @@ def test_round_trip_through_convert(mm_model, tmp_path):
   case = _case(hf, 0, "image_video")
   a = model.logits(case.ids, attention_mask=case.mask, **case.arrays)
   np.testing.assert_array_equal(a, back.logits(case.ids, attention_mask=case.mask, **case.arrays))
+
+
+def test_the_other_key_spelling_loads(mm_model, tmp_path):
+  """transformers 5 writes model.language_model. / model.visual.; Qwen2-VL's older spelling
+  (model. / visual.) loads too."""
+  hf, model, path = mm_model(FAMILY, 0)
+  rules = (("model.language_model.", "model."), ("model.visual.", "visual."))
+  respell(path, tmp_path / "old", rules)
+  other = jmmkv.load(tmp_path / "old")
+  case = _case(hf, 0, "image_video")
+  a = model.logits(case.ids, attention_mask=case.mask, **case.arrays)
+  np.testing.assert_array_equal(a, other.logits(case.ids, attention_mask=case.mask, **case.arrays))
 
 
 def test_prepare_with_the_processor(mm_model, tmp_path):
