@@ -135,14 +135,23 @@ class Multimodal(Family):
 
   multimodal = True
 
+  # Whether the head is tied to the embeddings when config.json's top level does not say; None:
+  # the text config's flag. transformers' config classes differ here (InternVL True, Qwen3-VL False).
+  tie_default: bool | None = None
+
   def config_from_hf(self, hf_cfg: dict, architecture: str, eos_ids: tuple[int, ...]):
     cfg = self.parse_config(hf_cfg, architecture)
     text = dataclasses.replace(  # multimodal checkpoints tie (or not) at the top level
       cfg.text,
-      tie_word_embeddings=bool(hf_cfg.get("tie_word_embeddings", cfg.text.tie_word_embeddings)),
+      tie_word_embeddings=self.tied(hf_cfg, cfg.text.tie_word_embeddings),
       eos_token_ids=eos_ids or cfg.text.eos_token_ids,
     )
     return dataclasses.replace(cfg, text=text)
+
+  def tied(self, hf_cfg: dict, text_tied: bool) -> bool:
+    """The checkpoint's ``tie_word_embeddings``, read as its transformers config class does."""
+    default = text_tied if self.tie_default is None else self.tie_default
+    return bool(hf_cfg.get("tie_word_embeddings", default))
 
   def parse_config(self, hf_cfg: dict, architecture: str):
     raise NotImplementedError

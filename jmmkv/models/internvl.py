@@ -347,6 +347,7 @@ class InternVLFamily(Multimodal):
 
   name = "InternVL"
   architectures = ("InternVLForConditionalGeneration",)
+  tie_default = True  # InternVLConfig's
   config_type = InternVLConfig
   renames = RENAMES
 

@@ -33,6 +33,17 @@ from jmmkv.models.llama import Decoder
 from jmmkv.typing import Array
 
 TEXT_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+# transformers' LlavaOnevisionConfig defaults, for keys a config.json leaves out
+DEFAULT_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+VISION_DEFAULTS = dict(
+  hidden_size=1152,
+  intermediate_size=4304,
+  patch_size=14,
+  image_size=384,
+  num_hidden_layers=26,
+  num_attention_heads=16,
+  vision_use_head=False,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +99,8 @@ def config_from_hf(cfg: dict, architecture: str) -> OnevisionConfig:
   if match is None:
     raise ValueError(f"vision_aspect_ratio must be 'anyres_max_N', got {ratio!r}")
   layers = cfg.get("vision_feature_layer", -1)
-  pinpoints = cfg.get("image_grid_pinpoints") or [[384, 384]]
-  vision = dict(cfg.get("vision_config") or {})
-  vision.setdefault("vision_use_head", False)  # the config class's own default for this model
+  pinpoints = cfg.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
+  vision = VISION_DEFAULTS | dict(cfg.get("vision_config") or {})
   return OnevisionConfig(
     text=decoder_config_from_hf(text, TEXT_ARCHITECTURES[text_type]),
     vision=siglip.SiglipVisionConfig.from_hf(vision),
@@ -250,8 +260,9 @@ def tile_features(params, pixel_NCSS: Array, cfg: OnevisionConfig, dtype) -> Arr
 def pack(flat_XD: Array, taps_YK, weights_YK, newline_D: Array) -> Array:
   """Packed tokens ``[Y, D]``: per token, the weighted sum of its ``K`` taps of the flat
   features, or ``newline_D`` where the first tap is -1."""
-  rows_YKD = jnp.take(flat_XD, jnp.maximum(taps_YK, 0), axis=0)
-  out_YD = jnp.einsum("YK,YKD->YD", weights_YK.astype(flat_XD.dtype), rows_YKD)
+  rows_YKD = jnp.take(flat_XD, jnp.maximum(taps_YK, 0), axis=0).astype(jnp.float32)
+  out_YD = jnp.einsum("YK,YKD->YD", weights_YK.astype(jnp.float32), rows_YKD)  # weights stay f32
+  out_YD = out_YD.astype(flat_XD.dtype)
   return jnp.where((taps_YK[:, :1] >= 0), out_YD, newline_D.astype(out_YD.dtype)[None, :])
 
 
@@ -303,7 +314,15 @@ class FramesProcessor:
         raise ValueError(f"video {i} has no frames")
       pix = []
       for f in frames:
-        img = f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f, np.uint8))
+        if not isinstance(f, Image.Image):
+          a = np.asarray(f)
+          if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
+            raise ValueError(
+              f"video {i}: frames must be PIL images or [H, W, 3] uint8 arrays, got "
+              f"{a.dtype} {a.shape}"
+            )
+          f = Image.fromarray(a)
+        img = f
         x = np.asarray(img.convert("RGB").resize((w, h), int(ip.resample)), np.float32)
         pix.append((x.transpose(2, 0, 1) * np.float32(ip.rescale_factor) - mean) / std)
       out.append(np.stack(pix))
@@ -319,6 +338,10 @@ class OnevisionFamily(Multimodal):
 
   name = "LLaVA-OneVision / LLaVA-Video"
   architectures = ("LlavaOnevisionForConditionalGeneration",)
+
+  def tied(self, hf_cfg: dict, text_tied: bool) -> bool:
+    return bool(hf_cfg.get("tie_word_embeddings", False)) or text_tied  # as its config class
+
   config_type = OnevisionConfig
   renames = llava.RENAMES
   takes_videos = True

@@ -14,6 +14,7 @@ class Qwen3Family(Family):
   architectures = ("Qwen3ForCausalLM",)
 
   def config_from_hf(self, hf_cfg: dict, architecture: str, eos_ids: tuple[int, ...]):
+    hf_cfg = {"head_dim": 128, **hf_cfg}  # Qwen3Config's default, not hidden / heads
     cfg = super().config_from_hf(hf_cfg, architecture, eos_ids)
     bias = bool(hf_cfg.get("attention_bias", False))
     return dataclasses.replace(cfg, qk_norm=True, qkv_bias=bias, o_bias=bias)

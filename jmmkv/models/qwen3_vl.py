@@ -38,13 +38,18 @@ def config_from_hf(cfg: dict, architecture: str) -> Qwen3VLConfig:
     raise ValueError("Qwen3-VL MoE (Qwen3VLMoeForConditionalGeneration) is not supported")
   params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
   params.setdefault("mrope_section", [24, 20, 20])
-  text["rope_parameters"] = params | {"rope_theta": params.get("rope_theta", 5e6)}
+  # hub configs keep rope_theta beside rope_scaling; transformers' default is 5e5
+  params.setdefault("rope_theta", text.get("rope_theta", 500000.0))
+  text["rope_parameters"] = params
+  text.setdefault("head_dim", 128)  # Qwen3VLTextConfig's default, not hidden / heads
   dec = decoder_config_from_hf(text, "Qwen3ForCausalLM")
   bias = bool(text.get("attention_bias", False))
   dec = dataclasses.replace(dec, qk_norm=True, mrope_interleaved=True, qkv_bias=bias, o_bias=bias)
   return Qwen3VLConfig(
     text=dec,
-    vision=QwenVisionConfig.from_hf(cfg.get("vision_config") or {}, "qwen3_vl"),
+    vision=QwenVisionConfig.from_hf(
+      {"depth": 27, "patch_size": 16, **(cfg.get("vision_config") or {})}, "qwen3_vl"
+    ),
     image_token_id=int(cfg.get("image_token_id", 151655)),
     video_token_id=int(cfg.get("video_token_id", 151656)),
     vision_start_token_id=int(cfg.get("vision_start_token_id", 151652)),
@@ -94,6 +99,7 @@ class Qwen3VLFamily(qwen2_vl.QwenVLFamily):
   """Qwen3-VL (`jmmkv.models.family`): Qwen2-VL's media handling, DeepStack embeddings."""
 
   name = "Qwen3-VL"
+  tie_default = False  # the top-level flag alone decides, as in transformers
   architectures = ("Qwen3VLForConditionalGeneration",)
   config_type = Qwen3VLConfig
 

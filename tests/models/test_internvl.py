@@ -208,3 +208,16 @@ def test_unsupported_configs_are_refused(edit, message):
   d.update(edit)
   with pytest.raises(ValueError, match=message):
     internvl.config_from_hf(d, "InternVLForConditionalGeneration")
+
+
+def test_tied_unless_the_top_level_says_not():
+  from jmmkv.models import internvl
+  from mm_models import make_config
+
+  d = make_config("internvl")[0].to_dict()
+  arch = "InternVLForConditionalGeneration"
+  assert not internvl.FAMILY.config_from_hf(d, arch, ()).text.tie_word_embeddings
+  d.pop("tie_word_embeddings")
+  assert internvl.FAMILY.config_from_hf(
+    d, "InternVLForConditionalGeneration", ()
+  ).text.tie_word_embeddings

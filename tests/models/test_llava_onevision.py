@@ -315,3 +315,37 @@ def test_unsupported_configs_are_refused(edit, message):
   d.update(edit)
   with pytest.raises(ValueError, match=message):
     llava_onevision.config_from_hf(d, "LlavaOnevisionForConditionalGeneration")
+
+
+def test_config_defaults_and_tie_as_transformers():
+  import copy
+
+  from transformers import LlavaOnevisionConfig as HFConfig
+
+  from jmmkv.models import llava_onevision
+  from mm_models import make_config
+
+  d = make_config(FAMILY)[0].to_dict()
+  d.pop("image_grid_pinpoints")
+  d["text_config"]["tie_word_embeddings"] = True
+  d["tie_word_embeddings"] = False
+  cfg = llava_onevision.FAMILY.config_from_hf(d, "LlavaOnevisionForConditionalGeneration", ())
+  hf = HFConfig(**copy.deepcopy(d))  # transformers edits its input
+  assert [list(p) for p in cfg.grid_pinpoints] == hf.image_grid_pinpoints  # 36 of 384 multiples
+  assert cfg.text.tie_word_embeddings == hf.tie_word_embeddings is True  # either flag ties
+  d.pop("vision_config")
+  vision = llava_onevision.config_from_hf(d, "LlavaOnevisionForConditionalGeneration").vision
+  want = HFConfig(**copy.deepcopy(d)).vision_config
+  assert (vision.hidden_size, vision.image_size, vision.patch_size, vision.num_layers) == (
+    want.hidden_size,
+    want.image_size,
+    want.patch_size,
+    want.num_hidden_layers,
+  )
+
+
+def test_frames_must_be_images_or_uint8(with_processor):
+  _, _, model = with_processor
+  frames = [np.random.default_rng(0).random((32, 32, 3))] * 2  # floats in [0, 1]
+  with pytest.raises(ValueError, match=r"PIL images or \[H, W, 3\] uint8 arrays, got float64"):
+    model.prepare(prompts=["<video> w3"], videos=[[frames]], chat_template=False)

@@ -206,3 +206,41 @@ def test_moe_is_refused():
   d["text_config"]["num_experts"] = 4
   with pytest.raises(ValueError, match="MoE"):
     qwen3_vl.config_from_hf(d, "Qwen3VLForConditionalGeneration")
+
+
+def test_config_keys_read_as_transformers_reads_them():
+  """rope_theta beside rope_scaling (the hub's layout), transformers' defaults for missing keys
+  (theta 5e5, head_dim 128, 27 vision blocks of 16 px patches) and the top-level tie flag."""
+  import copy
+
+  from transformers import Qwen3VLConfig as HFConfig
+
+  from jmmkv.models import qwen3_vl
+  from mm_models import make_config
+
+  d = make_config(FAMILY)[0].to_dict()
+  text = d["text_config"]
+  text.pop("rope_parameters")
+  text["rope_scaling"] = {
+    "rope_type": "default",
+    "mrope_section": [2, 3, 3],
+    "mrope_interleaved": True,
+  }
+  text["rope_theta"] = 123456.0
+  cfg = qwen3_vl.config_from_hf(d, "Qwen3VLForConditionalGeneration")
+  hf_text = HFConfig(text_config=copy.deepcopy(text)).text_config  # transformers edits its input
+  assert cfg.text.rope.theta == hf_text.rope_parameters["rope_theta"]
+  assert cfg.text.rope.theta == 123456.0 and cfg.text.mrope_section == (2, 3, 3)
+  for key in ("rope_theta", "head_dim"):
+    text.pop(key)
+  text["tie_word_embeddings"] = True
+  d.pop("tie_word_embeddings", None)
+  d["vision_config"] = {
+    k: v for k, v in d["vision_config"].items() if k not in ("depth", "patch_size")
+  }
+  model_cfg = qwen3_vl.FAMILY.config_from_hf(d, "Qwen3VLForConditionalGeneration", ())
+  hf = HFConfig(**copy.deepcopy(d))
+  assert model_cfg.text.rope.theta == hf.text_config.rope_parameters["rope_theta"] == 500000.0
+  assert model_cfg.text.head_dim == hf.text_config.head_dim == 128
+  assert (model_cfg.vision.depth, model_cfg.vision.patch_size) == (27, 16)
+  assert model_cfg.text.tie_word_embeddings is False  # the top level decides, default False
