@@ -244,3 +244,20 @@ def test_config_keys_read_as_transformers_reads_them():
   assert model_cfg.text.head_dim == hf.text_config.head_dim == 128
   assert (model_cfg.vision.depth, model_cfg.vision.patch_size) == (27, 16)
   assert model_cfg.text.tie_word_embeddings is False  # the top level decides, default False
+
+
+def test_shared_forward_comparison_equals_generate(mm_model):
+  """`jmmkv.compare.generate_each` (one prompt forward for every policy, what `jmmkv eval`
+  runs) carries DeepStack's additions through as `generate` does."""
+  from jmmkv import compare
+
+  hf, model, _ = mm_model(FAMILY, 0)
+  case = _case(hf, 0, "image_video")
+  batch = model.prepare(input_ids=case.ids, attention_mask=case.mask, **case.arrays)
+  jobs = [("snapkv:window=8", 0.3), ("meda", 0.3)]
+  both = compare.generate_each(model, batch, jobs, max_new_tokens=4, eos_token_id=[])
+  for (spec, ratio), got in zip(jobs, both):
+    want = jmmkv.generate(
+      model, batch, jmmkv.policies.from_spec(spec), ratio, max_new_tokens=4, eos_token_id=[]
+    )
+    assert got.tokens == want.tokens
