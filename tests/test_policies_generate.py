@@ -1,10 +1,12 @@
-"""Every policy inside generate() on tiny LLaVA and Qwen2-VL models, batch 2 with images."""
+"""Every policy inside generate() on a tiny LLaVA, batch 2 with images. (The Qwen family's media
+path with M-RoPE runs every policy in tests/models/test_qwen3_vl.py, as do the other families'
+test files.)"""
 
 import numpy as np
 import pytest
 
 import jmmkv
-from mm_models import build_mm_model, make_case
+from mm_models import make_case
 
 SMALL = {
   "snapkv": dict(window=8),
@@ -14,18 +16,12 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
-def setup(request, tmp_path_factory):
-  family = request.param
-  hf = build_mm_model(family, 0)
-  path = tmp_path_factory.mktemp(family)
-  hf.save_pretrained(path)
-  model = jmmkv.load(path)
+@pytest.fixture(scope="module")
+def setup(mm_model):
+  model = mm_model("llava", 0)[1]
   rng = np.random.default_rng(0)
-  images = 3 if family == "llava" else [[1, 4, 4], [1, 4, 6], [1, 2, 2]]
-  case = make_case(
-    model, family, rng, [[12, "image", 5, "image", 9], [4, "image", 20]], images=images, side="left"
-  )
+  rows = [[12, "image", 5, "image", 9], [4, "image", 20]]
+  case = make_case(model, "llava", rng, rows, images=3, side="left")
   return model, model.prepare(input_ids=case.ids, attention_mask=case.mask, **case.arrays)
 
 
