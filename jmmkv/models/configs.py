@@ -52,12 +52,25 @@ class DecoderConfig:
   mrope_section: tuple[int, ...] | None = None  # Qwen2-VL M-RoPE frequency groups (t, h, w)
   qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key, before RoPE
   mrope_interleaved: bool = False  # Qwen3-VL: M-RoPE axes interleaved over the frequencies
+  # Gemma 3 (the defaults are Llama's):
+  norm_plus_one: bool = False  # RMSNorm scales by (1 + w), in float32 before the cast
+  sandwich_norms: bool = False  # attention and MLP outputs normed too, before their residual
+  hidden_act: str = "silu"  # the gated MLP's activation ("silu" or "gelu_pytorch_tanh")
+  embed_scale: bool = False  # embeddings times sqrt(D), rounded to the params' dtype
+  query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power, not head_dim's
+  final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+  local_layers: tuple[int, ...] = ()  # layers whose RoPE is `local_rope` (Gemma's local layers)
+  local_rope: RopeConfig | None = None
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
       )
+    if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (silu, gelu_pytorch_tanh)")
+    if self.local_layers and self.local_rope is None:
+      raise ValueError("local_layers need a local_rope")
 
   @property
   def num_groups(self) -> int:  # G
@@ -70,6 +83,11 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
   if not params:
     params = dict(cfg.get("rope_scaling") or {})
     params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+  return rope_config(params)
+
+
+def rope_config(params: dict[str, Any]) -> RopeConfig:
+  """A `RopeConfig` from one flat HF rope-parameters dict (``rope_type``, ``rope_theta``, ...)."""
   rope_type = params.get("rope_type", params.get("type", "default"))
   fields = {f.name for f in dataclasses.fields(RopeConfig)}
   kw = {k: v for k, v in params.items() if k in fields}

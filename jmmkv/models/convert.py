@@ -65,7 +65,6 @@ def decoder_key_table(
     table.update(
       {
         hf + "input_layernorm.weight": ((ours, "input_norm", "scale"), (d,), same),
-        hf + "post_attention_layernorm.weight": ((ours, "post_norm", "scale"), (d,), same),
         hf + "mlp.gate_proj.weight": ((ours, "gate_proj", "w"), (f, d), t),
         hf + "mlp.up_proj.weight": ((ours, "up_proj", "w"), (f, d), t),
         hf + "mlp.down_proj.weight": ((ours, "down_proj", "w"), (d, f), t),
@@ -90,6 +89,15 @@ def decoder_key_table(
         )
     if cfg.o_bias:
       table[hf + "self_attn.o_proj.bias"] = ((ours, "o_proj", "b"), (d,), same)
+    norms = {"post_attention_layernorm": "post_norm"}  # Llama: the norm before the MLP
+    if cfg.sandwich_norms:  # Gemma: post_attention_layernorm norms the attention's output
+      norms = {
+        "post_attention_layernorm": "attn_out_norm",
+        "pre_feedforward_layernorm": "post_norm",
+        "post_feedforward_layernorm": "mlp_out_norm",
+      }
+    for hf_name, name in norms.items():
+      table[hf + f"{hf_name}.weight"] = ((ours, name, "scale"), (d,), same)
     if cfg.qk_norm:
       for name in ("q_norm", "k_norm"):
         table[hf + f"self_attn.{name}.weight"] = ((ours, name, "scale"), (h,), same)

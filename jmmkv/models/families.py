@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from jmmkv.models import (
   family,
+  gemma3,
   internvl,
   llava,
   llava_onevision,
@@ -21,6 +22,7 @@ FAMILIES: tuple[family.Family, ...] = (
   qwen2_vl.FAMILY,
   mistral.FAMILY,
   qwen3.FAMILY,
+  gemma3.FAMILY,
   llava_onevision.FAMILY,
   internvl.FAMILY,
   qwen3_vl.FAMILY,

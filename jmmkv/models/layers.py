@@ -48,14 +48,19 @@ class Einsum(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """HF Llama RMSNorm: normalise in float32, cast back, then scale."""
+  """HF Llama RMSNorm: normalise in float32, cast back, then scale. ``plus_one`` (Gemma): scale
+  by ``1 + w`` in float32, then cast."""
 
   eps: float = 1e-6
   dtype: DType = jnp.float32
+  plus_one: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), self.dtype)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
+    if self.plus_one:
+      return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
     return scale * x32.astype(x.dtype)

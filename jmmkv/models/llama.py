@@ -6,6 +6,7 @@ goes in and out of `Decoder.decode`. Dimension key: see `jmmkv.typing`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ from jmmkv.cache import kv_cache, paged, stats
 from jmmkv.kernels import order
 from jmmkv.models import attention, rope
 from jmmkv.models.configs import DecoderConfig
-from jmmkv.models.layers import Einsum, RMSNorm
+from jmmkv.models.layers import Einsum, RMSNorm, activation
 from jmmkv.typing import Array, DType
 
 
@@ -43,15 +44,17 @@ class Block(nn.Module):
   def setup(self):
     c, dt = self.cfg, self.dtype
     d, n, kh, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    self.input_norm = RMSNorm(c.rms_norm_eps, dt)
+    norm = lambda: RMSNorm(c.rms_norm_eps, dt, c.norm_plus_one)
+    self.input_norm = norm()
     self.q_proj = Einsum((d, n, h), (n, h) if c.qkv_bias else None, dt)
     self.k_proj = Einsum((d, kh, h), (kh, h) if c.qkv_bias else None, dt)
     self.v_proj = Einsum((d, kh, h), (kh, h) if c.qkv_bias else None, dt)
     self.o_proj = Einsum((n, h, d), (d,) if c.o_bias else None, dt)
-    self.post_norm = RMSNorm(c.rms_norm_eps, dt)
+    self.post_norm = norm()  # before the MLP (Gemma's pre_feedforward_layernorm)
     if c.qk_norm:
-      self.q_norm = RMSNorm(c.rms_norm_eps, dt)
-      self.k_norm = RMSNorm(c.rms_norm_eps, dt)
+      self.q_norm, self.k_norm = norm(), norm()
+    if c.sandwich_norms:
+      self.attn_out_norm, self.mlp_out_norm = norm(), norm()
     self.gate_proj = Einsum((d, c.intermediate_size), None, dt)
     self.up_proj = Einsum((d, c.intermediate_size), None, dt)
     self.down_proj = Einsum((c.intermediate_size, d), None, dt)
@@ -64,16 +67,22 @@ class Block(nn.Module):
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
     q_BTNH = rope.apply_rope(q_BTNH, cos_BTH, sin_BTH)
     k_BTKH = rope.apply_rope(k_BTKH, cos_BTH, sin_BTH)
+    if self.cfg.query_pre_attn_scalar is not None:  # attention scales by head_dim ** -0.5
+      factor = math.sqrt(self.cfg.head_dim / self.cfg.query_pre_attn_scalar)
+      q_BTNH = q_BTNH * jnp.asarray(factor, q_BTNH.dtype)
     v_BTKH = self.v_proj("BTD,DKH->BTKH", h_BTD)
     return q_BTNH, k_BTKH, v_BTKH
 
   def _finish(self, x_BTD, o_BTNH):
+    c = self.cfg
     o_BTA = o_BTNH.reshape(*o_BTNH.shape[:2], -1)  # A = N * H (heads merged)
-    x_BTD = x_BTD + self.o_proj("BTA,AD->BTD", o_BTA, merge_leading=2)
+    attn_BTD = self.o_proj("BTA,AD->BTD", o_BTA, merge_leading=2)
+    x_BTD = x_BTD + (self.attn_out_norm(attn_BTD) if c.sandwich_norms else attn_BTD)
     h_BTD = self.post_norm(x_BTD)
-    gate_BTF = nn.silu(self.gate_proj("BTD,DF->BTF", h_BTD))
+    gate_BTF = activation(c.hidden_act)(self.gate_proj("BTD,DF->BTF", h_BTD))
     up_BTF = self.up_proj("BTD,DF->BTF", h_BTD)
-    return x_BTD + self.down_proj("BTF,FD->BTD", gate_BTF * up_BTF)
+    mlp_BTD = self.down_proj("BTF,FD->BTD", gate_BTF * up_BTF)
+    return x_BTD + (self.mlp_out_norm(mlp_BTD) if c.sandwich_norms else mlp_BTD)
 
   def _whole(self, t: int) -> bool:
     """Whether a ``t``-token prompt runs in one piece rather than in `MLP_CHUNK`-token chunks."""
@@ -175,7 +184,7 @@ class Decoder(nn.Module):
       "embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), self.dtype
     )
     self.layers = [Block(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
-    self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+    self.norm = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_plus_one)
     if not c.tie_word_embeddings:
       self.lm_head = Einsum((c.hidden_size, c.vocab_size), None, self.dtype)
 
@@ -185,16 +194,26 @@ class Decoder(nn.Module):
     return self.unembed(h_BTD)
 
   def embed(self, ids_BT: Array) -> Array:
-    return jnp.take(self.embedding, ids_BT, axis=0)
+    x_BTD = jnp.take(self.embedding, ids_BT, axis=0)
+    if self.cfg.embed_scale:  # sqrt(D) rounded to the params' dtype first, as transformers
+      x_BTD = x_BTD * jnp.asarray(math.sqrt(self.cfg.hidden_size), jnp.float32).astype(x_BTD.dtype)
+    return x_BTD
 
   def unembed(self, h_BTD: Array) -> Array:
     if self.cfg.tie_word_embeddings:
-      return jnp.einsum("BTD,VD->BTV", h_BTD, self.embedding, preferred_element_type=jnp.float32)
-    return self.lm_head("BTD,DV->BTV", h_BTD).astype(jnp.float32)
+      logits = jnp.einsum("BTD,VD->BTV", h_BTD, self.embedding, preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head("BTD,DV->BTV", h_BTD).astype(jnp.float32)
+    cap = self.cfg.final_logit_softcap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
   def _cos_sin(self, positions):
-    inv_freq = rope.inv_frequencies(self.cfg.rope, self.cfg.head_dim)
-    return rope.cos_sin(positions, inv_freq, self.cfg.mrope_section, self.cfg.mrope_interleaved)
+    """cos / sin of the layers' RoPE, and of `DecoderConfig.local_rope` (None without one)."""
+    c = self.cfg
+    table = lambda r: rope.cos_sin(
+      positions, rope.inv_frequencies(r, c.head_dim), c.mrope_section, c.mrope_interleaved
+    )
+    return table(c.rope), (table(c.local_rope) if c.local_layers else None)
 
   def prefill(
     self,
@@ -221,10 +240,11 @@ class Decoder(nn.Module):
     added_LBTD = None
     if isinstance(x_BTD, Embedded):
       x_BTD, added_LBTD = x_BTD
-    cos_BTH, sin_BTH = self._cos_sin(positions)
+    tables = self._cos_sin(positions)
     modality_BT = valid_BT.astype(jnp.int32) if modality_BT is None else modality_BT
     ks, vs, sts = [], [], []
     for index, block in enumerate(self.layers):
+      cos_BTH, sin_BTH = tables[index in self.cfg.local_layers]
       x_BTD, k_BKTH, v_BKTH, st = block.prefill(
         x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec
       )
@@ -244,8 +264,9 @@ class Decoder(nn.Module):
   def decode(self, x_B1D: Array, cache: kv_cache.KVCache):
     """One new token per row at position ``lengths + index``. Returns logits ``[B, V]`` and the cache."""
     positions_B1 = (cache.rope_start + cache.index)[..., None]  # [B, 1] or M-RoPE [3, B, 1]
-    cos_B1H, sin_B1H = self._cos_sin(positions_B1)
+    tables = self._cos_sin(positions_B1)
     for layer, block in enumerate(self.layers):
+      cos_B1H, sin_B1H = tables[layer in self.cfg.local_layers]
       x_B1D, cache = block.decode(x_B1D, cos_B1H, sin_B1H, cache, layer)
     logits_B1V = self.unembed(self.norm(x_B1D))
     if isinstance(cache, kv_cache.KVCache):

@@ -115,3 +115,88 @@ def test_qwen3_logits_and_greedy_equal_transformers(tmp_path, seed):
     model, model.prepare(input_ids=ids, attention_mask=mask), max_new_tokens=16, eos_token_id=[]
   )
   assert [[int(t) for t in r] for r in out.tokens] == tokens
+
+
+def _gemma3_text(seed: int, **kw):
+  from transformers import Gemma3TextConfig
+
+  return Gemma3TextConfig(
+    **{
+      **TEXT,
+      "num_hidden_layers": 4,
+      "head_dim": 16,
+      "query_pre_attn_scalar": 24,  # not head_dim: the score scale is its own
+      "sliding_window": 512,  # = max_position_embeddings: windows never bind (not applied yet)
+      "layer_types": ["sliding_attention", "full_attention"] * 2,
+      "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+      },
+      "final_logit_softcapping": None if seed == 2 else 30.0,
+      "tie_word_embeddings": seed == 1,
+      "pad_token_id": 0,
+      **kw,
+    }
+  )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gemma3_text_logits_and_greedy_equal_transformers(tmp_path, seed):
+  """Gemma 3's (1 + w) and sandwich norms, q/k norms, gelu-tanh MLP, scaled embeddings, its own
+  score scale, local-layer RoPE and logit soft-capping (prompts within the window)."""
+  from transformers import Gemma3ForCausalLM
+
+  torch.manual_seed(seed)
+  hf = Gemma3ForCausalLM._from_config(
+    _gemma3_text(seed), attn_implementation="eager", dtype=torch.float32
+  )
+  randomize_(hf, seed)
+  hf.eval().save_pretrained(tmp_path)
+  model = jmmkv.load(tmp_path)
+  assert model.config.local_layers == (0, 2) and model.config.local_rope.theta == 1e4
+  rng = np.random.default_rng(seed)
+  rows = [random_ids(rng, 21), random_ids(rng, 8)]
+  ids, mask = pad_batch(rows, "left")
+  want = hf_logits(hf, ids, mask)
+  got = model.logits(ids, mask)
+  m = mask.astype(bool)
+  assert np.abs(got[m] - want[m]).max() <= 1e-4
+  tokens, margins = hf_greedy_generate(hf, rows, 16)
+  assert min(min(x) for x in margins) > 1e-4, f"seed={seed}: near tie in HF greedy"
+  batch = model.prepare(input_ids=ids, attention_mask=mask)
+  out = jmmkv.generate(model, batch, max_new_tokens=16, eos_token_id=[])
+  assert [[int(t) for t in r] for r in out.tokens] == tokens
+
+
+def test_gemma3_text_hub_config_spelling_and_refusals():
+  """The hub's rope_theta / rope_local_base_freq / rope_scaling / sliding_window_pattern read as
+  transformers reads them; windows shorter than the context and score soft-capping refused."""
+  from transformers import Gemma3TextConfig
+
+  from jmmkv.models import gemma3
+
+  hub = dict(
+    TEXT,
+    num_hidden_layers=6,
+    head_dim=16,
+    sliding_window=512,
+    rope_theta=500000.0,
+    rope_local_base_freq=20000.0,
+    rope_scaling={"rope_type": "linear", "factor": 8.0},
+    sliding_window_pattern=3,
+  )
+  cfg = gemma3.config_from_hf(hub, "Gemma3ForCausalLM")
+  hf = Gemma3TextConfig(**dict(hub))
+  want_local = tuple(i for i, t in enumerate(hf.layer_types) if t == "sliding_attention")
+  assert cfg.local_layers == want_local == (0, 1, 3, 4)
+  full, local = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+  assert (cfg.rope.theta, cfg.rope.rope_type, cfg.rope.factor) == (
+    full["rope_theta"],
+    full["rope_type"],
+    full["factor"],
+  )
+  assert cfg.local_rope.theta == local["rope_theta"] == 20000.0
+  with pytest.raises(ValueError, match="sliding_window=64 below max_position_embeddings=512"):
+    gemma3.config_from_hf(dict(hub, sliding_window=64), "Gemma3ForCausalLM")
+  with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
+    gemma3.config_from_hf(dict(hub, attn_logit_softcapping=50.0), "Gemma3ForCausalLM")
