@@ -135,8 +135,8 @@ class Multimodal(Family):
 
   multimodal = True
 
-  # Whether the head is tied to the embeddings when config.json's top level does not say; None:
-  # the text config's flag. transformers' config classes differ here (InternVL True, Qwen3-VL False).
+  # Whether the head is tied to the embeddings when config.json's top level does not say (None:
+  # the text config's flag). transformers' config classes differ (InternVL True, Qwen3-VL False).
   tie_default: bool | None = None
 
   def config_from_hf(self, hf_cfg: dict, architecture: str, eos_ids: tuple[int, ...]):

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Vicuna, Qwen2, Qwen3, Mistral) in Flax linen, used pure-functionally.
+"""Llama-family decoder (Llama, Vicuna, Qwen2, Qwen3, Mistral, Gemma 3's text) in Flax linen,
+used pure-functionally.
 
 Params are an explicit pytree; the prompt K/V come out of `Decoder.prefill` and the decode cache
 goes in and out of `Decoder.decode`. Dimension key: see `jmmkv.typing`.
@@ -36,7 +37,7 @@ class Embedded(NamedTuple):
 
 
 class Block(nn.Module):
-  """Pre-norm attention + SwiGLU MLP."""
+  """Pre-norm attention + gated MLP (SwiGLU; Gemma: gelu-tanh, and norms on both outputs)."""
 
   cfg: DecoderConfig
   dtype: DType = jnp.float32

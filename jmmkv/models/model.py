@@ -254,9 +254,10 @@ def load(path: str | Path, dtype="float32", mesh=None) -> Model:
 
   Architectures: `jmmkv.models.families.ARCHITECTURES` (Llama, Qwen2, Qwen3, Mistral, Gemma 3
   text, LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
-  ``dtype``: "float32" or "bfloat16". ``mesh``: a `jax.sharding.Mesh` with axes ``"data"`` and/or ``"model"``; params
-  are placed split over heads and MLP width (`jmmkv.sharding`; orbax checkpoints are restored
-  straight onto it) and `jmmkv.generate` keeps the cache split over batch and KV heads.
+  ``dtype``: "float32" or "bfloat16". ``mesh``: a `jax.sharding.Mesh` with axes ``"data"``
+  and/or ``"model"``; params are placed split over heads and MLP width (`jmmkv.sharding`; orbax
+  checkpoints are restored straight onto it) and `jmmkv.generate` keeps the cache split over
+  batch and KV heads.
   """
   path = Path(path)
   _check_model_dir(path)
