@@ -143,7 +143,7 @@ def for_prompt(statistics: StatsSpec, valid_BT, modality_BT) -> StatsSpec:
   return spec(*(x.for_prompt(valid_BT, modality_BT) for x in statistics))
 
 
-def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted):
+def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted, window=None):
   """Causal attention with exact softmax rows for the ``wanted`` `ProbabilityStatistic`s. Each
   block of ``block`` queries reads only the ``key_block``-key tiles at or before its last query
   (``T`` a multiple of ``key_block``, itself of ``block``):
@@ -171,8 +171,11 @@ def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh) * scale
     rows_Q = i * block + jnp.arange(block)
     tiles = (i * block + block + key_block - 1) // key_block
+    start = flash_attention.first_tile(i, block, key_block, window)
     qv_BQ = jax.lax.dynamic_slice_in_dim(valid_BT, i * block, block, axis=1).astype(jnp.float32)
-    scores = lambda j: flash_attention.tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block)
+    scores = lambda j: flash_attention.tile_scores(
+      q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block, window
+    )
 
     def online_tile(j, carry):  # 1
       m_BKGQ, l_BKGQ, o_BKGQH, accs = carry
@@ -190,7 +193,7 @@ def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted)
     zeros = jnp.zeros((b, kh, g, block), jnp.float32)
     o_BKGQH = jnp.zeros((b, kh, g, block, h), jnp.float32)
     m_BKGQ, l_BKGQ, o_BKGQH, accs = jax.lax.fori_loop(
-      0, tiles, online_tile, (jnp.full_like(zeros, m0), zeros, o_BKGQH, accs)
+      start, tiles, online_tile, (jnp.full_like(zeros, m0), zeros, o_BKGQH, accs)
     )
     inv_BKGQ = jnp.where(l_BKGQ > 0, 1.0 / jnp.where(l_BKGQ > 0, l_BKGQ, 1.0), 0.0)
     w_BKGQ = inv_BKGQ * qv_BQ[:, None, None, :]  # padding queries weigh 0
@@ -201,7 +204,7 @@ def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted)
       return {x.name: x.tile(accs[x.name], here) for x in wanted}  # the default tile: acc
 
     if second:
-      accs = jax.lax.fori_loop(0, tiles, prob_tile, accs)
+      accs = jax.lax.fori_loop(start, tiles, prob_tile, accs)
     accs = {x.name: x.block(accs[x.name], Rows(m_BKGQ, l_BKGQ, inv_BKGQ, qv_BQ)) for x in wanted}
     o_BQNH = einops.rearrange(o_BKGQH * inv_BKGQ[..., None], "B K G Q H -> B Q (K G) H")
     buf_BTNH = jax.lax.dynamic_update_slice_in_dim(
@@ -228,7 +231,7 @@ def _pad_tokens(pad: int, q_BTNH, k_BKTH, v_BKTH, *x_BT):
   )
 
 
-def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT) -> Array:
+def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window: int | None = None) -> Array:
   """`flash_attention.causal_attention` of any T: one tile up to `FLASH_KEY_BLOCK` keys, else padded
   to whole key tiles (padding is never a key; its rows are cut off). Under a mesh it runs
   shard-locally per (row, KV head) (`sharding.per_head`): a kernel call cannot be split by XLA,
@@ -246,11 +249,15 @@ def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT) -> Array:
       -t % FLASH_KEY_BLOCK, q_BTNH, k_BKTH, v_BKTH, valid_BT
     )
   if jax.sharding.get_abstract_mesh().empty:
-    return flash_attention.causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, *blocks)[:, :t]
+    return flash_attention.causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, *blocks, window)[
+      :, :t
+    ]
 
   def local(q_BKTGH, k_BKTH, v_BKTH, valid_BKT):
     q_BTNH = einops.rearrange(q_BKTGH, "B K T G H -> B T (K G) H")
-    o_BTNH = flash_attention.causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BKT[:, 0], *blocks)
+    o_BTNH = flash_attention.causal_attention(
+      q_BTNH, k_BKTH, v_BKTH, valid_BKT[:, 0], *blocks, window
+    )
     return einops.rearrange(o_BTNH, "B T (K G) H -> B K T G H", K=k_BKTH.shape[1])
 
   q_BKTGH = einops.rearrange(q_BTNH, "B T (K G) H -> B K T G H", K=kh)
@@ -268,8 +275,10 @@ def attention(
   statistics: StatsSpec = NONE,
   block: int = 256,
   key_block: int = 512,
+  window: int | None = None,
 ) -> tuple[Array, Stats]:
-  """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked).
+  """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked;
+  with a sliding ``window``, only the ``window - 1`` slots before the query and itself).
 
   The `QueryStatistic`s in ``statistics`` are computed first. Without a `ProbabilityStatistic`,
   the attention is flash style (`jmmkv.kernels.flash_attention`). With one, blocks of ``block``
@@ -281,6 +290,11 @@ def attention(
   if key_block % block:
     raise ValueError(f"key_block {key_block} must be a multiple of block {block}")
   statistics = spec(*statistics)
+  if window is not None and any(isinstance(x, QueryStatistic) for x in statistics):
+    raise NotImplementedError(
+      "query statistics (observation windows, cross entropies) of a sliding-window layer are "
+      "not supported yet"
+    )
   out = {  # statistics that read the queries first: the attention then overwrites them
     x.name: x.compute(q_BTNH, k_BKTH, valid_BT, modality_BT)
     for x in sorted(statistics, key=lambda x: x.name)
@@ -297,10 +311,10 @@ def attention(
     q_BTNH, k_BKTH, v_BKTH, valid_BT = _pad_tokens(pad, q_BTNH, k_BKTH, v_BKTH, valid_BT)
   t = q_BTNH.shape[1]
   if not wanted:  # no statistic of every query's probabilities: flash attention
-    out_BTNH = _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT)
+    out_BTNH = _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window)
   else:  # exact probabilities: two passes over key tiles (`_exact`)
     key_block = t if t <= key_block else key_block
     padded = _pad_tokens(-t % key_block, q_BTNH, k_BKTH, v_BKTH, valid_BT)
-    out_BTNH, accs = _exact(*padded, min(block, t), key_block, wanted)
+    out_BTNH, accs = _exact(*padded, min(block, t), key_block, wanted, window)
     out.update({x.name: x.finish(accs[x.name], valid_BT[:, :t_in]) for x in wanted})
   return out_BTNH[:, :t_in], out

@@ -28,14 +28,29 @@ from jmmkv.typing import MASK_VALUE, Array
 f32 = jnp.float32
 
 
-def tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block: int) -> Array:
+def tile_scores(
+  q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block: int, window: int | None = None
+) -> Array:
   """Scores ``[B, K, G, Q, S]`` (float32) of (scaled) queries at slots ``rows_Q`` against key
-  tile ``j`` of ``key_block`` keys; `MASK_VALUE` where the causal mask or padding hides a key."""
+  tile ``j`` of ``key_block`` keys; `MASK_VALUE` where the causal mask or padding hides a key,
+  or, with a sliding ``window``, where the key is ``window`` or more slots before the query (as
+  transformers' ``sliding_window``: a query sees itself and the ``window - 1`` slots before)."""
   tile = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
   s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, tile(k_BKTH, 2), preferred_element_type=jnp.float32)
   cols_S = j * key_block + jnp.arange(key_block)
-  mask_BQS = (rows_Q[:, None] >= cols_S[None, :])[None] & tile(valid_BT, 1)[:, None, :]
+  seen_QS = rows_Q[:, None] >= cols_S[None, :]
+  if window is not None:
+    seen_QS &= rows_Q[:, None] - cols_S[None, :] < window
+  mask_BQS = seen_QS[None] & tile(valid_BT, 1)[:, None, :]
   return jnp.where(mask_BQS[:, None, None], s, MASK_VALUE)
+
+
+def first_tile(i, query_block: int, key_block: int, window: int | None):
+  """The first key tile query block ``i`` reads: 0, or with a ``window`` the tile of its first
+  row's oldest visible key."""
+  if window is None:
+    return 0
+  return jnp.maximum(i * query_block - window + 1, 0) // key_block
 
 
 def _check_blocks(t: int, query_block: int, key_block: int):
@@ -50,11 +65,13 @@ def causal_attention_reference(
   valid_BT: Array,
   query_block: int = 256,
   key_block: int = 512,
+  window: int | None = None,
 ) -> Array:
   """Causal GQA attention of a prompt, flash style: each block of ``query_block`` queries reads
   only the ``key_block``-key tiles at or before its last query, with an online softmax, so the
   pairs the causal mask hides are neither scored nor stored. ``T`` must be a multiple of both
   blocks, and ``key_block`` of ``query_block``. Padding (``valid_BT`` false) is never a key.
+  A sliding ``window`` (`tile_scores`) also skips the tiles wholly before it.
   Returns ``[B, T, N, H]``."""
   b, t, n, h = q_BTNH.shape
   kh = k_BKTH.shape[1]
@@ -68,7 +85,7 @@ def causal_attention_reference(
 
     def key_step(j, carry):
       o_BKGQH, m_BKGQ, l_BKGQ = carry
-      s = tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block)
+      s = tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block, window)
       v_BKSH = jax.lax.dynamic_slice_in_dim(v_BKTH, j * key_block, key_block, 2)
       m_new = jnp.maximum(m_BKGQ, jnp.max(s, axis=-1))
       rescale = jnp.exp(m_BKGQ - m_new)
@@ -84,7 +101,8 @@ def causal_attention_reference(
       jnp.zeros((b, kh, g, query_block), jnp.float32),
     )
     tiles = (i * query_block + query_block + key_block - 1) // key_block
-    o_BKGQH, _, l_BKGQ = jax.lax.fori_loop(0, tiles, key_step, init)
+    start = first_tile(i, query_block, key_block, window)
+    o_BKGQH, _, l_BKGQ = jax.lax.fori_loop(start, tiles, key_step, init)
     o_BKGQH = o_BKGQH / l_BKGQ[..., None]
     o_BQNH = einops.rearrange(o_BKGQH, "B K G Q H -> B Q (K G) H").astype(q_BTNH.dtype)
     return jax.lax.dynamic_update_slice_in_dim(buf_BTNH, o_BQNH, i * query_block, axis=1), None
@@ -342,15 +360,19 @@ def causal_attention(
   valid_BT: Array,
   query_block: int = 256,
   key_block: int = 512,
+  window: int | None = None,
 ) -> Array:
   """`causal_attention_reference` (same arguments and checks) as `kernels.mode()` says: on TPU/GPU
   `causal_attention_pallas` in its own tiles (the blocks are the reference's), on CPU the
-  reference. Returns ``[B, T, N, H]``.
+  reference. A sliding ``window`` runs the reference everywhere (the kernels have no window
+  yet). Returns ``[B, T, N, H]``.
 
   A kernel call cannot be split by XLA: under a mesh the caller runs this shard-locally
   (`jmmkv.sharding.per_head`), else q, k and v are gathered for it."""
   impl = kernels.mode()
-  if impl == "reference":
-    return causal_attention_reference(q_BTNH, k_BKTH, v_BKTH, valid_BT, query_block, key_block)
+  if impl == "reference" or window is not None:
+    return causal_attention_reference(
+      q_BTNH, k_BKTH, v_BKTH, valid_BT, query_block, key_block, window
+    )
   _check_blocks(q_BTNH.shape[1], query_block, key_block)
   return causal_attention_pallas(q_BTNH, k_BKTH, v_BKTH, valid_BT, interpret=impl == "interpret")
