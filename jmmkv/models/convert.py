@@ -60,11 +60,14 @@ def decoder_key_table(
   }
   if not cfg.tie_word_embeddings:
     table[head_key] = (("lm_head", "w"), (v, d), t)
+  # Llama's post_attention_layernorm is the norm before the MLP; Gemma's norms the attention output
+  post_attn = "attn_out_norm" if cfg.sandwich_norms else "post_norm"
   for i in range(cfg.num_layers):
     hf, ours = f"{prefix}layers.{i}.", f"layers_{i}"
     table.update(
       {
         hf + "input_layernorm.weight": ((ours, "input_norm", "scale"), (d,), same),
+        hf + "post_attention_layernorm.weight": ((ours, post_attn, "scale"), (d,), same),
         hf + "mlp.gate_proj.weight": ((ours, "gate_proj", "w"), (f, d), t),
         hf + "mlp.up_proj.weight": ((ours, "up_proj", "w"), (f, d), t),
         hf + "mlp.down_proj.weight": ((ours, "down_proj", "w"), (d, f), t),
@@ -89,15 +92,9 @@ def decoder_key_table(
         )
     if cfg.o_bias:
       table[hf + "self_attn.o_proj.bias"] = ((ours, "o_proj", "b"), (d,), same)
-    norms = {"post_attention_layernorm": "post_norm"}  # Llama: the norm before the MLP
-    if cfg.sandwich_norms:  # Gemma: post_attention_layernorm norms the attention's output
-      norms = {
-        "post_attention_layernorm": "attn_out_norm",
-        "pre_feedforward_layernorm": "post_norm",
-        "post_feedforward_layernorm": "mlp_out_norm",
-      }
-    for hf_name, name in norms.items():
-      table[hf + f"{hf_name}.weight"] = ((ours, name, "scale"), (d,), same)
+    if cfg.sandwich_norms:  # Gemma: its own norm before the MLP, and one after it
+      for hf_name, name in (("pre_feedforward", "post_norm"), ("post_feedforward", "mlp_out_norm")):
+        table[hf + f"{hf_name}_layernorm.weight"] = ((ours, name, "scale"), (d,), same)
     if cfg.qk_norm:
       for name in ("q_norm", "k_norm"):
         table[hf + f"self_attn.{name}.weight"] = ((ours, name, "scale"), (h,), same)

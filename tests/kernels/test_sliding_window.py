@@ -41,7 +41,7 @@ def _prompt(seed, t, n=4, kh=2, h=16, pad=7):
   return *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), valid
 
 
-@pytest.mark.parametrize("window", [1, 5, 37, 100, 1000])
+@pytest.mark.parametrize("window", [1, 37, 1000])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reference_and_exact_pass_equal_the_dense_window(seed, window):
   q, k, v, valid = _prompt(seed, 128)

@@ -74,7 +74,7 @@ def test_features_and_logits_match_hf(family, seed, mm_model):
     assert diff <= FP32_ATOL, f"{family} seed={seed} {layout}: max |jmmkv - HF| = {diff:.3g}"
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", [0])  # logits parity covers SEEDS
 def test_greedy_matches_hf(seed, mm_model):
   hf, model, _ = mm_model("internvl", seed)
   case = _case(hf, "internvl", seed, "batch_left")

@@ -125,7 +125,7 @@ def test_logits_match_hf(seed, layout, models):
   assert diff <= FP32_ATOL, f"seed={seed} {layout}: max |jmmkv - HF| = {diff:.3g}"
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", [0])  # logits parity covers SEEDS
 def test_greedy_matches_hf(seed, models):
   hf, model, _ = models(seed)
   case = _case(hf, seed, "image_video")

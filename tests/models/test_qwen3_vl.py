@@ -102,7 +102,7 @@ def test_deepstack_matters(mm_model):
   assert max_diff_valid(without, ref, case.mask) > 1e-2
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", [0])  # logits parity covers SEEDS
 def test_greedy_matches_hf(seed, mm_model):
   hf, model, _ = mm_model(FAMILY, seed)
   case = _case(hf, seed, "image_video")
@@ -254,7 +254,7 @@ def test_shared_forward_comparison_equals_generate(mm_model):
   hf, model, _ = mm_model(FAMILY, 0)
   case = _case(hf, 0, "image_video")
   batch = model.prepare(input_ids=case.ids, attention_mask=case.mask, **case.arrays)
-  jobs = [("snapkv:window=8", 0.3), ("meda", 0.3)]
+  jobs = [("meda", 0.3)]
   both = compare.generate_each(model, batch, jobs, max_new_tokens=4, eos_token_id=[])
   for (spec, ratio), got in zip(jobs, both):
     want = jmmkv.generate(
