@@ -102,19 +102,7 @@ def test_qwen3_logits_and_greedy_equal_transformers(tmp_path, seed):
   hf.eval().save_pretrained(tmp_path)
   model = jmmkv.load(tmp_path)
   assert model.config.qk_norm and not model.config.qkv_bias and model.config.head_dim == 24
-  rng = np.random.default_rng(seed)
-  rows = [random_ids(rng, 21), random_ids(rng, 8)]
-  ids, mask = pad_batch(rows, "left")
-  want = hf_logits(hf, ids, mask)
-  got = model.logits(ids, mask)
-  m = mask.astype(bool)
-  assert np.abs(got[m] - want[m]).max() <= 1e-4
-  tokens, margins = hf_greedy_generate(hf, rows, 16)
-  assert min(min(m) for m in margins) > 1e-4, f"seed={seed}: near tie in HF greedy"
-  out = jmmkv.generate(
-    model, model.prepare(input_ids=ids, attention_mask=mask), max_new_tokens=16, eos_token_id=[]
-  )
-  assert [[int(t) for t in r] for r in out.tokens] == tokens
+  _logits_and_greedy_equal(hf, model, seed)
 
 
 def _gemma3_text(seed: int, **kw):
@@ -154,18 +142,7 @@ def test_gemma3_text_logits_and_greedy_equal_transformers(tmp_path, seed):
   hf.eval().save_pretrained(tmp_path)
   model = jmmkv.load(tmp_path)
   assert model.config.local_layers == (0, 2) and model.config.local_rope.theta == 1e4
-  rng = np.random.default_rng(seed)
-  rows = [random_ids(rng, 21), random_ids(rng, 8)]
-  ids, mask = pad_batch(rows, "left")
-  want = hf_logits(hf, ids, mask)
-  got = model.logits(ids, mask)
-  m = mask.astype(bool)
-  assert np.abs(got[m] - want[m]).max() <= 1e-4
-  tokens, margins = hf_greedy_generate(hf, rows, 16)
-  assert min(min(x) for x in margins) > 1e-4, f"seed={seed}: near tie in HF greedy"
-  batch = model.prepare(input_ids=ids, attention_mask=mask)
-  out = jmmkv.generate(model, batch, max_new_tokens=16, eos_token_id=[])
-  assert [[int(t) for t in r] for r in out.tokens] == tokens
+  _logits_and_greedy_equal(hf, model, seed)
 
 
 def test_gemma3_text_hub_config_spelling_and_refusals():
@@ -200,3 +177,19 @@ def test_gemma3_text_hub_config_spelling_and_refusals():
     gemma3.config_from_hf(dict(hub, sliding_window=64), "Gemma3ForCausalLM")
   with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
     gemma3.config_from_hf(dict(hub, attn_logit_softcapping=50.0), "Gemma3ForCausalLM")
+
+
+def _logits_and_greedy_equal(hf, model, seed: int):
+  """Logits within 1e-4 and greedy 16 tokens equal to transformers', batch 2 left-padded."""
+  rng = np.random.default_rng(seed)
+  rows = [random_ids(rng, 21), random_ids(rng, 8)]
+  ids, mask = pad_batch(rows, "left")
+  want = hf_logits(hf, ids, mask)
+  got = model.logits(ids, mask)
+  m = mask.astype(bool)
+  assert np.abs(got[m] - want[m]).max() <= 1e-4
+  tokens, margins = hf_greedy_generate(hf, rows, 16)
+  assert min(min(x) for x in margins) > 1e-4, f"seed={seed}: near tie in HF greedy"
+  batch = model.prepare(input_ids=ids, attention_mask=mask)
+  out = jmmkv.generate(model, batch, max_new_tokens=16, eos_token_id=[])
+  assert [[int(t) for t in r] for r in out.tokens] == tokens
