@@ -172,6 +172,7 @@ class QwenVLFamily(Multimodal):
 
   parse_config = staticmethod(config_from_hf)
   key_table = staticmethod(key_table)
+  embed_fn = staticmethod(embed)  # the jitted splice `embed` calls (Qwen3-VL has its own)
 
   def video_token_id(self, cfg: QwenVLConfig) -> int:
     return cfg.video_token_id
@@ -218,7 +219,7 @@ class QwenVLFamily(Multimodal):
     vgrid = grid_of(media.video_grid_thw) if vid_counts else ()
     ipix = media.pixel_values if img_counts else np.zeros((0, 1), np.float32)
     vpix = media.pixel_values_videos if vid_counts else np.zeros((0, 1), np.float32)
-    return embed(
+    return self.embed_fn(
       model.params,
       ids_BT,
       np.asarray(ipix),

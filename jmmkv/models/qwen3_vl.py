@@ -16,12 +16,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jmmkv import inputs
 from jmmkv.models import convert, mm, qwen2_vl, qwen_vision
 from jmmkv.models.configs import decoder_config_from_hf
-from jmmkv.models.family import embed_text, text_table
+from jmmkv.models.family import text_table
 from jmmkv.models.llama import Decoder, Embedded
 from jmmkv.models.qwen_vision import QwenVisionConfig
 
@@ -64,23 +62,33 @@ def embed(
   ids_BT,
   image_PX,
   video_PX,
-  b_idx,
-  t_idx,
+  img_b,
+  img_t,
+  vid_b,
+  vid_t,
   *,
   image_grid,
   video_grid,
   cfg: Qwen3VLConfig,
   dtype: str,
 ) -> Embedded:
-  """Token embeddings with image then video features spliced in (``b_idx, t_idx``: image
-  placeholders, then video placeholders), and the DeepStack additions ``[L', B, T, D]``."""
+  """Token embeddings with image then video features spliced in (`qwen2_vl.embed`'s arguments),
+  and the DeepStack additions ``[L', B, T, D]``; without media, the embeddings alone."""
   x_BTD = Decoder(cfg.text, jnp.dtype(dtype)).apply(params["text"], ids_BT, method=Decoder.embed)
-  main, deep = [], []
-  for pix, grid in ((image_PX, image_grid), (video_PX, video_grid)):
+  main, deep, b_idx, t_idx = [], [], [], []
+  for pix, grid, b, t in (
+    (image_PX, image_grid, img_b, img_t),
+    (video_PX, video_grid, vid_b, vid_t),
+  ):
     if grid:
       feats, deepstack = qwen2_vl.vision_features(params, pix, grid=grid, cfg=cfg, dtype=dtype)
       main.append(feats)
       deep.append(deepstack)
+      b_idx.append(b)
+      t_idx.append(t)
+  if not main:
+    return x_BTD
+  b_idx, t_idx = jnp.concatenate(b_idx), jnp.concatenate(t_idx)
   x_BTD = mm.splice(x_BTD, jnp.concatenate(main), b_idx, t_idx)
   added = [
     mm.splice(jnp.zeros_like(x_BTD), jnp.concatenate(per_kind), b_idx, t_idx)
@@ -99,36 +107,13 @@ class Qwen3VLFamily(qwen2_vl.QwenVLFamily):
   """Qwen3-VL (`jmmkv.models.family`): Qwen2-VL's media handling, DeepStack embeddings."""
 
   name = "Qwen3-VL"
-  tie_default = False  # the top-level flag alone decides, as in transformers
   architectures = ("Qwen3VLForConditionalGeneration",)
   config_type = Qwen3VLConfig
+  tie_default = False  # the top-level flag alone decides, as in transformers
 
   parse_config = staticmethod(config_from_hf)
   key_table = staticmethod(key_table)
-
-  def embed(self, model, ids_BT, media: inputs.Media, counts):
-    img_counts, vid_counts = counts
-    c = model.config
-    ib, it = mm.placeholder_index(ids_BT, c.image_token_id, sum(img_counts))
-    vb, vt = mm.placeholder_index(ids_BT, c.video_token_id, sum(vid_counts), "video")
-    if not img_counts and not vid_counts:
-      return embed_text(model.params, ids_BT, cfg=c.text, dtype=model.dtype_name)
-    igrid = qwen2_vl.grid_of(media.image_grid_thw) if img_counts else ()
-    vgrid = qwen2_vl.grid_of(media.video_grid_thw) if vid_counts else ()
-    ipix = media.pixel_values if img_counts else np.zeros((0, 1), np.float32)
-    vpix = media.pixel_values_videos if vid_counts else np.zeros((0, 1), np.float32)
-    return embed(
-      model.params,
-      ids_BT,
-      np.asarray(ipix),
-      np.asarray(vpix),
-      np.concatenate([ib, vb]),
-      np.concatenate([it, vt]),
-      image_grid=igrid,
-      video_grid=vgrid,
-      cfg=c,
-      dtype=model.dtype_name,
-    )
+  embed_fn = staticmethod(embed)  # returns an `Embedded` (DeepStack)
 
   def images_only_processor(self, architecture: str) -> str | None:
     return "Qwen3VLProcessor"
