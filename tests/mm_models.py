@@ -568,3 +568,17 @@ def respell(src, dst, rules) -> None:
       old = next((o for o, _ in rules if key.startswith(o)), None)
       renamed[key if old is None else dict(rules)[old] + key[len(old) :]] = x
     save_file(renamed, path, metadata={"format": "pt"})
+
+
+def random_pil(rng: np.random.Generator, h: int, w: int):
+  """A random ``h x w`` RGB PIL image."""
+  from PIL import Image
+
+  return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def copy_model_dir(src, dst) -> None:
+  """The files of a saved model directory, copied into ``dst`` (to add processor files)."""
+  dst.mkdir(parents=True, exist_ok=True)
+  for f in src.iterdir():
+    (dst / f.name).write_bytes(f.read_bytes())

@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import InternVLProcessor, PreTrainedTokenizerFast
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -21,6 +20,8 @@ import jmmkv
 from hf_models import pad_batch
 from policy_run import generate_and_check
 from mm_models import (
+  copy_model_dir,
+  random_pil,
   CLIP_IMAGE,
   IMAGE_ID,
   INTERNVL,
@@ -135,8 +136,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 def test_prepare_matches_the_processor_and_generation_matches_hf(mm_model, tmp_path):
   hf, _, path = mm_model("internvl", 1)
-  for f in path.iterdir():
-    (tmp_path / f.name).write_bytes(f.read_bytes())
+  copy_model_dir(path, tmp_path)
   tok = _tokenizer()
   ip = GotOcr2ImageProcessorPil(
     size={"height": CLIP_IMAGE, "width": CLIP_IMAGE}, crop_to_patches=True, max_patches=4
@@ -154,7 +154,7 @@ def test_prepare_matches_the_processor_and_generation_matches_hf(mm_model, tmp_p
   proc = ImagesOnly(image_processor=ip, tokenizer=tok, image_seq_length=INTERNVL_TOKENS)
   model = jmmkv.load(tmp_path)
   rng = np.random.default_rng(2)
-  pil = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+  pil = lambda h, w: random_pil(rng, h, w)
   images = [[pil(64, 64), pil(40, 90)], [pil(30, 30)]]
   ref = proc(
     text=["w3 <IMG_CONTEXT> w5 <IMG_CONTEXT> w6", "<IMG_CONTEXT> w9"],

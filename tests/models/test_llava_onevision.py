@@ -22,6 +22,8 @@ import jmmkv
 from hf_models import positions_from_mask
 from policy_run import generate_and_check
 from mm_models import (
+  copy_model_dir,
+  random_pil,
   CLIP_IMAGE,
   IMAGE_ID,
   OV_MAX_TILES,
@@ -203,21 +205,16 @@ def _save_processor(path):
 def with_processor(models, tmp_path_factory):
   hf, _, path = models(0)
   proc_dir = tmp_path_factory.mktemp("ov_proc")
-  for f in path.iterdir():
-    (proc_dir / f.name).write_bytes(f.read_bytes())
+  copy_model_dir(path, proc_dir)
   proc = _save_processor(proc_dir)
   return hf, proc, jmmkv.load(proc_dir)
-
-
-def _pil(rng, h, w):
-  return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def test_prepare_matches_the_processor_and_generation_matches_hf(with_processor):
   hf, proc, model = with_processor
   rng = np.random.default_rng(3)
   prompts = ["w3 <image> w17 <image> w5", "<image> w40 w41"]
-  images = [[_pil(rng, 64, 64), _pil(rng, 40, 90)], [_pil(rng, 50, 100)]]
+  images = [[random_pil(rng, 64, 64), random_pil(rng, 40, 90)], [random_pil(rng, 50, 100)]]
   ref = proc(text=prompts, images=images, padding=True, return_tensors="np")
   assert list(ref["batch_num_images"]) == [2, 1]
   batch = model.prepare(prompts=prompts, images=images, chat_template=False)
@@ -246,7 +243,7 @@ def test_video_frames_through_prepare(with_processor):
   processor's mean / std, written out here from that description."""
   hf, proc, model = with_processor
   rng = np.random.default_rng(4)
-  frames = [_pil(rng, 40, 56) for _ in range(3)]
+  frames = [random_pil(rng, 40, 56) for _ in range(3)]
   batch = model.prepare(prompts=["w3 <video> w5"], videos=[[frames]], chat_template=False)
   ip = proc.image_processor
   mean = np.asarray(ip.image_mean, np.float32)[:, None, None]

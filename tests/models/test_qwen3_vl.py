@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 from transformers import Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import jmmkv
 from hf_models import pad_batch
 from mm_models import (
+  copy_model_dir,
+  random_pil,
   hf_image_features,
   hf_mm_greedy_generate,
   hf_mm_logits,
@@ -150,8 +151,7 @@ def test_the_other_key_spelling_loads(mm_model, tmp_path):
 
 def test_prepare_with_the_processor(mm_model, tmp_path):
   hf, _, path = mm_model(FAMILY, 1)
-  for f in path.iterdir():
-    (tmp_path / f.name).write_bytes(f.read_bytes())
+  copy_model_dir(path, tmp_path)
   tok = _tokenizer(QWEN_SPECIAL)
   ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16)
   tok.save_pretrained(tmp_path)
@@ -170,7 +170,7 @@ def test_prepare_with_the_processor(mm_model, tmp_path):
   proc = ImagesOnly(image_processor=ip, tokenizer=tok)
   model = jmmkv.load(tmp_path)
   rng = np.random.default_rng(2)
-  pil = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+  pil = lambda h, w: random_pil(rng, h, w)
   images = [[pil(64, 64), pil(40, 90)], [pil(100, 30)]]
   span = "<|vision_start|><|image_pad|><|vision_end|>"
   ref = proc(
