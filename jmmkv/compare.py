@@ -65,6 +65,7 @@ def capture_step(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep, (), method=Decoder.prefill
   )
   ks, vs, sts = zip(*layers)
+  sts = [st for i, st in enumerate(sts) if i not in cfg.window_layers]  # none there
   return last_logits(dec, params, h_BTD, lengths_B), ks, vs, stats.stack(sts)
 
 
@@ -85,14 +86,16 @@ def compress_step(
   append_capacity: int,
 ):
   """What `generate.prefill_step` stores, from captured K/V (per layer ``[B, K, T, H]``) and
-  statistics (``own``: the policy's, ``[L, ...]``): the decode cache and, for a pool, the
-  `Pool`."""
-  num_layers, shape, dtype = len(ks), ks[0].shape, ks[0].dtype
-  ctx = Context(kept_B, lengths_B, survey, num_layers)
-  state = (policy.start(ctx), stream.start(storage, num_layers, shape, dtype))
+  statistics (``own``: the policy's, ``[L', ...]`` over the layers it compresses): the decode
+  cache and, for a pool, the `Pool`."""
+  shape, dtype = ks[0].shape, ks[0].dtype
+  compressed = [i for i in range(len(ks)) if i not in storage.ring_layers]
+  ctx = Context(kept_B, lengths_B, survey, len(compressed))
+  state = (policy.start(ctx), stream.start(storage, len(compressed), shape, dtype))
   hook = stream.on_layer(policy, storage, ctx, valid_BT, modality_BT, lengths_B)
-  for index in range(num_layers):
-    layer_stats = {name: x[index] for name, x in own.items()}
+  for index in range(len(ks)):
+    ordinal = compressed.index(index) if index in compressed else None
+    layer_stats = {} if ordinal is None else {name: x[ordinal] for name, x in own.items()}
     state, _ = hook(index, ks[index], vs[index], layer_stats, state)
   return stream.stored(storage, state[1], lengths_B, rope_start_B, append_capacity, shape, dtype)
 
@@ -149,7 +152,12 @@ def iter_each(
       for i in members:
         policy = resolved[i][0]
         storage, more = plan_storage(
-          model, prompt, policy, kept[i], _pick(st, prompt.bound(policy.survey))
+          model,
+          prompt,
+          policy,
+          kept[i],
+          _pick(st, prompt.bound(policy.survey)),
+          max(1, max_new_tokens - 1),
         )
         t0 = time.perf_counter()
         stored = jax.block_until_ready(
@@ -193,7 +201,7 @@ def kept_mask(cache, t: int) -> np.ndarray:
   """``[L, B, K, t]`` bool (NumPy): the prompt positions below ``t`` that each (layer, row, KV
   head) of a dense or paged ``cache`` kept."""
   _, b, kh = cache.append_k.shape[:3]
-  out = np.zeros((len(cache.append_k), b, kh, t), bool)
+  out = np.zeros((len(cache.positions), b, kh, t), bool)
   if hasattr(cache, "owner"):  # PagedKVCache: pages owned by b * K + head
     for layer, (owner, pos) in enumerate(zip(cache.owner, cache.positions)):
       owner, pos = np.asarray(owner), np.asarray(pos)

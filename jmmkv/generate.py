@@ -64,9 +64,14 @@ def survey_step(
   spec: StatsSpec,
 ):
   """A prompt forward that keeps no K/V: the statistics ``spec`` asks for, of every layer
-  (`Stats` stacked ``[L, ...]``), for a policy whose ``survey`` needs them before compressing."""
+  (`Stats` stacked ``[L', ...]`` over `DecoderConfig.global_layers`), for a policy whose
+  ``survey`` needs them before compressing."""
   dec = Decoder(cfg, jnp.dtype(dtype))
-  keep_stats = lambda index, k, v, st, acc: (acc + (st,), jnp.zeros(()))
+  rings = cfg.window_layers  # no statistics there: a policy never sees them
+  keep_stats = lambda index, k, v, st, acc: (
+    acc if index in rings else acc + (st,),
+    jnp.zeros(()),
+  )
   _, sts = dec.apply(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep_stats, (), method=Decoder.prefill
   )
@@ -107,9 +112,10 @@ def prefill_step(
   when ``storage`` is a pool, the `Pool` (the cache's prefix is then empty: `stream.from_pool`).
   """
   dec = Decoder(cfg, jnp.dtype(dtype))
-  ctx = Context(kept_B, lengths_B, survey, cfg.num_layers)
+  compressed = len(cfg.global_layers)  # the policy's layers (sliding-window ones keep rings)
+  ctx = Context(kept_B, lengths_B, survey, compressed)
   k_shape = (valid_BT.shape[0], cfg.num_kv_heads, valid_BT.shape[1], cfg.head_dim)
-  state = (policy.start(ctx), stream.start(storage, cfg.num_layers, k_shape, jnp.dtype(dtype)))
+  state = (policy.start(ctx), stream.start(storage, compressed, k_shape, jnp.dtype(dtype)))
   hook = stream.on_layer(policy, storage, ctx, valid_BT, modality_BT, lengths_B)
   h_BTD, (_, store) = dec.apply(
     params, x_BTD, positions, valid_BT, modality_BT, spec, hook, state, method=Decoder.prefill
@@ -393,30 +399,37 @@ def kept_counts(policy, budget: Budget | None, lengths_B: np.ndarray) -> np.ndar
   return np.array([budget.kept(int(n)) for n in lengths_B] if budget else lengths_B, np.int32)
 
 
-def plan_storage(model, prompt: Prompt, policy, kept_B: np.ndarray, survey: Stats):
-  """Where the policy's kept slots go (`stream.storage_for` of its `Plan`), and the device
-  arguments the compressing prefill takes after the prompt's (lengths, rope start, kept
-  counts, survey)."""
+def plan_storage(
+  model, prompt: Prompt, policy, kept_B: np.ndarray, survey: Stats, append_capacity: int
+):
+  """Where the policy's kept slots go (`stream.storage_for` of its `Plan`; rings for
+  sliding-window layers), and the device arguments the compressing prefill takes after the
+  prompt's (lengths, rope start, kept counts, survey)."""
   cfg, mesh, padded = model.text_config, model.mesh, prompt.padded
   lengths = np.asarray(padded.lengths_B)
   valid_BT = np.asarray(padded.valid_BT)
+  compressed = len(cfg.global_layers)
   host = HostPrompt(
     lengths,
     kept_B,
     valid_BT,
     np.asarray(padded.modality_BT),
-    cfg.num_layers,
+    compressed,
     cfg.num_kv_heads,
     {name: np.asarray(x) for name, x in survey.items()},
   )
+  rings = cfg.window_layers
   storage = stream.storage_for(
     policy.plan(host),
-    cfg.num_layers,
+    compressed,
     len(lengths),
     cfg.num_kv_heads,
     valid_BT.shape[1],
-    mesh is None,
+    mesh is None and not rings,  # a pool holds every layer's pages: not with rings
   )
+  if rings:
+    size = kv_cache.ring_size(cfg.sliding_window, valid_BT.shape[1], append_capacity)
+    storage = dataclasses.replace(storage, ring_layers=rings, window=cfg.sliding_window, ring=size)
   args = (
     sharding.put_batch(padded.lengths_B, mesh),
     sharding.put_batch(prompt.rope_start_B, mesh, axis=prompt.rope_start_B.ndim - 1),
@@ -461,7 +474,7 @@ def prefill_stage(
       ).compile()
       t0 = time.perf_counter() - seconds
     survey = survey_step(*args, spec=prompt.bound(policy.survey), **kw)
-  storage, more = plan_storage(model, prompt, policy, kept_B, survey)
+  storage, more = plan_storage(model, prompt, policy, kept_B, survey, append_capacity)
   args += more
   kw.update(
     spec=prompt.bound(policy.stats), policy=policy, storage=storage, append_capacity=append_capacity
@@ -484,6 +497,10 @@ def layout_stage(stored, storage: stream.Storage, layout: str):
       raise ValueError("layout='paged' is not supported under a mesh; use 'dense' or 'auto'")
     layout = "dense"
   cache, pool = stored
+  if cache.ring_layers:  # rings are not paged
+    if layout == "paged":
+      raise ValueError("layout='paged' is not supported with sliding-window layers; use 'dense'")
+    layout = "dense"
   t0 = time.perf_counter()
   with _donation_quiet():
     if pool is not None:

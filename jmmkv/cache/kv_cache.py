@@ -6,6 +6,13 @@ give the stacked ``[L, B, K, C, ...]`` views. Prefix slots hold keys after RoPE 
 original prompt position and modality id (-1 / 0 where empty); the append buffer ``[L, B, K, M, H]``
 has one write index shared by all rows (row b's m-th new token sits at RoPE position
 ``rope_start[b] + m``).
+
+A sliding-window layer (Gemma 3's local layers: ``ring_layers``, window ``window``) has no
+append row: its prefix is a **ring** of R = min(window, prompt bucket + M) slots holding the
+last tokens of the row, prompt and generated alike; the token at sequence index p (prompt
+tokens 0..length-1, then ``length + m``) sits in slot ``p mod R`` and ``positions`` holds p. A
+policy never compresses a ring: it keeps the last ``min(length, window - 1)`` prompt tokens,
+all that the next query can see.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmkv import sharding
-from jmmkv.typing import Array
+from jmmkv.typing import TEXT, Array
 
 
 @flax.struct.dataclass
@@ -32,43 +39,66 @@ class KVCache:
   lengths: Array  # [B] int32 prompt length per row
   rope_start: Array  # [B] (or [3, B] for M-RoPE) int32 RoPE position of the first new token
   index: Array  # [] int32 number of tokens written to the append buffer
+  window: int = flax.struct.field(pytree_node=False, default=0)  # the ring layers' window
+  ring_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
+  # The stacked views pad every layer to the widest (a ring can be wider or narrower than C).
   @property
   def k(self) -> Array:  # [L, B, K, C, H]
-    return jnp.stack(self.layer_k)
+    return _stacked(self.layer_k, 0)
 
   @property
   def v(self) -> Array:  # [L, B, K, C, H]
-    return jnp.stack(self.layer_v)
+    return _stacked(self.layer_v, 0)
 
   @property
   def positions(self) -> Array:  # [L, B, K, C]
-    return jnp.stack(self.layer_positions)
+    return _stacked(self.layer_positions, -1)
 
   @property
   def modality(self) -> Array:  # [L, B, K, C]
-    return jnp.stack(self.layer_modality)
+    return _stacked(self.layer_modality, 0)
 
   @property
   def valid(self) -> Array:  # [L, B, K, C]
     return self.positions >= 0
 
   @property
-  def capacity(self) -> int:  # C
-    return self.layer_k[0].shape[2]
+  def capacity(self) -> int:  # C of the compressed (non-ring) layers
+    rest = [x for i, x in enumerate(self.layer_k) if i not in self.ring_layers]
+    return rest[0].shape[2] if rest else 0
+
+  def append_row(self, layer: int) -> int:
+    """The append buffer's row of ``layer`` (static; ring layers have none)."""
+    if layer in self.ring_layers:
+      raise ValueError(f"layer {layer} is a sliding-window layer: it has a ring, no append row")
+    return layer - sum(r < layer for r in self.ring_layers)
 
   def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto
     return jnp.arange(self.append_k.shape[3]) < upto
 
   def kept_LBK(self) -> np.ndarray:
-    """Kept prompt slots per (layer, row, KV head), from the arrays."""
-    return np.asarray(self.valid).sum(-1)
+    """Kept prompt slots per (layer, row, KV head), from the arrays (a ring's generated
+    tokens are not prompt slots)."""
+    pos = np.asarray(self.positions)
+    return ((pos >= 0) & (pos < np.asarray(self.lengths)[None, :, None, None])).sum(-1)
+
+  def prefix_slots(self) -> int:
+    """Filled prefix slots (rings' generated tokens included), from the arrays."""
+    return int(sum(int((np.asarray(x) >= 0).sum()) for x in self.layer_positions))
 
   def kv_bytes_allocated(self) -> int:
     return sum(int(x.nbytes) for x in (*self.layer_k, *self.layer_v, self.append_k, self.append_v))
 
   def kv_bytes_used(self) -> int:
     return used_bytes(self)
+
+
+def _stacked(layers: tuple[Array, ...], fill) -> Array:
+  """Per-layer ``[B, K, C_l, ...]`` arrays stacked ``[L, B, K, max C_l, ...]``, padded with ``fill``."""
+  c = max(x.shape[2] for x in layers)
+  pad = lambda x: [(0, 0), (0, 0), (0, c - x.shape[2])] + [(0, 0)] * (x.ndim - 3)
+  return jnp.stack([jnp.pad(x, pad(x), constant_values=fill) for x in layers])
 
 
 def slot_bytes(append_k_LBKMH: Array) -> int:
@@ -80,8 +110,7 @@ def used_bytes(cache) -> int:
   """Bytes of K/V in valid prefix slots and written append slots of a dense or paged cache, from
   the arrays."""
   l, b, kh = cache.append_k.shape[:3]
-  kept = int(cache.kept_LBK().sum())
-  return slot_bytes(cache.append_k) * (kept + l * b * kh * int(cache.index))
+  return slot_bytes(cache.append_k) * (cache.prefix_slots() + l * b * kh * int(cache.index))
 
 
 def from_prefix(
@@ -113,10 +142,14 @@ def from_layers(
   lengths_B: Array,
   rope_start_B: Array,
   append_capacity: int,
+  window: int = 0,
+  ring_layers: tuple[int, ...] = (),
 ) -> KVCache:
-  """`from_prefix` from per-layer arrays (``[B, K, C, H]`` / ``[B, K, C]`` each; no stacking)."""
+  """`from_prefix` from per-layer arrays (``[B, K, C, H]`` / ``[B, K, C]`` each; no stacking);
+  the entries of ``ring_layers`` are their rings (`ring_of`), with no append row."""
   b, kh, _, h = k_L[0].shape
-  empty = jnp.zeros((len(k_L), b, kh, append_capacity, h), k_L[0].dtype)
+  rows = len(k_L) - len(ring_layers)
+  empty = jnp.zeros((rows, b, kh, append_capacity, h), k_L[0].dtype)
   cache = KVCache(
     layer_k=tuple(k_L),
     layer_v=tuple(v_L),
@@ -127,8 +160,68 @@ def from_layers(
     lengths=lengths_B.astype(jnp.int32),
     rope_start=rope_start_B.astype(jnp.int32),
     index=jnp.zeros((), jnp.int32),
+    window=window,
+    ring_layers=tuple(ring_layers),
   )
   return constrain(cache)
+
+
+def ring_size(window: int, bucket: int, append_capacity: int) -> int:
+  """R: the slots of a sliding-window layer's ring, for prompts padded to ``bucket`` and
+  ``append_capacity`` generated tokens fed back (no more than ever fit in the window)."""
+  return max(1, min(window, bucket + append_capacity))
+
+
+def ring_of(
+  k_BKTH: Array, v_BKTH: Array, modality_BT: Array, lengths_B: Array, window: int, size: int
+):
+  """A sliding-window layer's ring after the prompt: ``(k, v, positions, modality)``
+  ``[B, K, R, ...]`` holding each row's last ``min(length, window - 1)`` prompt tokens, token p
+  in slot ``p mod R`` (`ring_size` gives R)."""
+  b, kh = k_BKTH.shape[:2]
+  last_B1 = lengths_B[:, None] - 1
+  p_BR = last_B1 - (last_B1 - jnp.arange(size)[None]) % size  # the latest prompt position per slot
+  keep_BR = (p_BR >= 0) & (p_BR > lengths_B[:, None] - window)
+  at_BR = jnp.maximum(p_BR, 0)
+  at_BKR = jnp.broadcast_to(at_BR[:, None], (b, kh, size))
+  keep_BKR = jnp.broadcast_to(keep_BR[:, None], (b, kh, size))
+  take = lambda x_BKTH: jnp.where(
+    keep_BKR[..., None], jnp.take_along_axis(x_BKTH, at_BKR[..., None], axis=2), 0
+  ).astype(x_BKTH.dtype)
+  mod_BR = jnp.where(keep_BR, jnp.take_along_axis(modality_BT, at_BR, axis=1), 0)
+  return (
+    take(k_BKTH),
+    take(v_BKTH),
+    jnp.where(keep_BKR, at_BKR, -1).astype(jnp.int32),
+    jnp.broadcast_to(mod_BR[:, None], (b, kh, size)).astype(jnp.int32),
+  )
+
+
+def write_ring(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCache:
+  """Writes the current token's K/V into ring ``layer``: row b's at sequence index
+  ``lengths[b] + index``, slot ``(lengths[b] + index) mod R`` (index is not advanced)."""
+  b, _, size = cache.layer_k[layer].shape[:3]
+  p_B = cache.lengths + cache.index
+  rows, slot_B = jnp.arange(b), p_B % size
+  put = lambda xs, x: tuple(
+    xs[i].at[rows, :, slot_B].set(x.astype(xs[i].dtype)) if i == layer else xs[i]
+    for i in range(len(xs))
+  )
+  kh = k_BKH.shape[1]
+  return cache.replace(
+    layer_k=put(cache.layer_k, k_BKH),
+    layer_v=put(cache.layer_v, v_BKH),
+    layer_positions=put(cache.layer_positions, jnp.broadcast_to(p_B[:, None], (b, kh))),
+    layer_modality=put(cache.layer_modality, jnp.full((b, kh), TEXT, jnp.int32)),
+  )
+
+
+def ring_valid(cache: KVCache, layer: int) -> Array:
+  """``[B, K, R]``: the ring slots the current token (sequence index ``lengths + index``)
+  attends to, itself included: the last ``window`` tokens."""
+  p_B11 = (cache.lengths + cache.index)[:, None, None]
+  pos_BKR = cache.layer_positions[layer]
+  return (pos_BKR >= 0) & (pos_BKR > p_B11 - cache.window)
 
 
 def constrain(cache: KVCache) -> KVCache:
@@ -146,7 +239,7 @@ def constrain(cache: KVCache) -> KVCache:
 
 def write_append(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCache:
   """Writes one token's K/V for ``layer`` at the current append index (index is not advanced)."""
-  at = (layer, 0, 0, cache.index, 0)
+  at = (cache.append_row(layer), 0, 0, cache.index, 0)
   k = jax.lax.dynamic_update_slice(
     cache.append_k, k_BKH[None, :, :, None].astype(cache.append_k.dtype), at
   )
@@ -158,8 +251,10 @@ def write_append(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCa
 
 def compact_capacity(cache: KVCache, multiple: int = 32) -> int:
   """The smallest capacity, a multiple of ``multiple`` (or the current one), that holds every
-  kept slot of ``cache`` (slots are stored first, in ascending position order)."""
-  return min(cache.capacity, capacity_for(int(cache.kept_LBK().max(initial=0)), multiple))
+  kept slot of ``cache`` (slots are stored first, in ascending position order; rings keep their
+  size)."""
+  kept_LBK = np.delete(cache.kept_LBK(), list(cache.ring_layers), axis=0)
+  return min(cache.capacity, capacity_for(int(kept_LBK.max(initial=0)), multiple))
 
 
 def capacity_for(used: int, multiple: int = 32) -> int:
@@ -170,8 +265,11 @@ def capacity_for(used: int, multiple: int = 32) -> int:
 
 @functools.partial(jax.jit, static_argnames=("capacity",), donate_argnums=0)
 def shrink(cache: KVCache, capacity: int) -> KVCache:
-  """The same cache with the prefix cut to ``capacity`` slots (all cut slots must be empty)."""
-  cut = lambda xs: tuple(x[:, :, :capacity] for x in xs)
+  """The same cache with the prefix cut to ``capacity`` slots (all cut slots must be empty;
+  rings are not cut)."""
+  cut = lambda xs: tuple(
+    x if i in cache.ring_layers else x[:, :, :capacity] for i, x in enumerate(xs)
+  )
   return constrain(
     cache.replace(
       layer_k=cut(cache.layer_k),

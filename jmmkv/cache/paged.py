@@ -72,6 +72,12 @@ class PagedKVCache:
       np.add.at(out[layer], np.asarray(owner), (np.asarray(pos) >= 0).sum(-1))
     return out[:, :-1].reshape(len(self.k), b, kh)
 
+  def append_row(self, layer: int) -> int:  # every layer has one (a paged cache has no rings)
+    return layer
+
+  def prefix_slots(self) -> int:
+    return int(self.kept_LBK().sum())
+
   def kv_bytes_allocated(self) -> int:
     return sum(int(x.nbytes) for x in (*self.k, *self.v, self.append_k, self.append_v))
 

@@ -9,6 +9,11 @@ depend on what was stored: `jmmkv.kernels.order`). Storage (`Storage`, chosen on
   the layer's own arrays, no copy);
 - pool: a `jmmkv.cache.pool.Pool` of pages sized by the plan's total (per-head / per-layer
   allocations), re-laid out after the prefill as pages per layer or a dense prefix.
+
+A sliding-window layer (``Storage.ring_layers``) is never handed to the policy: it keeps its
+window as a ring (`jmmkv.cache.kv_cache.ring_of`). The policy sees the other layers as layers
+0..L'-1 of an L'-layer model (``Context.num_layers`` = L'), so layer schedules (PyramidKV, MEDA,
+MadaKV's compensation) run over the layers it compresses; such models store a dense prefix.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class Storage:
   capacity: int  # C: kept positions per (layer, row, KV head) a policy returns
   pages: int = 0  # pool pages (0: a dense [B, K, C, H] prefix per layer)
   page_size: int = 0
+  ring_layers: tuple[int, ...] = ()  # sliding-window layers: a ring each, no policy
+  window: int = 0
+  ring: int = 0  # R, the rings' slots (`jmmkv.cache.kv_cache.ring_size`)
 
   @property
   def pooled(self) -> bool:
@@ -83,9 +91,13 @@ def on_layer(policy, storage: Storage, ctx: Context, valid_BT, modality_BT, leng
 
   def step(index: int, k_BKTH: Array, v_BKTH: Array, st: Stats, state):
     carry, store = state
+    if index in storage.ring_layers:
+      ring = kv_cache.ring_of(k_BKTH, v_BKTH, modality_BT, lengths_B, storage.window, storage.ring)
+      return (carry, store + (ring,)), order.token(*ring)
     lead = {name: x[None] for name, x in st.items()}
     layer = PromptKV(k_BKTH[None], v_BKTH[None], valid_BT, modality_BT, lengths_B, lead)
-    kept, carry = policy.compress_layer(layer, index, ctx, storage.capacity, carry)
+    ordinal = index - sum(r < index for r in storage.ring_layers)  # among compressed layers
+    kept, carry = policy.compress_layer(layer, ordinal, ctx, storage.capacity, carry)
     if storage.pooled:
       if kept.positions is None:
         raise ValueError(f"{policy.name}: keeping every token needs a dense store")
@@ -132,8 +144,9 @@ def stored(storage: Storage, store, lengths_B, rope_start_B, append_capacity: in
     )
     return shell, store
   k, v, positions, modality = zip(*store)
+  rings = (storage.window, storage.ring_layers)
   return kv_cache.from_layers(
-    k, v, positions, modality, lengths_B, rope_start_B, append_capacity
+    k, v, positions, modality, lengths_B, rope_start_B, append_capacity, *rings
   ), None
 
 

@@ -47,6 +47,15 @@ def decode_attention(
   return einops.rearrange(o_BKGH, "B K G H -> B (K G) H").astype(q_BNH.dtype)
 
 
+def ring_decode_attention(q_BNH: Array, k_BKRH: Array, v_BKRH: Array, valid_BKR: Array) -> Array:
+  """One query token over a sliding-window layer's ring (`jmmkv.cache.kv_cache.ring_of`; the
+  token itself is in it). Returns ``[B, N, H]``."""
+  q_BKGH = einops.rearrange(q_BNH, "B (K G) H -> B K G H", K=k_BKRH.shape[1])
+  o_BKGH, _, l_BKG = _partial(q_BKGH, k_BKRH, v_BKRH, valid_BKR)
+  o_BKGH = o_BKGH / l_BKG[..., None]
+  return einops.rearrange(o_BKGH, "B K G H -> B (K G) H").astype(q_BNH.dtype)
+
+
 def paged_decode_attention(
   q_BNH: Array,
   k_PSH: Array,

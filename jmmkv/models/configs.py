@@ -61,6 +61,8 @@ class DecoderConfig:
   final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
   local_layers: tuple[int, ...] = ()  # layers whose RoPE is `local_rope` (Gemma's local layers)
   local_rope: RopeConfig | None = None
+  sliding_window: int | None = None  # local layers attend to this many tokens (the query's own
+  # included); None: to all of them
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -71,6 +73,19 @@ class DecoderConfig:
       raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (silu, gelu_pytorch_tanh)")
     if self.local_layers and self.local_rope is None:
       raise ValueError("local_layers need a local_rope")
+    if self.sliding_window is not None and (self.sliding_window < 1 or not self.local_layers):
+      raise ValueError(f"sliding_window={self.sliding_window} needs local_layers and must be >= 1")
+
+  @property
+  def window_layers(self) -> tuple[int, ...]:
+    """The layers that attend within `sliding_window` (their cache is a ring of that size)."""
+    return self.local_layers if self.sliding_window is not None else ()
+
+  @property
+  def global_layers(self) -> tuple[int, ...]:
+    """The layers that attend to the whole context (all but `window_layers`): a policy
+    compresses their cache."""
+    return tuple(i for i in range(self.num_layers) if i not in self.window_layers)
 
   @property
   def num_groups(self) -> int:  # G

@@ -4,9 +4,10 @@ q/k norms, a gelu-tanh MLP, embeddings scaled by sqrt(D), scores scaled by
 ``query_pre_attn_scalar``, optional final logit soft-capping, and RoPE of its own on the local
 (sliding-window) layers.
 
-Not yet: the local layers' sliding window. jmmkv attends to every kept token, so a checkpoint
-whose window is shorter than its context is refused (as Mistral's), and so is attention-score
-soft-capping. Gemma 3 checkpoints have windows of 512 or 1024 tokens: none loads yet.
+The local layers attend to their last ``sliding_window`` tokens, in the prompt forward and in
+decoding; their decode cache is a ring of at most that many slots that no policy touches (the
+policies compress the global layers: `jmmkv.cache.kv_cache`, `jmmkv.cache.stream`).
+Attention-score soft-capping (Gemma 2's) is refused.
 """
 
 from __future__ import annotations
@@ -54,12 +55,8 @@ def config_from_hf(cfg: dict, architecture: str):
     raise ValueError("use_bidirectional_attention=true (an encoder-style Gemma) is not supported")
   types = layer_types(cfg)
   window = cfg.get("sliding_window", 4096)
-  context = int(cfg.get("max_position_embeddings", 131072))
-  if "sliding_attention" in types and window is not None and window < context:
-    raise ValueError(
-      f"sliding_window={window} below max_position_embeddings={context} is not supported yet "
-      "(jmmkv does not apply Gemma 3's local-layer windows)"
-    )
+  if window is not None and (int(window) != window or window < 1):
+    raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
   full, local = rope_parameters(cfg)
   act = cfg.get("hidden_activation", cfg.get("hidden_act", "gelu_pytorch_tanh"))
   plain = {k: v for k, v in cfg.items() if k not in ("hidden_act", "rope_scaling")}
@@ -81,6 +78,7 @@ def config_from_hf(cfg: dict, architecture: str):
     tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
     local_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
     local_rope=rope_config(local),
+    sliding_window=int(window) if window is not None and "sliding_attention" in types else None,
   )
 
 

@@ -141,18 +141,30 @@ class Block(nn.Module):
     bufs, _ = scan(self, bufs, jnp.arange(0, t, MLP_CHUNK))
     return bufs
 
-  def prefill(self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec: stats.StatsSpec):
+  def prefill(
+    self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec: stats.StatsSpec, window=None
+  ):
     q_BTNH, k_BKTH, v_BKTH = self._qkv_in_chunks(x_BTD, cos_BTH, sin_BTH)
-    o_BTNH, st = stats.attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT, spec)
+    o_BTNH, st = stats.attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT, spec, window=window)
     return self._finish_in_chunks(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
 
   def decode(self, x_B1D, cos_B1H, sin_B1H, cache, layer: int):
     """``cache``: a dense `KVCache` or a `PagedKVCache` (same append buffer, other prefix)."""
     q_B1NH, k_B1KH, v_B1KH = self._qkv(x_B1D, cos_B1H, sin_B1H)
+    if layer in self.cfg.window_layers:  # a ring: no append row
+      cache = kv_cache.write_ring(cache, layer, k_B1KH[:, 0], v_B1KH[:, 0])
+      o_BNH = attention.ring_decode_attention(
+        q_B1NH[:, 0],
+        cache.layer_k[layer],
+        cache.layer_v[layer],
+        kv_cache.ring_valid(cache, layer),
+      )
+      return self._finish(x_B1D, o_BNH[:, None]), cache
     cache = kv_cache.write_append(cache, layer, k_B1KH[:, 0], v_B1KH[:, 0])
+    row = cache.append_row(layer)
     b, kh, m = cache.append_k.shape[1:4]
     append_valid_BKM = jnp.broadcast_to(cache.append_valid(cache.index + 1), (b, kh, m))
-    append = (cache.append_k[layer], cache.append_v[layer], append_valid_BKM)
+    append = (cache.append_k[row], cache.append_v[row], append_valid_BKM)
     if isinstance(cache, paged.PagedKVCache):
       o_BNH = attention.paged_decode_attention(
         q_B1NH[:, 0],
@@ -246,8 +258,15 @@ class Decoder(nn.Module):
     ks, vs, sts = [], [], []
     for index, block in enumerate(self.layers):
       cos_BTH, sin_BTH = tables[index in self.cfg.local_layers]
+      ring = index in self.cfg.window_layers  # no statistics: a policy never scores it
       x_BTD, k_BKTH, v_BKTH, st = block.prefill(
-        x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec
+        x_BTD,
+        cos_BTH,
+        sin_BTH,
+        valid_BT,
+        modality_BT,
+        stats.NONE if ring else spec,
+        self.cfg.sliding_window if ring else None,
       )
       if added_LBTD is not None and index < added_LBTD.shape[0]:
         x_BTD = x_BTD + added_LBTD[index].astype(x_BTD.dtype)
@@ -260,6 +279,7 @@ class Decoder(nn.Module):
       sts.append(st)
     if on_layer is not None:
       return self.norm(x_BTD), state
+    sts = [st for i, st in enumerate(sts) if i not in self.cfg.window_layers]
     return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs), stats.stack(sts)
 
   def decode(self, x_B1D: Array, cache: kv_cache.KVCache):

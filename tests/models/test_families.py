@@ -114,7 +114,7 @@ def _gemma3_text(seed: int, **kw):
       "num_hidden_layers": 4,
       "head_dim": 16,
       "query_pre_attn_scalar": 24,  # not head_dim: the score scale is its own
-      "sliding_window": 512,  # = max_position_embeddings: windows never bind (not applied yet)
+      "sliding_window": (5, 8, 11)[seed],  # prompts of 21 and 8 tokens, then 16 generated
       "layer_types": ["sliding_attention", "full_attention"] * 2,
       "rope_parameters": {
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
@@ -131,7 +131,8 @@ def _gemma3_text(seed: int, **kw):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gemma3_text_logits_and_greedy_equal_transformers(tmp_path, seed):
   """Gemma 3's (1 + w) and sandwich norms, q/k norms, gelu-tanh MLP, scaled embeddings, its own
-  score scale, local-layer RoPE and logit soft-capping (prompts within the window)."""
+  score scale, local layers with their RoPE and a sliding window shorter than the prompt (and
+  than the generated tokens), and logit soft-capping."""
   from transformers import Gemma3ForCausalLM
 
   torch.manual_seed(seed)
@@ -142,12 +143,14 @@ def test_gemma3_text_logits_and_greedy_equal_transformers(tmp_path, seed):
   hf.eval().save_pretrained(tmp_path)
   model = jmmkv.load(tmp_path)
   assert model.config.local_layers == (0, 2) and model.config.local_rope.theta == 1e4
+  assert model.config.sliding_window == (5, 8, 11)[seed]
   _logits_and_greedy_equal(hf, model, seed)
 
 
 def test_gemma3_text_hub_config_spelling_and_refusals():
   """The hub's rope_theta / rope_local_base_freq / rope_scaling / sliding_window_pattern read as
-  transformers reads them; windows shorter than the context and score soft-capping refused."""
+  transformers reads them; a window that is not a positive integer, and score soft-capping,
+  refused."""
   from transformers import Gemma3TextConfig
 
   from jmmkv.models import gemma3
@@ -173,8 +176,10 @@ def test_gemma3_text_hub_config_spelling_and_refusals():
     full["factor"],
   )
   assert cfg.local_rope.theta == local["rope_theta"] == 20000.0
-  with pytest.raises(ValueError, match="sliding_window=64 below max_position_embeddings=512"):
-    gemma3.config_from_hf(dict(hub, sliding_window=64), "Gemma3ForCausalLM")
+  assert cfg.sliding_window == 512 and cfg.window_layers == cfg.local_layers
+  for bad in (0, 2.5):
+    with pytest.raises(ValueError, match=f"sliding_window must be a positive integer, got {bad}"):
+      gemma3.config_from_hf(dict(hub, sliding_window=bad), "Gemma3ForCausalLM")
   with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
     gemma3.config_from_hf(dict(hub, attn_logit_softcapping=50.0), "Gemma3ForCausalLM")
 
