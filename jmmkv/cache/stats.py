@@ -143,7 +143,9 @@ def for_prompt(statistics: StatsSpec, valid_BT, modality_BT) -> StatsSpec:
   return spec(*(x.for_prompt(valid_BT, modality_BT) for x in statistics))
 
 
-def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted, window=None):
+def _exact(
+  q_BTNH, k_BKTH, v_BKTH, valid_BT, block, key_block, wanted, window=None, bidirectional_BT=None
+):
   """Causal attention with exact softmax rows for the ``wanted`` `ProbabilityStatistic`s. Each
   block of ``block`` queries reads only the ``key_block``-key tiles at or before its last query
   (``T`` a multiple of ``key_block``, itself of ``block``):
@@ -163,6 +165,9 @@ def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted,
   scale = h**-0.5
   v_tile = lambda j: jax.lax.dynamic_slice_in_dim(v_BKTH, j * key_block, key_block, 2)
   second = any(map(_reads_tiles, wanted))
+  groups_BT, reach_T = (None, None)
+  if bidirectional_BT is not None:
+    groups_BT, reach_T = flash_attention.runs(bidirectional_BT)
   m0 = MASK_VALUE / 2  # above every masked score: masked pairs get e = 0, a row with no key l = 0
 
   def block_step(state, i):
@@ -170,11 +175,11 @@ def _exact(q_BTNH, k_BKTH, v_BKTH, valid_BT, block: int, key_block: int, wanted,
     q_BQNH = jax.lax.dynamic_slice_in_dim(buf_BTNH, i * block, block, axis=1)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh) * scale
     rows_Q = i * block + jnp.arange(block)
-    tiles = (i * block + block + key_block - 1) // key_block
+    tiles = flash_attention.end_tile(i, block, key_block, reach_T)
     start = flash_attention.first_tile(i, block, key_block, window)
     qv_BQ = jax.lax.dynamic_slice_in_dim(valid_BT, i * block, block, axis=1).astype(jnp.float32)
     scores = lambda j: flash_attention.tile_scores(
-      q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block, window
+      q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block, window, groups_BT
     )
 
     def online_tile(j, carry):  # 1
@@ -231,7 +236,7 @@ def _pad_tokens(pad: int, q_BTNH, k_BKTH, v_BKTH, *x_BT):
   )
 
 
-def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window: int | None = None) -> Array:
+def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window=None, bidirectional_BT=None) -> Array:
   """`flash_attention.causal_attention` of any T: one tile up to `FLASH_KEY_BLOCK` keys, else padded
   to whole key tiles (padding is never a key; its rows are cut off). Under a mesh it runs
   shard-locally per (row, KV head) (`sharding.per_head`): a kernel call cannot be split by XLA,
@@ -244,25 +249,29 @@ def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window: int | None = None) -> Array
   blocks = (
     (min(t, FLASH_QUERY_BLOCK), t) if t <= FLASH_KEY_BLOCK else (FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)
   )
+  bidir = bidirectional_BT is not None
+  if not bidir:
+    bidirectional_BT = jnp.zeros_like(valid_BT)  # a placeholder: not used
   if t > FLASH_KEY_BLOCK:
-    q_BTNH, k_BKTH, v_BKTH, valid_BT = _pad_tokens(
-      -t % FLASH_KEY_BLOCK, q_BTNH, k_BKTH, v_BKTH, valid_BT
+    q_BTNH, k_BKTH, v_BKTH, valid_BT, bidirectional_BT = _pad_tokens(
+      -t % FLASH_KEY_BLOCK, q_BTNH, k_BKTH, v_BKTH, valid_BT, bidirectional_BT
     )
+  attend = lambda q, k, v, valid, bi: flash_attention.causal_attention(
+    q, k, v, valid, *blocks, window, bi if bidir else None
+  )
   if jax.sharding.get_abstract_mesh().empty:
-    return flash_attention.causal_attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, *blocks, window)[
-      :, :t
-    ]
+    return attend(q_BTNH, k_BKTH, v_BKTH, valid_BT, bidirectional_BT)[:, :t]
 
-  def local(q_BKTGH, k_BKTH, v_BKTH, valid_BKT):
+  def local(q_BKTGH, k_BKTH, v_BKTH, valid_BKT, bi_BKT):
     q_BTNH = einops.rearrange(q_BKTGH, "B K T G H -> B T (K G) H")
-    o_BTNH = flash_attention.causal_attention(
-      q_BTNH, k_BKTH, v_BKTH, valid_BKT[:, 0], *blocks, window
-    )
+    o_BTNH = attend(q_BTNH, k_BKTH, v_BKTH, valid_BKT[:, 0], bi_BKT[:, 0])
     return einops.rearrange(o_BTNH, "B T (K G) H -> B K T G H", K=k_BKTH.shape[1])
 
   q_BKTGH = einops.rearrange(q_BTNH, "B T (K G) H -> B K T G H", K=kh)
-  valid_BKT = jnp.broadcast_to(valid_BT[:, None], (b, kh, valid_BT.shape[1]))
-  o_BKTGH = sharding.per_head(local, q_BKTGH, k_BKTH, v_BKTH, valid_BKT, lead=0)
+  per_head = lambda x_BT: jnp.broadcast_to(x_BT[:, None], (b, kh, x_BT.shape[1]))
+  o_BKTGH = sharding.per_head(
+    local, q_BKTGH, k_BKTH, v_BKTH, per_head(valid_BT), per_head(bidirectional_BT), lead=0
+  )
   return einops.rearrange(o_BKTGH, "B K T G H -> B T (K G) H")[:, :t]
 
 
@@ -276,9 +285,13 @@ def attention(
   block: int = 256,
   key_block: int = 512,
   window: int | None = None,
+  bidirectional_BT: Array | None = None,
 ) -> tuple[Array, Stats]:
   """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked;
-  with a sliding ``window``, only the ``window - 1`` slots before the query and itself).
+  with a sliding ``window``, only the ``window - 1`` slots before the query and itself). The
+  slots of each contiguous run of ``bidirectional_BT`` (bool ``[B, T]``: Gemma 3's image
+  tokens) also see the later slots of their run; the probability statistics are those of this
+  attention, the `QueryStatistic`s stay causal.
 
   The `QueryStatistic`s in ``statistics`` are computed first. Without a `ProbabilityStatistic`,
   the attention is flash style (`jmmkv.kernels.flash_attention`). With one, blocks of ``block``
@@ -307,14 +320,17 @@ def attention(
     raise TypeError(f"not a QueryStatistic or ProbabilityStatistic: {sorted(map(repr, unknown))}")
   t_in = q_BTNH.shape[1]
   pad = -t_in % min(block, t_in)
+  bi_BT = () if bidirectional_BT is None else (bidirectional_BT,)
   if pad:  # whole blocks (padding is never a query or a key; cut off below)
-    q_BTNH, k_BKTH, v_BKTH, valid_BT = _pad_tokens(pad, q_BTNH, k_BKTH, v_BKTH, valid_BT)
+    q_BTNH, k_BKTH, v_BKTH, valid_BT, *bi_BT = _pad_tokens(
+      pad, q_BTNH, k_BKTH, v_BKTH, valid_BT, *bi_BT
+    )
   t = q_BTNH.shape[1]
   if not wanted:  # no statistic of every query's probabilities: flash attention
-    out_BTNH = _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window)
+    out_BTNH = _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window, *bi_BT)
   else:  # exact probabilities: two passes over key tiles (`_exact`)
     key_block = t if t <= key_block else key_block
-    padded = _pad_tokens(-t % key_block, q_BTNH, k_BKTH, v_BKTH, valid_BT)
-    out_BTNH, accs = _exact(*padded, min(block, t), key_block, wanted, window)
+    q, k, v, valid, *bi = _pad_tokens(-t % key_block, q_BTNH, k_BKTH, v_BKTH, valid_BT, *bi_BT)
+    out_BTNH, accs = _exact(q, k, v, valid, min(block, t), key_block, wanted, window, *bi)
     out.update({x.name: x.finish(accs[x.name], valid_BT[:, :t_in]) for x in wanted})
   return out_BTNH[:, :t_in], out

@@ -29,20 +29,56 @@ f32 = jnp.float32
 
 
 def tile_scores(
-  q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block: int, window: int | None = None
+  q_BKGQH,
+  k_BKTH,
+  valid_BT,
+  rows_Q,
+  j,
+  key_block: int,
+  window: int | None = None,
+  groups_BT: Array | None = None,
 ) -> Array:
   """Scores ``[B, K, G, Q, S]`` (float32) of (scaled) queries at slots ``rows_Q`` against key
   tile ``j`` of ``key_block`` keys; `MASK_VALUE` where the causal mask or padding hides a key,
   or, with a sliding ``window``, where the key is ``window`` or more slots before the query (as
-  transformers' ``sliding_window``: a query sees itself and the ``window - 1`` slots before)."""
+  transformers' ``sliding_window``: a query sees itself and the ``window - 1`` slots before).
+  ``groups_BT`` (`runs`): slots of one run also see each other's later slots (Gemma 3's
+  bidirectional image tokens; the window still applies)."""
   tile = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
   s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, tile(k_BKTH, 2), preferred_element_type=jnp.float32)
   cols_S = j * key_block + jnp.arange(key_block)
-  seen_QS = rows_Q[:, None] >= cols_S[None, :]
+  seen_BQS = (rows_Q[:, None] >= cols_S[None, :])[None]
+  if groups_BT is not None:
+    gq_BQ1 = jnp.take(groups_BT, rows_Q, axis=1)[:, :, None]
+    seen_BQS = seen_BQS | ((gq_BQ1 == tile(groups_BT, 1)[:, None, :]) & (gq_BQ1 >= 0))
   if window is not None:
-    seen_QS &= rows_Q[:, None] - cols_S[None, :] < window
-  mask_BQS = seen_QS[None] & tile(valid_BT, 1)[:, None, :]
+    seen_BQS &= (rows_Q[:, None] - cols_S[None, :] < window)[None]
+  mask_BQS = seen_BQS & tile(valid_BT, 1)[:, None, :]
   return jnp.where(mask_BQS[:, None, None], s, MASK_VALUE)
+
+
+def runs(bidirectional_BT: Array) -> tuple[Array, Array]:
+  """The contiguous runs of true slots of ``bidirectional_BT`` ``[B, T]`` (bool): each slot's
+  run id ``[B, T]`` (-1 outside runs), and ``[T]`` the last slot a query there may see in any
+  row (its run's last slot; itself outside runs)."""
+  t = bidirectional_BT.shape[1]
+  before_BT = jnp.pad(bidirectional_BT, ((0, 0), (1, 0)))[:, :-1]
+  starts_BT = bidirectional_BT & ~before_BT
+  groups_BT = jnp.where(bidirectional_BT, jnp.cumsum(starts_BT, axis=1) - 1, -1)
+  slot_T = jnp.arange(t)
+  stops_BT = jnp.where(bidirectional_BT, t, slot_T[None])  # the slots that end no run
+  next_stop_BT = jnp.flip(jax.lax.cummin(jnp.flip(stops_BT, 1), axis=1), 1)
+  reach_BT = jnp.where(bidirectional_BT, next_stop_BT - 1, slot_T[None])
+  return groups_BT.astype(jnp.int32), reach_BT.max(0)
+
+
+def end_tile(i, query_block: int, key_block: int, reach_T: Array | None):
+  """One past the last key tile query block ``i`` reads: the tile of its last query, or of the
+  furthest slot a run lets one of its queries see (``reach_T``, `runs`)."""
+  if reach_T is None:
+    return (i * query_block + query_block + key_block - 1) // key_block
+  last = jnp.max(jax.lax.dynamic_slice_in_dim(reach_T, i * query_block, query_block))
+  return last // key_block + 1
 
 
 def first_tile(i, query_block: int, key_block: int, window: int | None):
@@ -66,17 +102,20 @@ def causal_attention_reference(
   query_block: int = 256,
   key_block: int = 512,
   window: int | None = None,
+  bidirectional_BT: Array | None = None,
 ) -> Array:
   """Causal GQA attention of a prompt, flash style: each block of ``query_block`` queries reads
   only the ``key_block``-key tiles at or before its last query, with an online softmax, so the
   pairs the causal mask hides are neither scored nor stored. ``T`` must be a multiple of both
   blocks, and ``key_block`` of ``query_block``. Padding (``valid_BT`` false) is never a key.
-  A sliding ``window`` (`tile_scores`) also skips the tiles wholly before it.
+  A sliding ``window`` (`tile_scores`) also skips the tiles wholly before it; each contiguous
+  run of ``bidirectional_BT`` slots attends within itself both ways (blocks read on to its end).
   Returns ``[B, T, N, H]``."""
   b, t, n, h = q_BTNH.shape
   kh = k_BKTH.shape[1]
   _check_blocks(t, query_block, key_block)
   g = n // kh
+  groups_BT, reach_T = (None, None) if bidirectional_BT is None else runs(bidirectional_BT)
 
   def query_step(buf_BTNH, i):  # queries not yet reached, outputs of those done
     q_BQNH = jax.lax.dynamic_slice_in_dim(buf_BTNH, i * query_block, query_block, axis=1)
@@ -85,7 +124,7 @@ def causal_attention_reference(
 
     def key_step(j, carry):
       o_BKGQH, m_BKGQ, l_BKGQ = carry
-      s = tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block, window)
+      s = tile_scores(q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block, window, groups_BT)
       v_BKSH = jax.lax.dynamic_slice_in_dim(v_BKTH, j * key_block, key_block, 2)
       m_new = jnp.maximum(m_BKGQ, jnp.max(s, axis=-1))
       rescale = jnp.exp(m_BKGQ - m_new)
@@ -100,7 +139,7 @@ def causal_attention_reference(
       jnp.full((b, kh, g, query_block), MASK_VALUE, jnp.float32),
       jnp.zeros((b, kh, g, query_block), jnp.float32),
     )
-    tiles = (i * query_block + query_block + key_block - 1) // key_block
+    tiles = end_tile(i, query_block, key_block, reach_T)
     start = first_tile(i, query_block, key_block, window)
     o_BKGQH, _, l_BKGQ = jax.lax.fori_loop(start, tiles, key_step, init)
     o_BKGQH = o_BKGQH / l_BKGQ[..., None]
@@ -361,18 +400,19 @@ def causal_attention(
   query_block: int = 256,
   key_block: int = 512,
   window: int | None = None,
+  bidirectional_BT: Array | None = None,
 ) -> Array:
   """`causal_attention_reference` (same arguments and checks) as `kernels.mode()` says: on TPU/GPU
   `causal_attention_pallas` in its own tiles (the blocks are the reference's), on CPU the
-  reference. A sliding ``window`` runs the reference everywhere (the kernels have no window
-  yet). Returns ``[B, T, N, H]``.
+  reference. A sliding ``window`` or bidirectional runs run the reference everywhere (the
+  kernels have neither yet). Returns ``[B, T, N, H]``.
 
   A kernel call cannot be split by XLA: under a mesh the caller runs this shard-locally
   (`jmmkv.sharding.per_head`), else q, k and v are gathered for it."""
   impl = kernels.mode()
-  if impl == "reference" or window is not None:
+  if impl == "reference" or window is not None or bidirectional_BT is not None:
     return causal_attention_reference(
-      q_BTNH, k_BKTH, v_BKTH, valid_BT, query_block, key_block, window
+      q_BTNH, k_BKTH, v_BKTH, valid_BT, query_block, key_block, window, bidirectional_BT
     )
   _check_blocks(q_BTNH.shape[1], query_block, key_block)
   return causal_attention_pallas(q_BTNH, k_BKTH, v_BKTH, valid_BT, interpret=impl == "interpret")

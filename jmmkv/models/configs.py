@@ -63,6 +63,8 @@ class DecoderConfig:
   local_rope: RopeConfig | None = None
   sliding_window: int | None = None  # local layers attend to this many tokens (the query's own
   # included); None: to all of them
+  bidirectional_images: bool = False  # Gemma 3: in the prompt, each contiguous run of image
+  # tokens also attends to its own later tokens
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -19,7 +19,7 @@ from jmmkv.kernels import order
 from jmmkv.models import attention, rope
 from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.layers import Einsum, RMSNorm, activation
-from jmmkv.typing import Array, DType
+from jmmkv.typing import IMAGE, Array, DType
 
 
 # Prompt tokens per MLP chunk in the prefill (a power of two: prompt buckets divide by it).
@@ -142,10 +142,19 @@ class Block(nn.Module):
     return bufs
 
   def prefill(
-    self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec: stats.StatsSpec, window=None
+    self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec, window=None, bidirectional_BT=None
   ):
     q_BTNH, k_BKTH, v_BKTH = self._qkv_in_chunks(x_BTD, cos_BTH, sin_BTH)
-    o_BTNH, st = stats.attention(q_BTNH, k_BKTH, v_BKTH, valid_BT, modality_BT, spec, window=window)
+    o_BTNH, st = stats.attention(
+      q_BTNH,
+      k_BKTH,
+      v_BKTH,
+      valid_BT,
+      modality_BT,
+      spec,
+      window=window,
+      bidirectional_BT=bidirectional_BT,
+    )
     return self._finish_in_chunks(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
 
   def decode(self, x_B1D, cos_B1H, sin_B1H, cache, layer: int):
@@ -255,6 +264,7 @@ class Decoder(nn.Module):
       x_BTD, added_LBTD = x_BTD
     tables = self._cos_sin(positions)
     modality_BT = valid_BT.astype(jnp.int32) if modality_BT is None else modality_BT
+    bidirectional_BT = (modality_BT == IMAGE) if self.cfg.bidirectional_images else None
     ks, vs, sts = [], [], []
     for index, block in enumerate(self.layers):
       cos_BTH, sin_BTH = tables[index in self.cfg.local_layers]
@@ -267,6 +277,7 @@ class Decoder(nn.Module):
         modality_BT,
         stats.NONE if ring else spec,
         self.cfg.sliding_window if ring else None,
+        bidirectional_BT,
       )
       if added_LBTD is not None and index < added_LBTD.shape[0]:
         x_BTD = x_BTD + added_LBTD[index].astype(x_BTD.dtype)

@@ -23,6 +23,7 @@ from jmmkv.models.configs import DecoderConfig
 from jmmkv.models.family import Family
 from jmmkv.models.llama import Decoder, init_params
 from jmmkv.models.processing import load_processor, prompts_to_arrays
+from jmmkv.typing import IMAGE, PAD, TEXT
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -36,10 +37,14 @@ def dtype_name(dtype) -> str:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def forward_logits(params, x_BTD, positions, valid_BT, *, cfg: DecoderConfig, dtype: str):
+def forward_logits(
+  params, x_BTD, positions, valid_BT, modality_BT, *, cfg: DecoderConfig, dtype: str
+):
   """Full-forward logits ``[B, T, V]`` (float32) from embeddings."""
   dec = Decoder(cfg, jnp.dtype(dtype))
-  h_BTD = dec.apply(params["text"], x_BTD, positions, valid_BT, method=Decoder.prefill)[0]
+  h_BTD = dec.apply(
+    params["text"], x_BTD, positions, valid_BT, modality_BT, method=Decoder.prefill
+  )[0]
   return dec.apply(params["text"], h_BTD, method=Decoder.unembed)
 
 
@@ -162,8 +167,18 @@ class Model:
         raise ValueError(
           f"position_ids shape {pos.shape} does not match input_ids shape {ids_BT.shape}"
         )
+    modality_BT = np.where(mask_BT, TEXT, PAD).astype(np.int32)
+    image_id = self.family.image_token_id(self.config)
+    if image_id is not None:  # image tokens told apart (Gemma 3 attends among them both ways)
+      modality_BT[mask_BT & (ids_BT == image_id)] = IMAGE
     out = forward_logits(
-      self.params, x_BTD, pos.astype(np.int32), mask_BT, cfg=self.text_config, dtype=self.dtype_name
+      self.params,
+      x_BTD,
+      pos.astype(np.int32),
+      mask_BT,
+      modality_BT,
+      cfg=self.text_config,
+      dtype=self.dtype_name,
     )
     return np.asarray(out)
 

@@ -1,6 +1,8 @@
-"""A sliding window in the prompt attention (Gemma 3's local layers, not yet used by a model):
-the flash reference and the exact pass with statistics against a dense masked softmax written
-here, transformers' rule: a query sees itself and the ``window - 1`` slots before it."""
+"""Gemma 3's prompt attention: a sliding window (its local layers) and image tokens that attend
+both ways within their run. The flash reference and the exact pass with statistics against a
+dense masked softmax written here, with transformers' rules: a query sees itself and the
+``window - 1`` slots before it; a token of a run of image tokens also sees the later tokens of
+its run (window permitting)."""
 
 from __future__ import annotations
 
@@ -13,16 +15,21 @@ from jmmkv.cache.statistics import ColumnSums
 from jmmkv.kernels import flash_attention as fa
 
 
-def _dense(q, k, v, valid, window):
-  """Softmax over keys j with valid[j], j <= i and i - j < window; outputs [B, T, N, H] and the
-  per-head column sums of the probabilities over valid queries [B, N, T] (float64)."""
+def _dense(q, k, v, valid, window, image=None):
+  """Softmax over keys j with valid[j], j <= i (or i, j in one run of ``image`` [B, T] slots)
+  and i - j < window; outputs [B, T, N, H] and the per-head column sums of the probabilities
+  over valid queries [B, N, T] (float64)."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b, t, n, h = q.shape
   g = n // k.shape[1]
   k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)  # [B, N, T, H]
   s = np.einsum("btnh,bnsh->bnts", q, k) / np.sqrt(h)
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-  keep = (j <= i) & (i - j < window) & valid[:, None, None, :]
+  seen = np.broadcast_to(j <= i, (b, t, t)).copy()
+  for row in range(b if image is not None else 0):  # runs: the same id from one start on
+    run = np.cumsum(image[row] & ~np.r_[False, image[row][:-1]]) * image[row]
+    seen[row] |= (run[:, None] == run[None, :]) & (run[:, None] > 0)
+  keep = (seen & (i - j < window))[:, None] & valid[:, None, None, :]
   s = np.where(keep, s, -1e30)  # rows without a key (padding) stay finite; callers skip them
   p = np.exp(s - s.max(-1, keepdims=True))
   p = np.where(keep, p, 0)
@@ -84,3 +91,47 @@ def test_query_statistics_of_a_window_are_refused():
     stats.attention(
       q, k, v, jnp.asarray(valid), jnp.ones((2, 32), jnp.int32), stats.spec(WindowSums(8)), window=4
     )
+
+
+def _image_runs(seed: int, t: int) -> np.ndarray:
+  """[2, t] bool: runs of image slots of random lengths (one longer than a key tile, two
+  adjacent-but-separated runs, one at the very start of a row)."""
+  rng = np.random.default_rng(100 + seed)
+  image = np.zeros((2, t), bool)
+  image[0, 0:5] = True
+  image[0, 20:61] = True  # crosses the 32-key tiles
+  image[0, 62:70] = True  # one slot after the previous run
+  start = int(rng.integers(70, 100))
+  image[1, start : start + int(rng.integers(3, 20))] = True
+  image[1, 10:11] = True  # a run of one slot
+  return image
+
+
+@pytest.mark.parametrize("window", [None, 1, 37])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_image_runs_attend_both_ways(seed, window):
+  q, k, v, valid = _prompt(seed, 128)
+  image = _image_runs(seed, 128)
+  want, want_col = _dense(q, k, v, valid, 10_000 if window is None else window, image)
+  rows, bi = valid, jnp.asarray(image)
+  got = fa.causal_attention_reference(q, k, v, jnp.asarray(valid), 16, 32, window, bi)
+  np.testing.assert_allclose(np.asarray(got)[rows], want[rows], rtol=1e-5, atol=1e-5)
+  mod = jnp.ones((2, 128), jnp.int32)
+  for spec in (stats.NONE, stats.spec(ColumnSums())):
+    got, st = stats.attention(
+      q, k, v, jnp.asarray(valid), mod, spec, 16, 32, window, bidirectional_BT=bi
+    )
+    np.testing.assert_allclose(np.asarray(got)[rows], want[rows], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(st["colsum"]), want_col, rtol=1e-5, atol=1e-5)
+  causal, _ = _dense(q, k, v, valid, 10_000 if window is None else window)
+  if window != 1:  # the runs change the output (a window of 1 leaves no one to look ahead to)
+    assert np.abs(causal[rows] - want[rows]).max() > 1e-3
+
+
+def test_runs_give_each_slot_its_run_and_reach():
+  image = np.array([[1, 1, 0, 1, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 0, 0]], bool)
+  groups, reach = fa.runs(jnp.asarray(image))
+  np.testing.assert_array_equal(
+    groups, [[0, 0, -1, 1, -1, -1, 2, 2], [-1, -1, -1, 0, 0, 0, -1, -1]]
+  )
+  np.testing.assert_array_equal(reach, [1, 1, 2, 5, 5, 5, 7, 7])
