@@ -582,3 +582,85 @@ def copy_model_dir(src, dst) -> None:
   dst.mkdir(parents=True, exist_ok=True)
   for f in src.iterdir():
     (dst / f.name).write_bytes(f.read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 with images (tests/models/test_gemma3_mm.py)
+
+GEMMA3_TOKENS = 4  # mm_tokens_per_image: the 4x4 SigLIP patch grid average-pooled 2x2
+GEMMA3_WINDOW = 8  # the local layers' sliding_window
+BOI_ID, EOI_ID = VISION_START_ID, VISION_END_ID  # <start_of_image>, <end_of_image>
+
+
+def gemma3_mm_config():
+  """A tiny ``Gemma3Config``: 3 text layers (local, global, local; window 8), a 2-layer SigLIP
+  tower of 32 px images in 8 px patches, 4 tokens an image; embeddings tied (its default)."""
+  from transformers import Gemma3Config, Gemma3TextConfig
+
+  text = Gemma3TextConfig(
+    **{
+      **TEXT,
+      "num_hidden_layers": 3,
+      "head_dim": 16,
+      "query_pre_attn_scalar": 24,
+      "sliding_window": GEMMA3_WINDOW,
+      "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+      "pad_token_id": 0,
+    }
+  )
+  clip = {k: v for k, v in _CLIP.items() if k != "projection_dim"}
+  vision = SiglipVisionConfig(**clip, vision_use_head=False)
+  return Gemma3Config(
+    text_config=text,
+    vision_config=vision,
+    mm_tokens_per_image=GEMMA3_TOKENS,
+    image_token_index=IMAGE_ID,
+    boi_token_index=BOI_ID,
+    eoi_token_index=EOI_ID,
+  )
+
+
+def build_gemma3_mm(seed: int) -> torch.nn.Module:
+  """A tiny fp32 eager ``Gemma3ForConditionalGeneration`` with random parameters (eval mode;
+  `hf_models.randomize_`, then the patch-embedding conv rescaled to N(0, 1/fan_in))."""
+  from transformers import Gemma3ForConditionalGeneration
+
+  from hf_models import randomize_
+
+  torch.manual_seed(seed)
+  model = Gemma3ForConditionalGeneration._from_config(
+    gemma3_mm_config(), attn_implementation="eager", dtype=torch.float32
+  )
+  randomize_(model, seed)
+  with torch.no_grad():
+    conv = model.model.vision_tower.embeddings.patch_embedding.weight
+    conv.mul_(np.sqrt(conv.shape[1] / np.prod(conv.shape[1:])))
+  return model.eval()
+
+
+def gemma3_case(rng: np.random.Generator, rows, side: str = "left") -> Case:
+  """A padded batch as Gemma 3's processor lays it out: ints are runs of random text, "image" is
+  ``<start_of_image>``, 4 image tokens and ``<end_of_image>``; random pixels, one image each."""
+  seqs, media = [], []
+  n = 0
+  for spec in rows:
+    ids, idx, k = [1], [-1], 0
+    for item in spec:
+      if isinstance(item, int):
+        ids += random_text(rng, item)
+        idx += [-1] * item
+      else:
+        ids += [BOI_ID] + [IMAGE_ID] * GEMMA3_TOKENS + [EOI_ID]
+        idx += [-1] + [k] * GEMMA3_TOKENS + [-1]
+        k += 1
+    seqs.append(ids)
+    media.append(idx)
+    n += k
+  ids, mask = pad_batch(seqs, side)
+  arrays = {"pixel_values": llava_pixels(rng, n)} if n else {}
+  return Case(ids, mask, seqs, media, arrays, "gemma3")
+
+
+def gemma3_token_types(ids: np.ndarray) -> np.ndarray:
+  """HF Gemma 3's ``token_type_ids``: 1 at image tokens (their bidirectional blocks), else 0."""
+  return (np.asarray(ids) == IMAGE_ID).astype(np.int64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from jmmkv.models import (
   family,
   gemma3,
+  gemma3_mm,
   internvl,
   llava,
   llava_onevision,
@@ -26,6 +27,7 @@ FAMILIES: tuple[family.Family, ...] = (
   llava_onevision.FAMILY,
   internvl.FAMILY,
   qwen3_vl.FAMILY,
+  gemma3_mm.FAMILY,
 )
 ARCHITECTURES: tuple[str, ...] = tuple(a for f in FAMILIES for a in f.architectures)
 
