@@ -69,8 +69,9 @@ def _processor_kwargs(model_dir: Path, cls) -> dict:
 
 
 def _images_only(cls):
-  """``cls`` without a video processor: transformers takes a processor's parts from the
-  ``__init__`` signature, so a subclass that does not name one needs none."""
+  """``cls`` (a processor whose third part is a video processor) without one: transformers takes
+  a processor's parts from the ``__init__`` signature, so a subclass that does not name one
+  needs none."""
 
   class ImagesOnly(cls):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
