@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmkv import inputs
-from jmmkv.models import convert
+from jmmkv.models import convert, mm
 from jmmkv.models.configs import DecoderConfig, decoder_config_from_hf
 from jmmkv.models.llama import Decoder
 
@@ -161,3 +161,55 @@ class Multimodal(Family):
 
   def image_token_id(self, cfg) -> int | None:
     return cfg.image_token_id
+
+
+class FixedTokens(Multimodal):
+  """A family whose every picture (an image, or a tile of one) is one ``[C, S, S]`` row of
+  ``pixel_values`` and becomes the same number of tokens (InternVL, Gemma 3). Subclasses give
+  the count and two jitted functions of the module: all pictures' features in order, and the
+  embeddings with them spliced in."""
+
+  picture = "images"  # what a row of pixel_values is, in messages
+
+  def tokens_per_picture(self, cfg) -> int:
+    raise NotImplementedError
+
+  def features(self, params, pixel_NCSS, *, cfg, dtype: str):
+    """``[N * tokens_per_picture, D]``."""
+    raise NotImplementedError
+
+  def splice(self, params, ids_BT, pixel_NCSS, b_idx, t_idx, *, cfg, dtype: str):
+    """``[B, T, D]``: the token embeddings with the features at ``(b_idx, t_idx)``."""
+    raise NotImplementedError
+
+  def pixels(self, cfg, pixel_values) -> np.ndarray:
+    pix = np.asarray(pixel_values)
+    c, s = cfg.vision.num_channels, cfg.vision.image_size
+    if pix.ndim != 4 or pix.shape[1:] != (c, s, s):
+      raise ValueError(
+        f"pixel_values must have shape [{self.picture}, {c}, {s}, {s}], got shape {pix.shape}"
+      )
+    return pix
+
+  def media_counts(self, model, media: inputs.Media):
+    if media.pixel_values_videos is not None:
+      raise self.no_videos(model)
+    if media.pixel_values is None:
+      return [], []
+    pix = self.pixels(model.config, media.pixel_values)
+    return [self.tokens_per_picture(model.config)] * len(pix), []
+
+  def image_features(
+    self, model, pixel_values, image_sizes=None, image_grid_thw=None, batch_num_images=None
+  ):
+    pix = self.pixels(model.config, pixel_values)
+    flat = self.features(model.params, pix, cfg=model.config, dtype=model.dtype_name)
+    return np.split(np.asarray(flat, np.float32), len(pix))
+
+  def embed(self, model, ids_BT, media: inputs.Media, counts):
+    img_counts = counts[0]
+    b, t = mm.placeholder_index(ids_BT, model.config.image_token_id, sum(img_counts))
+    if not img_counts:
+      return embed_text(model.params, ids_BT, cfg=model.text_config, dtype=model.dtype_name)
+    pix = self.pixels(model.config, media.pixel_values)
+    return self.splice(model.params, ids_BT, pix, b, t, cfg=model.config, dtype=model.dtype_name)

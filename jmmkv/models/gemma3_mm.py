@@ -18,12 +18,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jmmkv import inputs
 from jmmkv.models import convert, gemma3, llava, mm, siglip
 from jmmkv.models.configs import DecoderConfig
-from jmmkv.models.family import Multimodal, embed_text, text_table
+from jmmkv.models.family import FixedTokens, text_table
 from jmmkv.models.layers import Einsum, RMSNorm
 from jmmkv.models.llama import Decoder
 from jmmkv.typing import Array, DType
@@ -133,14 +131,6 @@ def embed(params, ids_BT, pixel_NCSS, b_idx, t_idx, *, cfg: Gemma3MMConfig, dtyp
   return mm.splice(x_BTD, image_features(params, pixel_NCSS, cfg=cfg, dtype=dtype), b_idx, t_idx)
 
 
-def check_pixels(cfg: Gemma3MMConfig, pixel_values) -> np.ndarray:
-  pix = np.asarray(pixel_values)
-  c, s = cfg.vision.num_channels, cfg.vision.image_size
-  if pix.ndim != 4 or pix.shape[1:] != (c, s, s):
-    raise ValueError(f"pixel_values must have shape [images, {c}, {s}, {s}], got shape {pix.shape}")
-  return pix
-
-
 # ---- checkpoint keys ---------------------------------------------------------------------------
 
 
@@ -157,7 +147,7 @@ def key_table(cfg: Gemma3MMConfig) -> dict[str, convert.Entry]:
   return table
 
 
-class Gemma3MMFamily(Multimodal):
+class Gemma3MMFamily(FixedTokens):
   """Gemma 3 with images (`jmmkv.models.family`)."""
 
   name = "Gemma 3"
@@ -170,28 +160,11 @@ class Gemma3MMFamily(Multimodal):
   parse_config = staticmethod(config_from_hf)
   key_table = staticmethod(key_table)
 
-  def media_counts(self, model, media: inputs.Media):
-    if media.pixel_values_videos is not None:
-      raise self.no_videos(model)
-    if media.pixel_values is None:
-      return [], []
-    pix = check_pixels(model.config, media.pixel_values)
-    return [model.config.mm_tokens_per_image] * len(pix), []
+  features = staticmethod(image_features)
+  splice = staticmethod(embed)
 
-  def image_features(
-    self, model, pixel_values, image_sizes=None, image_grid_thw=None, batch_num_images=None
-  ):
-    pix = check_pixels(model.config, pixel_values)
-    flat = image_features(model.params, pix, cfg=model.config, dtype=model.dtype_name)
-    return np.split(np.asarray(flat, np.float32), len(pix))
-
-  def embed(self, model, ids_BT, media: inputs.Media, counts):
-    img_counts = counts[0]
-    b, t = mm.placeholder_index(ids_BT, model.config.image_token_id, sum(img_counts))
-    if not img_counts:
-      return embed_text(model.params, ids_BT, cfg=model.text_config, dtype=model.dtype_name)
-    pix = check_pixels(model.config, media.pixel_values)
-    return embed(model.params, ids_BT, pix, b, t, cfg=model.config, dtype=model.dtype_name)
+  def tokens_per_picture(self, cfg: Gemma3MMConfig) -> int:
+    return cfg.mm_tokens_per_image
 
 
 FAMILY = Gemma3MMFamily()

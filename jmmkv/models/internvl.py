@@ -17,12 +17,10 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jmmkv import inputs
 from jmmkv.models import clip, convert, mm
 from jmmkv.models.configs import DecoderConfig, decoder_config_from_hf
-from jmmkv.models.family import Multimodal, embed_text, text_table
+from jmmkv.models.family import FixedTokens, text_table
 from jmmkv.models.layers import Einsum, RMSNorm, activation
 from jmmkv.models.llama import Decoder
 from jmmkv.typing import Array, DType
@@ -249,14 +247,6 @@ def embed(params, ids_BT, pixel_NCSS, b_idx, t_idx, *, cfg: InternVLConfig, dtyp
   return mm.splice(x_BTD, feats_XD, b_idx, t_idx)
 
 
-def check_pixels(cfg: InternVLConfig, pixel_values) -> np.ndarray:
-  pix = np.asarray(pixel_values)
-  c, s = cfg.vision.num_channels, cfg.vision.image_size
-  if pix.ndim != 4 or pix.shape[1:] != (c, s, s):
-    raise ValueError(f"pixel_values must have shape [tiles, {c}, {s}, {s}], got shape {pix.shape}")
-  return pix
-
-
 # ---- checkpoint keys ---------------------------------------------------------------------------
 
 RENAMES = (
@@ -342,7 +332,7 @@ def key_table(cfg: InternVLConfig) -> dict[str, convert.Entry]:
   return table
 
 
-class InternVLFamily(Multimodal):
+class InternVLFamily(FixedTokens):
   """InternVL 2.5 / 3, transformers' native format (`jmmkv.models.family`)."""
 
   name = "InternVL"
@@ -354,31 +344,18 @@ class InternVLFamily(Multimodal):
   parse_config = staticmethod(config_from_hf)
   key_table = staticmethod(key_table)
 
-  def media_counts(self, model, media: inputs.Media):
-    if media.pixel_values_videos is not None:
-      raise ValueError(
-        "InternVL videos are frames given as images (its video processor needs torchvision): "
-        "pass the frames as images"
-      )
-    if media.pixel_values is None:
-      return [], []
-    pix = check_pixels(model.config, media.pixel_values)
-    return [model.config.tokens_per_tile] * len(pix), []
+  picture = "tiles"
+  features = staticmethod(image_features)
+  splice = staticmethod(embed)
 
-  def image_features(
-    self, model, pixel_values, image_sizes=None, image_grid_thw=None, batch_num_images=None
-  ):
-    pix = check_pixels(model.config, pixel_values)
-    flat = image_features(model.params, pix, cfg=model.config, dtype=model.dtype_name)
-    return np.split(np.asarray(flat, np.float32), len(pix))
+  def tokens_per_picture(self, cfg: InternVLConfig) -> int:
+    return cfg.tokens_per_tile
 
-  def embed(self, model, ids_BT, media: inputs.Media, counts):
-    img_counts = counts[0]
-    b, t = mm.placeholder_index(ids_BT, model.config.image_token_id, sum(img_counts))
-    if not img_counts:
-      return embed_text(model.params, ids_BT, cfg=model.text_config, dtype=model.dtype_name)
-    pix = check_pixels(model.config, media.pixel_values)
-    return embed(model.params, ids_BT, pix, b, t, cfg=model.config, dtype=model.dtype_name)
+  def no_videos(self, model) -> ValueError:
+    return ValueError(
+      "InternVL videos are frames given as images (its video processor needs torchvision): "
+      "pass the frames as images"
+    )
 
   def images_only_processor(self, architecture: str) -> str | None:
     return "InternVLProcessor"
