@@ -664,3 +664,25 @@ def gemma3_case(rng: np.random.Generator, rows, side: str = "left") -> Case:
 def gemma3_token_types(ids: np.ndarray) -> np.ndarray:
   """HF Gemma 3's ``token_type_ids``: 1 at image tokens (their bidirectional blocks), else 0."""
   return (np.asarray(ids) == IMAGE_ID).astype(np.int64)
+
+
+def word_tokenizer(specials: dict[int, str], named: dict[str, str]):
+  """A word-level tokenizer for processor tests: ``<pad> <s> </s> <unk>``, then words ``w0,
+  w1, ...`` up to the lowest special id, and ``specials`` (id -> text) as special tokens;
+  ``named``: the processor's names for some of them (``image_token="<image>"``)."""
+  from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(min(specials) - 4)]
+  vocab = {w: i for i, w in enumerate(words)} | {s: i for i, s in specials.items()}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials.values()])
+  return PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    bos_token="<s>",
+    eos_token="</s>",
+    unk_token="<unk>",
+    pad_token="<pad>",
+    extra_special_tokens=named,
+  )

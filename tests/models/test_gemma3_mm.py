@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import Gemma3Processor, PreTrainedTokenizerFast
+from transformers import Gemma3Processor
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 import jmmkv
@@ -36,6 +35,7 @@ from mm_models import (
   modality_of,
   random_pil,
   respell,
+  word_tokenizer,
 )
 from policy_run import generate_and_check_windowed
 
@@ -149,26 +149,16 @@ def test_round_trip_through_convert(gemma, tmp_path):
   np.testing.assert_array_equal(a, back.logits(case.ids, attention_mask=case.mask, **case.arrays))
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def _tokenizer():
   specials = {
     IMAGE_ID: "<image_soft_token>",
     998: "<unused0>",
     BOI_ID: "<start_of_image>",
     EOI_ID: "<end_of_image>",
   }
-  words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(min(specials) - 4)]
-  vocab = {w: i for i, w in enumerate(words)} | {s: i for i, s in specials.items()}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials.values()])
   names = ("image_token", "boi_token", "eoi_token")
-  return PreTrainedTokenizerFast(
-    tokenizer_object=tok,
-    bos_token="<s>",
-    eos_token="</s>",
-    unk_token="<unk>",
-    pad_token="<pad>",
-    extra_special_tokens=dict(zip(names, (specials[i] for i in (IMAGE_ID, BOI_ID, EOI_ID)))),
+  return word_tokenizer(
+    specials, dict(zip(names, (specials[i] for i in (IMAGE_ID, BOI_ID, EOI_ID))))
   )
 
 

@@ -12,8 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import InternVLProcessor, PreTrainedTokenizerFast
+from transformers import InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 import jmmkv
@@ -34,6 +33,7 @@ from mm_models import (
   mentions,
   modality_of,
   respell,
+  word_tokenizer,
 )
 
 SEEDS = (0, 1, 2)
@@ -116,22 +116,10 @@ def test_the_other_key_spelling_loads(mm_model, tmp_path):
   np.testing.assert_array_equal(a, other.logits(case.ids, attention_mask=case.mask, **case.arrays))
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def _tokenizer():
   specials = {IMAGE_ID: "<IMG_CONTEXT>", VIDEO: "<video>", START: "<img>", END: "</img>"}
-  words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(min(specials) - 4)]
-  vocab = {w: i for i, w in enumerate(words)} | {s: i for i, s in specials.items()}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials.values()])
   names = ("context_image_token", "video_token", "start_image_token", "end_image_token")
-  return PreTrainedTokenizerFast(
-    tokenizer_object=tok,
-    bos_token="<s>",
-    eos_token="</s>",
-    unk_token="<unk>",
-    pad_token="<pad>",
-    extra_special_tokens=dict(zip(names, specials.values())),
-  )
+  return word_tokenizer(specials, dict(zip(names, specials.values())))
 
 
 def test_prepare_matches_the_processor_and_generation_matches_hf(mm_model, tmp_path):
