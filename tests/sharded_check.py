@@ -48,9 +48,11 @@ def spec(x) -> list:
   return [None if d is None else str(d) for d in x.sharding.spec]
 
 
-def kv_all_gathers(model, batch, policy, budget) -> list[str]:
-  """Result shapes of the all-gathers in the compiled prefill (with its layer-by-layer
-  compression) that are larger than one device's share of a layer's K."""
+def kv_all_gathers(model, run):
+  """``run()`` (a `jmmkv.generate` or `jmmkv.compress` call on the sharded ``model``) and the
+  result shapes of the all-gathers in the compiled prefill it ran (with its layer-by-layer
+  compression) that are larger than one device's share of a layer's K. The call's own prefill:
+  lowered again with the arguments it was called with, it is the executable already compiled."""
   captured = {}
   real = G.prefill_step
 
@@ -58,12 +60,12 @@ def kv_all_gathers(model, batch, policy, budget) -> list[str]:
     captured.update(args=args, kw=kw)
     return real(*args, **kw)
 
+  G.prefill_step = spy
+  try:
+    out = run()
+  finally:
+    G.prefill_step = real
   with jax.set_mesh(model.mesh):
-    G.prefill_step = spy
-    try:
-      G.prefill_stage(model, batch, jmmkv.policies.as_policy(policy), budget, 5)
-    finally:
-      G.prefill_step = real
     hlo = real.lower(*captured["args"], **captured["kw"]).compile().as_text()
   cfg = captured["kw"]["cfg"]
   b, t = captured["args"][1].shape[:2]
@@ -72,7 +74,7 @@ def kv_all_gathers(model, batch, policy, budget) -> list[str]:
   for shape in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo):
     if int(np.prod([int(n) for n in shape.split(",") if n])) > per_layer:
       big.append(shape)
-  return big
+  return out, big
 
 
 def main() -> None:
@@ -104,10 +106,13 @@ def main() -> None:
     res["logits_scale"] = float(np.abs(logits[0][mask]).max())
     policy, budget = jmmkv.policies.get(policy_name), jmmkv.Budget(ratio=0.5)
     kw = dict(max_new_tokens=6, eos_token_id=[], output_scores=True, return_cache=True)
-    got = {}
-    for label, m in (("single", single), ("sharded", sharded)):
-      batch = m.prepare(input_ids=[list(x) for x in case.rows], **case.arrays)
-      got[label] = jmmkv.generate(m, batch, policy, budget, **kw)
+    rows = [list(x) for x in case.rows]
+    batch = single.prepare(input_ids=rows, **case.arrays)
+    got = {"single": jmmkv.generate(single, batch, policy, budget, **kw)}
+    batch = sharded.prepare(input_ids=rows, **case.arrays)
+    got["sharded"], gathers = kv_all_gathers(
+      sharded, lambda: jmmkv.generate(sharded, batch, policy, budget, **kw)
+    )
     c = got["sharded"].cache
     res[policy_name] = {
       "tokens_single": got["single"].tokens,
@@ -119,7 +124,7 @@ def main() -> None:
       "cache_layer_k": spec(c.layer_k[0]),
       "cache_append_k": spec(c.append_k),
       "cache_type": type(c).__name__,
-      "kv_all_gathers": kv_all_gathers(sharded, batch, policy, budget),
+      "kv_all_gathers": gathers,
     }
     if family == "llava":
       res["snapkv_interpret"] = top_positions_check(single, sharded, case)
@@ -136,13 +141,14 @@ def top_positions_check(single, sharded, case) -> dict:
   os.environ["JMMKV_KERNELS"] = "interpret"  # read when compression is traced
   try:
     policy, budget = jmmkv.policies.get("snapkv", window=8), jmmkv.Budget(ratio=0.5)
-    kept = []
-    for m in (single, sharded):
-      batch = m.prepare(input_ids=[list(x) for x in case.rows], **case.arrays)
-      kept.append(np.asarray(jmmkv.compress(m, batch, policy, budget).positions))
+    rows = [list(x) for x in case.rows]
+    batch = single.prepare(input_ids=rows, **case.arrays)
+    kept = jmmkv.compress(single, batch, policy, budget).positions
+    batch = sharded.prepare(input_ids=rows, **case.arrays)
+    cache, gathers = kv_all_gathers(sharded, lambda: jmmkv.compress(sharded, batch, policy, budget))
     return {
-      "kept_equal": bool(np.array_equal(*kept)),
-      "kv_all_gathers": kv_all_gathers(sharded, batch, policy, budget),
+      "kept_equal": bool(np.array_equal(np.asarray(kept), np.asarray(cache.positions))),
+      "kv_all_gathers": gathers,
     }
   finally:
     del os.environ["JMMKV_KERNELS"]

@@ -1,5 +1,9 @@
 """MadaKV vs its independent reference (tests/references/madakv_ref.py) on tiny HF models."""
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -30,9 +34,23 @@ CASES = [(s, kw) for s in SETUPS for kw in CORE] + [
 
 
 @pytest.fixture(scope="module")
-def llava(request, tmp_path_factory):
-  family, seed = request.param
-  return mm_setup(tmp_path_factory.mktemp(family), seed, family)
+def setups(tmp_path_factory):
+  """(family, seed) -> its `mm_setup`, built once for the module."""
+  built = {}
+
+  def get(family, seed):
+    if (family, seed) not in built:
+      built[family, seed] = mm_setup(tmp_path_factory.mktemp(family), seed, family)
+    return built[family, seed]
+
+  return get
+
+
+@pytest.fixture
+def llava(request, setups):
+  # Not module-scoped itself: each (setup, kw) case is its own parameter to pytest, so a
+  # module-scoped fixture parametrized this way was built again for every test.
+  return setups(*request.param)
 
 
 @pytest.mark.parametrize("llava,kw", CASES, ids=str, indirect=["llava"])
@@ -91,14 +109,29 @@ DEEP_VARIANTS = [
 ]
 
 
+@functools.partial(jax.jit, static_argnames=("policy", "t"))
+def _layer_by_layer(k, valid, mod_BT, psi, kept_B, lengths_B, *, policy, t):
+  """The policy driven layer by layer as the prefill drives it (jitted, as there: one compilation
+  per variant serves every seed and ratio); the kept positions ``[L, B, K, C]``."""
+  from jmmkv.cache.policies.base import Context, PromptKV
+  from jmmkv.cache.statistics import WindowSums
+
+  n_layers = psi.shape[0]
+  ctx = Context(kept_B, lengths_B, {}, n_layers)
+  carry = policy.start(ctx)
+  got = []
+  for l in range(n_layers):
+    layer = PromptKV(k, k, valid, mod_BT, lengths_B, {WindowSums.name: psi[l]})
+    kept, carry = policy.compress_layer(layer, l, ctx, t, carry)
+    got.append(kept.positions[0])  # [B, K, C]
+  return jnp.stack(got)
+
+
 @pytest.mark.parametrize("seed", [3, 4, 5])
 def test_six_layers_equal_reference(seed):
   """Readings C (and B) over six layers and two padded rows, driven layer by layer with
   statistics from random attention (sharp, diffuse and sink-heavy heads), so that the layer
   budgets move: the kept positions equal the reference's, and C keeps L K n in all."""
-  from jmmkv.cache.policies.base import Context, PromptKV
-  from jmmkv.cache.statistics import WindowSums
-
   rng = np.random.default_rng(seed)
   n_layers, n_heads, n_kv, t, hd, proxy = 6, 4, 2, 96, 4, 8
   lengths = [96, 61]
@@ -119,20 +152,18 @@ def test_six_layers_equal_reference(seed):
   k = rng.normal(size=(1, len(lengths), n_kv, t, hd)).astype(np.float32)
   for ratio in (0.05, 0.2, 0.5):
     kept_B = np.array([jmmkv.Budget(ratio=ratio).kept(n) for n in lengths], np.int32)
-    ctx = Context(kept_B, np.array(lengths, np.int32), {}, n_layers)
     for kw in DEEP_VARIANTS + [dict(reading="B")]:
       policy = jmmkv.policies.get("madakv", proxy_window=proxy, **kw)
-      carry = policy.start(ctx)
-      got = []
-      for l in range(n_layers):
-        layer = PromptKV(k, k, valid, mod_BT, ctx.lengths_B, {WindowSums.name: psi[l]})
-        kept, carry = policy.compress_layer(layer, l, ctx, t, carry)
-        got.append(np.asarray(kept.positions)[0])  # [B, K, C]
+      got = np.asarray(
+        _layer_by_layer(
+          k, valid, mod_BT, psi, kept_B, np.array(lengths, np.int32), policy=policy, t=t
+        )
+      )
       for b, (attn, mod) in enumerate(rows):
         ref = madakv_ref(attn, modality=mod, ratio=ratio, proxy_window=proxy, n_kv=n_kv, **kw)
         for l in range(n_layers):
           for h in range(n_kv):
-            pos = got[l][b, h]
+            pos = got[l, b, h]
             np.testing.assert_array_equal(pos[pos >= 0], ref["kept"][l][h], f"{kw} {ratio} {l}")
         if kw.get("reading", "C") == "C" or not kw.get("hcc", True):
           total = sum(len(x) for kept_l in ref["kept"] for x in kept_l)

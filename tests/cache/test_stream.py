@@ -4,12 +4,15 @@ accounting of the compiled prefill, which needs no run)."""
 
 import importlib
 
+import jax
 import numpy as np
 import pytest
 
 import jmmkv
 from jmmkv.cache import stream
+from jmmkv.models import llama
 from jmmkv.models.configs import tiny_decoder
+from jmmkv.models.model import Model
 
 G = importlib.import_module("jmmkv.generate")
 CFG = tiny_decoder(
@@ -45,9 +48,13 @@ def _storages(monkeypatch, pooled: bool):
   monkeypatch.setattr(stream, "POOL_GAIN", 1e9)  # a pool whatever it saves
 
 
+@pytest.fixture(scope="module")
+def model():
+  return jmmkv.random_model(CFG, seed=7)
+
+
 @pytest.mark.parametrize("spec", list(POLICIES))
-def test_the_pool_keeps_what_a_dense_prefix_keeps(monkeypatch, spec):
-  model = jmmkv.random_model(CFG, seed=7)
+def test_the_pool_keeps_what_a_dense_prefix_keeps(monkeypatch, model, spec):
   rng = np.random.default_rng(7)
   mod = [np.where(rng.random(n) < 0.4, 2, 1).astype(np.int32) for n in (230, 140)]
   batch = jmmkv.inputs.Batch(
@@ -112,7 +119,12 @@ def test_compressing_layer_by_layer_lowers_the_prefill_memory():
     num_kv_heads=8,
     head_dim=64,
   )
-  model = jmmkv.random_model(cfg, seed=0)
+  # Zero weights of the right shapes: the compiled bytes do not depend on the values, and the
+  # eager random initialisation of these 8 layers took a third of the test's time.
+  shapes = jax.eval_shape(lambda key: llama.init_params(cfg, key), jax.random.key(0))
+  model = Model(
+    cfg, {"text": jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)}, "float32"
+  )
   ids = np.random.default_rng(0).integers(3, 256, 2048)
   batch = model.prepare(input_ids=[ids])
   full = _compiled_bytes(model, batch, "full", 1.0)
