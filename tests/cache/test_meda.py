@@ -46,16 +46,27 @@ def _check(setup, kw, ratio):
   return ref
 
 
-@pytest.fixture(scope="module", params=[("llava", 0), ("llava", 1), ("qwen2_vl", 0)], ids=str)
+@pytest.fixture(scope="module", params=[("llava", 0), ("qwen2_vl", 0)], ids=str)
 def setup(request, tmp_path_factory):
   family, seed = request.param
   return mm_setup(tmp_path_factory.mktemp("meda"), seed, family)
+
+
+@pytest.fixture(scope="module")
+def other_seed(tmp_path_factory):
+  """Another random LLaVA, for the main readings (every variant runs on the two above)."""
+  return mm_setup(tmp_path_factory.mktemp("meda"), 1, "llava")
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=str)
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_multimodal(setup, kw, ratio):
   _check(setup, kw, ratio)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(variant="code", keep_all_text=False)], ids=str)
+def test_multimodal_another_seed(other_seed, kw):
+  _check(other_seed, kw, 0.2)
 
 
 def test_layer_budgets_follow_the_entropy_softmax(setup):
