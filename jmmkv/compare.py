@@ -36,7 +36,7 @@ from jmmkv.generate import (
   resolve,
 )
 from jmmkv import inputs, sharding
-from jmmkv.cache import stats, stream
+from jmmkv.cache import kv_cache, stats, stream
 from jmmkv.cache.policies.base import Context
 from jmmkv.cache.stats import Stats, StatsSpec
 from jmmkv.models.configs import DecoderConfig
@@ -65,7 +65,7 @@ def capture_step(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep, (), method=Decoder.prefill
   )
   ks, vs, sts = zip(*layers)
-  sts = [st for i, st in enumerate(sts) if i not in cfg.window_layers]  # none there
+  sts = cfg.of_global_layers(sts)  # the others have none
   return last_logits(dec, params, h_BTD, lengths_B), ks, vs, stats.stack(sts)
 
 
@@ -88,14 +88,14 @@ def compress_step(
   """What `generate.prefill_step` stores, from captured K/V (per layer ``[B, K, T, H]``) and
   statistics (``own``: the policy's, ``[L', ...]`` over the layers it compresses): the decode
   cache and, for a pool, the `Pool`."""
-  shape, dtype = ks[0].shape, ks[0].dtype
-  compressed = [i for i in range(len(ks)) if i not in storage.ring_layers]
-  ctx = Context(kept_B, lengths_B, survey, len(compressed))
-  state = (policy.start(ctx), stream.start(storage, len(compressed), shape, dtype))
+  shape, dtype, rings = ks[0].shape, ks[0].dtype, storage.ring_layers
+  compressed = len(ks) - len(rings)
+  ctx = Context(kept_B, lengths_B, survey, compressed)
+  state = (policy.start(ctx), stream.start(storage, compressed, shape, dtype))
   hook = stream.on_layer(policy, storage, ctx, valid_BT, modality_BT, lengths_B)
   for index in range(len(ks)):
-    ordinal = compressed.index(index) if index in compressed else None
-    layer_stats = {} if ordinal is None else {name: x[ordinal] for name, x in own.items()}
+    at = kv_cache.ordinal(index, rings)
+    layer_stats = {} if index in rings else {name: x[at] for name, x in own.items()}
     state, _ = hook(index, ks[index], vs[index], layer_stats, state)
   return stream.stored(storage, state[1], lengths_B, rope_start_B, append_capacity, shape, dtype)
 

@@ -67,15 +67,11 @@ def survey_step(
   (`Stats` stacked ``[L', ...]`` over `DecoderConfig.global_layers`), for a policy whose
   ``survey`` needs them before compressing."""
   dec = Decoder(cfg, jnp.dtype(dtype))
-  rings = cfg.window_layers  # no statistics there: a policy never sees them
-  keep_stats = lambda index, k, v, st, acc: (
-    acc if index in rings else acc + (st,),
-    jnp.zeros(()),
-  )
+  keep_stats = lambda index, k, v, st, acc: (acc + (st,), jnp.zeros(()))
   _, sts = dec.apply(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep_stats, (), method=Decoder.prefill
   )
-  return stats.stack(sts)
+  return stats.stack(cfg.of_global_layers(sts))  # the others have none
 
 
 def last_logits(dec: Decoder, params, h_BTD: Array, lengths_B: Array) -> Array:

@@ -17,23 +17,29 @@ SMALL = {  # observation windows that fit the tiny prompts
 }
 
 
-def generate_and_check(model, case, name: str, max_new_tokens: int = 4):
-  """Runs policy ``name`` at a 30% budget (full: no budget) on ``case`` (a `mm_models.Case`);
-  checks the answers' lengths, the kept fraction and each kept slot's modality. Returns the
-  dense cache's (positions, modality), ``[L, B, K, t]``."""
+def _generate(model, case, name: str, max_new_tokens: int):
+  """Policy ``name`` at a 30% budget (full: no budget) on ``case``, the dense cache returned;
+  every row gets ``max_new_tokens``."""
   batch = model.prepare(input_ids=case.ids, attention_mask=case.mask, **case.arrays)
-  budget = None if name == "full" else jmmkv.Budget(ratio=0.3)
   out = jmmkv.generate(
     model,
     batch,
     jmmkv.policies.get(name, **SMALL.get(name, {})),
-    budget,
+    None if name == "full" else jmmkv.Budget(ratio=0.3),
     max_new_tokens=max_new_tokens,
     eos_token_id=[],
     return_cache=True,
     layout="dense",
   )
   assert [len(t) for t in out.tokens] == [max_new_tokens] * len(case.rows)
+  return out
+
+
+def generate_and_check(model, case, name: str, max_new_tokens: int = 4):
+  """Runs policy ``name`` at a 30% budget (full: no budget) on ``case`` (a `mm_models.Case`);
+  checks the answers' lengths, the kept fraction and each kept slot's modality. Returns the
+  dense cache's (positions, modality), ``[L, B, K, t]``."""
+  out = _generate(model, case, name, max_new_tokens)
   kept = out.stats["kept_fraction"]
   assert (kept == 1.0) if name == "full" else (0 < kept < 1.0), kept
   pos, mod = np.asarray(out.cache.positions), np.asarray(out.cache.modality)
@@ -51,18 +57,7 @@ def generate_and_check_windowed(model, case, name: str, max_new_tokens: int = 4)
   ``sliding_window`` tokens, prompt and fed-back generated ones (text). Returns the dense
   cache's (positions, modality), ``[L, B, K, t]``."""
   cfg = model.text_config
-  batch = model.prepare(input_ids=case.ids, attention_mask=case.mask, **case.arrays)
-  out = jmmkv.generate(
-    model,
-    batch,
-    jmmkv.policies.get(name, **SMALL.get(name, {})),
-    None if name == "full" else jmmkv.Budget(ratio=0.3),
-    max_new_tokens=max_new_tokens,
-    eos_token_id=[],
-    return_cache=True,
-    layout="dense",
-  )
-  assert [len(t) for t in out.tokens] == [max_new_tokens] * len(case.rows)
+  out = _generate(model, case, name, max_new_tokens)
   pos, mod = np.asarray(out.cache.positions), np.asarray(out.cache.modality)
   kept_LB = out.cache.kept_LBK().sum(-1)[list(cfg.global_layers)]
   lengths = np.array([len(r) for r in case.rows])

@@ -72,7 +72,7 @@ class KVCache:
     """The append buffer's row of ``layer`` (static; ring layers have none)."""
     if layer in self.ring_layers:
       raise ValueError(f"layer {layer} is a sliding-window layer: it has a ring, no append row")
-    return layer - sum(r < layer for r in self.ring_layers)
+    return ordinal(layer, self.ring_layers)
 
   def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto
     return jnp.arange(self.append_k.shape[3]) < upto
@@ -92,6 +92,12 @@ class KVCache:
 
   def kv_bytes_used(self) -> int:
     return used_bytes(self)
+
+
+def ordinal(layer: int, ring_layers: tuple[int, ...]) -> int:
+  """``layer``'s index among the layers that are not rings: its append row, and the layer
+  index a policy sees."""
+  return layer - sum(r < layer for r in ring_layers)
 
 
 def _stacked(layers: tuple[Array, ...], fill) -> Array:

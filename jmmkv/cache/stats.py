@@ -249,29 +249,25 @@ def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window=None, bidirectional_BT=None)
   blocks = (
     (min(t, FLASH_QUERY_BLOCK), t) if t <= FLASH_KEY_BLOCK else (FLASH_QUERY_BLOCK, FLASH_KEY_BLOCK)
   )
-  bidir = bidirectional_BT is not None
-  if not bidir:
-    bidirectional_BT = jnp.zeros_like(valid_BT)  # a placeholder: not used
+  masks_BT = (valid_BT,) if bidirectional_BT is None else (valid_BT, bidirectional_BT)
   if t > FLASH_KEY_BLOCK:
-    q_BTNH, k_BKTH, v_BKTH, valid_BT, bidirectional_BT = _pad_tokens(
-      -t % FLASH_KEY_BLOCK, q_BTNH, k_BKTH, v_BKTH, valid_BT, bidirectional_BT
+    q_BTNH, k_BKTH, v_BKTH, *masks_BT = _pad_tokens(
+      -t % FLASH_KEY_BLOCK, q_BTNH, k_BKTH, v_BKTH, *masks_BT
     )
-  attend = lambda q, k, v, valid, bi: flash_attention.causal_attention(
-    q, k, v, valid, *blocks, window, bi if bidir else None
+  attend = lambda q, k, v, valid, bi=None: flash_attention.causal_attention(
+    q, k, v, valid, *blocks, window, bi
   )
   if jax.sharding.get_abstract_mesh().empty:
-    return attend(q_BTNH, k_BKTH, v_BKTH, valid_BT, bidirectional_BT)[:, :t]
+    return attend(q_BTNH, k_BKTH, v_BKTH, *masks_BT)[:, :t]
 
-  def local(q_BKTGH, k_BKTH, v_BKTH, valid_BKT, bi_BKT):
+  def local(q_BKTGH, k_BKTH, v_BKTH, *masks_BKT):
     q_BTNH = einops.rearrange(q_BKTGH, "B K T G H -> B T (K G) H")
-    o_BTNH = attend(q_BTNH, k_BKTH, v_BKTH, valid_BKT[:, 0], bi_BKT[:, 0])
+    o_BTNH = attend(q_BTNH, k_BKTH, v_BKTH, *(x[:, 0] for x in masks_BKT))
     return einops.rearrange(o_BTNH, "B T (K G) H -> B K T G H", K=k_BKTH.shape[1])
 
   q_BKTGH = einops.rearrange(q_BTNH, "B T (K G) H -> B K T G H", K=kh)
   per_head = lambda x_BT: jnp.broadcast_to(x_BT[:, None], (b, kh, x_BT.shape[1]))
-  o_BKTGH = sharding.per_head(
-    local, q_BKTGH, k_BKTH, v_BKTH, per_head(valid_BT), per_head(bidirectional_BT), lead=0
-  )
+  o_BKTGH = sharding.per_head(local, q_BKTGH, k_BKTH, v_BKTH, *map(per_head, masks_BT), lead=0)
   return einops.rearrange(o_BKTGH, "B K T G H -> B T (K G) H")[:, :t]
 
 

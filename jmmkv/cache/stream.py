@@ -96,7 +96,7 @@ def on_layer(policy, storage: Storage, ctx: Context, valid_BT, modality_BT, leng
       return (carry, store + (ring,)), order.token(*ring)
     lead = {name: x[None] for name, x in st.items()}
     layer = PromptKV(k_BKTH[None], v_BKTH[None], valid_BT, modality_BT, lengths_B, lead)
-    ordinal = index - sum(r < index for r in storage.ring_layers)  # among compressed layers
+    ordinal = kv_cache.ordinal(index, storage.ring_layers)  # among the compressed layers
     kept, carry = policy.compress_layer(layer, ordinal, ctx, storage.capacity, carry)
     if storage.pooled:
       if kept.positions is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -88,6 +88,10 @@ class DecoderConfig:
     """The layers that attend to the whole context (all but `window_layers`): a policy
     compresses their cache."""
     return tuple(i for i in range(self.num_layers) if i not in self.window_layers)
+
+  def of_global_layers(self, per_layer: Sequence) -> list:
+    """The entries of ``per_layer`` (one per layer) at `global_layers`."""
+    return [x for i, x in enumerate(per_layer) if i not in self.window_layers]
 
   @property
   def num_groups(self) -> int:  # G

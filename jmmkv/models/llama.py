@@ -290,7 +290,7 @@ class Decoder(nn.Module):
       sts.append(st)
     if on_layer is not None:
       return self.norm(x_BTD), state
-    sts = [st for i, st in enumerate(sts) if i not in self.cfg.window_layers]
+    sts = self.cfg.of_global_layers(sts)  # the others have none
     return self.norm(x_BTD), jnp.stack(ks), jnp.stack(vs), stats.stack(sts)
 
   def decode(self, x_B1D: Array, cache: kv_cache.KVCache):
