@@ -141,7 +141,14 @@ def _generate(args) -> int:
   batch = model.prepare(
     prompts=[prompt], images=[images] if images else None, videos=[videos] if videos else None
   )
-  out = jmmkv.generate(model, batch, policy, budget, max_new_tokens=args.max_new_tokens)
+  out = jmmkv.generate(
+    model,
+    batch,
+    policy,
+    budget,
+    max_new_tokens=args.max_new_tokens,
+    decode_window=args.decode_window,
+  )
   s = out.stats
   print(out.texts[0])
   print(
@@ -233,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     "--budget", type=float, default=None, help="kept fraction in (0, 1]: needed except for full"
   )
   gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument(
+    "--decode-window",
+    type=int,
+    default=None,
+    help="keep the K/V of only the last N generated tokens (a fixed cache for long answers)",
+  )
   gen.add_argument("--dtype", choices=DTYPES, default="float32")
   gen.set_defaults(func=_generate)
   bench = sub.add_parser(
@@ -318,8 +331,9 @@ _default_show = warnings.showwarning
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  for name in ("batch", "prompt_len", "max_new_tokens", "repeats"):
-    if getattr(args, name, 1) < 1:
+  for name in ("batch", "prompt_len", "max_new_tokens", "repeats", "decode_window"):
+    value = getattr(args, name, None)
+    if value is not None and value < 1:
       print(f"jmmkv: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
       return 2
   try:

@@ -231,6 +231,7 @@ def generate(
   return_cache: bool = False,
   output_scores: bool = False,
   layout: str = "auto",
+  decode_window: int | None = None,
 ) -> GenerateOutput:
   """Generates up to ``max_new_tokens`` per prompt of ``batch`` (see `jmmkv.Model.prepare`).
 
@@ -245,18 +246,39 @@ def generate(
   `PagedKVCache` (exactly the kept pages; per-layer/-head budgets), or ``"auto"``: paged when it
   saves more than 10% of the prefix bytes. A model loaded with a ``mesh`` runs everything under
   it, with the cache split over batch and KV heads (dense layout: pages mix heads).
+  ``decode_window``: keep the K/V of only the last ``decode_window`` generated tokens (the append
+  buffer becomes a ring), so that a long answer decodes in a fixed cache: the compressed prompt,
+  whose first tokens are the attention sinks, plus a recent window (StreamingLLM's rule on the
+  answer; any policy and layout). None keeps every generated token.
   """
   sampling, rng, eos_E = decode_settings(
     model, max_new_tokens, temperature, top_k, top_p, rng, eos_token_id
   )
+  fed_back = max(1, max_new_tokens - 1)  # the last sampled token is never fed back
   with sharding.context(model.mesh):
     padded, logits_BV, cache, prefill_s, layout_s = _prefill_and_compress(
-      model, batch, policy, budget, append_capacity=max(1, max_new_tokens - 1), layout=layout
+      model,
+      batch,
+      policy,
+      budget,
+      append_capacity=append_slots(fed_back, decode_window),
+      layout=layout,
+      decode_tokens=fed_back,
     )
     out, cache, decode_s = decode_stage(
       model, logits_BV, cache, rng, eos_E, sampling, max_new_tokens, output_scores
     )
   return finish(model, padded, out, cache, (prefill_s, layout_s, decode_s), return_cache)
+
+
+def append_slots(fed_back: int, decode_window: int | None) -> int:
+  """M, the append buffer's slots: the generated tokens fed back, at most ``decode_window``."""
+  if decode_window is None:
+    return fed_back
+  ok = isinstance(decode_window, numbers.Integral) and not isinstance(decode_window, bool)
+  if not ok or decode_window < 1:
+    raise ValueError(f"decode_window must be a positive integer or None, got {decode_window!r}")
+  return min(fed_back, int(decode_window))
 
 
 def decode_settings(model, max_new_tokens, temperature, top_k, top_p, rng, eos_token_id):
@@ -396,11 +418,12 @@ def kept_counts(policy, budget: Budget | None, lengths_B: np.ndarray) -> np.ndar
 
 
 def plan_storage(
-  model, prompt: Prompt, policy, kept_B: np.ndarray, survey: Stats, append_capacity: int
+  model, prompt: Prompt, policy, kept_B: np.ndarray, survey: Stats, decode_tokens: int
 ):
   """Where the policy's kept slots go (`stream.storage_for` of its `Plan`; rings for
-  sliding-window layers), and the device arguments the compressing prefill takes after the
-  prompt's (lengths, rope start, kept counts, survey)."""
+  sliding-window layers, sized for ``decode_tokens`` generated tokens fed back), and the device
+  arguments the compressing prefill takes after the prompt's (lengths, rope start, kept counts,
+  survey)."""
   cfg, mesh, padded = model.text_config, model.mesh, prompt.padded
   lengths = np.asarray(padded.lengths_B)
   valid_BT = np.asarray(padded.valid_BT)
@@ -424,7 +447,7 @@ def plan_storage(
     mesh is None and not rings,  # a pool holds every layer's pages: not with rings
   )
   if rings:
-    size = kv_cache.ring_size(cfg.sliding_window, valid_BT.shape[1], append_capacity)
+    size = kv_cache.ring_size(cfg.sliding_window, valid_BT.shape[1], decode_tokens)
     storage = dataclasses.replace(storage, ring_layers=rings, window=cfg.sliding_window, ring=size)
   args = (
     sharding.put_batch(padded.lengths_B, mesh),
@@ -442,6 +465,7 @@ def prefill_stage(
   budget: Budget | None,
   append_capacity: int,
   compile_first: bool = False,
+  decode_tokens: int | None = None,
 ):
   """The first stage of `generate`: host padding, then the jitted prompt forward that compresses
   each layer as it goes (then `layout_stage`, then `decode_loop`; benchmarks time each). A
@@ -449,7 +473,9 @@ def prefill_stage(
 
   ``policy`` and ``budget`` must be resolved (`as_policy`, `as_budget`). Returns ``(padded,
   logits_BV, (cache, pool), storage, prefill_s)``. ``compile_first`` compiles the embedding and
-  the forward ahead of time, outside the timed seconds (benchmarks).
+  the forward ahead of time, outside the timed seconds (benchmarks). ``decode_tokens``: the
+  generated tokens that will be fed back (sliding-window rings hold up to their window of them;
+  default ``append_capacity``, which may be smaller: a ``decode_window``).
   """
   check_batch(batch)
   padded = inputs.pad(batch, pad_id=0)
@@ -470,7 +496,8 @@ def prefill_stage(
       ).compile()
       t0 = time.perf_counter() - seconds
     survey = survey_step(*args, spec=prompt.bound(policy.survey), **kw)
-  storage, more = plan_storage(model, prompt, policy, kept_B, survey, append_capacity)
+  fed = append_capacity if decode_tokens is None else decode_tokens
+  storage, more = plan_storage(model, prompt, policy, kept_B, survey, fed)
   args += more
   kw.update(
     spec=prompt.bound(policy.stats), policy=policy, storage=storage, append_capacity=append_capacity
@@ -525,13 +552,19 @@ def resolve(policy, budget, lengths):
 
 
 def _prefill_and_compress(
-  model, batch: inputs.Batch, policy, budget, append_capacity: int, layout: str = "dense"
+  model,
+  batch: inputs.Batch,
+  policy,
+  budget,
+  append_capacity: int,
+  layout: str = "dense",
+  decode_tokens: int | None = None,
 ):
   check_layout(layout)  # before any work
   check_batch(batch)
   policy, budget = resolve(policy, budget, batch.lengths)
   padded, logits_BV, stored, storage, prefill_s = prefill_stage(
-    model, batch, policy, budget, append_capacity
+    model, batch, policy, budget, append_capacity, decode_tokens=decode_tokens
   )
   cache, layout_s = layout_stage(stored, storage, layout)
   return padded, logits_BV, cache, prefill_s, layout_s

@@ -31,16 +31,15 @@ def test_generate_answers_a_two_image_prompt(llava_dir, capsys):
   a, b = str(llava_dir / "a.png"), str(llava_dir / "b.jpg")
   args = ["generate", "--model", str(llava_dir), "--image", a, "--image", b]
   args += ["--prompt", "w3 <image> w17 <image> w9", "--policy", "snapkv", "--budget", "0.5"]
-  code, out, err = _run(args + ["--max-new-tokens", "5"], capsys)
+  code, out, err = _run(args + ["--max-new-tokens", "5", "--decode-window", "2"], capsys)
   assert code == 0
   model = jmmkv.load(llava_dir)
   batch = model.prepare(
     prompts=["w3 <image> w17 <image> w9"],
     images=[[Image.open(a).convert("RGB"), Image.open(b).convert("RGB")]],
   )
-  want = jmmkv.generate(
-    model, batch, jmmkv.policies.get("snapkv"), jmmkv.Budget(ratio=0.5), max_new_tokens=5
-  )
+  snapkv, budget = jmmkv.policies.get("snapkv"), jmmkv.Budget(ratio=0.5)
+  want = jmmkv.generate(model, batch, snapkv, budget, max_new_tokens=5, decode_window=2)
   assert out.strip() == want.texts[0].strip()
   assert "[snapkv 0.5]" in err and "MiB allocated" in err and "ms/token" in err
   # Images without markers go first, as "<image>" each.
@@ -61,6 +60,7 @@ def test_generate_answers_a_two_image_prompt(llava_dir, capsys):
     (["--image", "MISSING.png"], "does not exist"),
     (["--image", "NOTANIMAGE"], "cannot read image"),
     (["--video", "MISSING.gif"], "does not exist"),
+    (["--decode-window", "0"], "--decode-window must be >= 1"),
   ],
 )
 def test_generate_errors_are_one_line(llava_dir, tmp_path, capsys, extra, message):

@@ -5,7 +5,8 @@ The prefix is one static-shape array per layer (a tuple: slicing a layer out of 
 give the stacked ``[L, B, K, C, ...]`` views. Prefix slots hold keys after RoPE with their
 original prompt position and modality id (-1 / 0 where empty); the append buffer ``[L, B, K, M, H]``
 has one write index shared by all rows (row b's m-th new token sits at RoPE position
-``rope_start[b] + m``).
+``rope_start[b] + m``), in slot ``m mod M``: a buffer smaller than the answer
+(`jmmkv.generate`'s ``decode_window``) keeps the last M generated tokens.
 
 A sliding-window layer (Gemma 3's local layers: ``ring_layers``, window ``window``) has no
 append row: its prefix is a **ring** of R = min(window, prompt bucket + M) slots holding the
@@ -74,7 +75,7 @@ class KVCache:
       raise ValueError(f"layer {layer} is a sliding-window layer: it has a ring, no append row")
     return ordinal(layer, self.ring_layers)
 
-  def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto
+  def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto (all past M)
     return jnp.arange(self.append_k.shape[3]) < upto
 
   def kept_LBK(self) -> np.ndarray:
@@ -115,8 +116,9 @@ def slot_bytes(append_k_LBKMH: Array) -> int:
 def used_bytes(cache) -> int:
   """Bytes of K/V in valid prefix slots and written append slots of a dense or paged cache, from
   the arrays."""
-  l, b, kh = cache.append_k.shape[:3]
-  return slot_bytes(cache.append_k) * (cache.prefix_slots() + l * b * kh * int(cache.index))
+  l, b, kh, m = cache.append_k.shape[:4]
+  written = min(int(cache.index), m)  # a full buffer wraps around (`write_append`)
+  return slot_bytes(cache.append_k) * (cache.prefix_slots() + l * b * kh * written)
 
 
 def from_prefix(
@@ -244,8 +246,9 @@ def constrain(cache: KVCache) -> KVCache:
 
 
 def write_append(cache: KVCache, layer: int, k_BKH: Array, v_BKH: Array) -> KVCache:
-  """Writes one token's K/V for ``layer`` at the current append index (index is not advanced)."""
-  at = (cache.append_row(layer), 0, 0, cache.index, 0)
+  """Writes one token's K/V for ``layer`` at slot ``index mod M`` of the append buffer (index is
+  not advanced): once M tokens are written, each overwrites the oldest."""
+  at = (cache.append_row(layer), 0, 0, cache.index % cache.append_k.shape[3], 0)
   k = jax.lax.dynamic_update_slice(
     cache.append_k, k_BKH[None, :, :, None].astype(cache.append_k.dtype), at
   )

@@ -61,7 +61,7 @@ class PagedKVCache:
   def page_size(self) -> int:  # S
     return self.k[0].shape[1]
 
-  def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto
+  def append_valid(self, upto: Array) -> Array:  # [M], true for slots < upto (all past M)
     return jnp.arange(self.append_k.shape[3]) < upto
 
   def kept_LBK(self) -> np.ndarray:

@@ -203,6 +203,28 @@ def test_local_layers_hold_the_window_whatever_the_prompt(gemma):
     assert got == b * kh * slot * (2 * WINDOW + 2 * (capacity(n) + m))
 
 
+def test_decode_window_leaves_the_rings_their_window(gemma):
+  """``decode_window`` bounds the global layers' append buffer only: a ring still holds its
+  whole window of generated tokens (here the window, 60, outlasts prompt and answer)."""
+  cfg = dataclasses.replace(gemma.config, sliding_window=60)
+  model = dataclasses.replace(gemma, config=cfg)
+  out = jmmkv.generate(
+    model,
+    _batch(model, (13, 9)),
+    max_new_tokens=40,
+    eos_token_id=[],
+    return_cache=True,
+    decode_window=3,
+  )
+  cache = out.cache
+  assert cache.append_k.shape[3] == 3
+  pos = np.asarray(cache.positions)
+  for layer in cfg.window_layers:  # 39 tokens fed back: sequence indices n .. n + 38
+    for b, n in enumerate((13, 9)):
+      for head in range(cfg.num_kv_heads):
+        assert sorted(pos[layer, b, head][pos[layer, b, head] >= 0]) == list(range(n + 39))
+
+
 def test_paged_layout_refused_and_round_trip(gemma, tmp_path):
   model = gemma
   batch = _batch(model)
