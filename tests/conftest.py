@@ -51,6 +51,18 @@ def pytest_xdist_auto_num_workers(config) -> int:
   return min(4, _cores())
 
 
+@pytest.fixture
+def dense_store(monkeypatch):
+  """The compressing prefill stores every policy's kept slots as a dense prefix, never a pool
+  (`jmmkv.cache.stream.storage_for`). Reference tests use it: a dense store's shape depends on
+  the rounded capacity only, so the cases of a policy share compiled prefills, where a pool's
+  size (static) follows each prompt and budget. tests/cache/test_stream.py checks that a pool
+  keeps exactly what a dense prefix keeps, for every policy."""
+  from jmmkv.cache import stream
+
+  monkeypatch.setattr(stream, "POOL_GAIN", 0.0)
+
+
 @dataclass(frozen=True)
 class TinyModel:
   """A tiny random HF model (fp32, eager, eval) and the directory it was saved to."""

@@ -13,6 +13,8 @@ from references.pyramidkv_ref import layer_budgets, pyramidkv
 from references.snapkv_ref import snapkv
 from references.streaming_ref import streaming
 
+pytestmark = pytest.mark.usefixtures("dense_store")  # suite time: see conftest
+
 CASES = [
   ("streaming", streaming, dict()),
   ("streaming", streaming, dict(sinks=2)),

@@ -27,6 +27,7 @@ EXTRA = [
   dict(reading="B", pool_cap=False),
 ]
 SETUPS = [("llava", 0), ("llava", 1), ("llava", 2), ("qwen2_vl", 0)]
+pytestmark = pytest.mark.usefixtures("dense_store")  # suite time: see conftest
 # The core variants on every setup; the others on one setup per family (suite time).
 CASES = [(s, kw) for s in SETUPS for kw in CORE] + [
   (s, kw) for s in (SETUPS[0], SETUPS[3]) for kw in EXTRA

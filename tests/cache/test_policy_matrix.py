@@ -16,6 +16,7 @@ CFG = tiny_decoder(
   head_dim=16,
 )
 COMPRESSING = [n for n in jmmkv.policies.NAMES if n != "full"]
+pytestmark = pytest.mark.usefixtures("dense_store")  # suite time: see conftest
 SMALL = {"snapkv": dict(window=8), "pyramidkv": dict(window=8), "adakv": dict(window=8)}
 
 
