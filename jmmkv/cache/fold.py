@@ -1,0 +1,82 @@
+"""An answer's K/V folded into the prefix: the first step of continuing a conversation from a
+cache (a next turn is prefilled against the prefix; issue "Conversations over a compressed
+context").
+
+After decoding, the append buffer holds the K/V of the generated tokens fed back (token m in slot
+``m mod M``; the last sampled token was never fed back), one write index for all rows, so rows
+that stopped early hold tokens past their EOS. `fold_answer` moves each row's own answer tokens
+into the prefix as ordinary slots (sequence position ``length + m``, modality text), drops the
+rest, and leaves an empty append buffer with the lengths and RoPE start moved past the answer.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jmmkv.cache import kv_cache
+from jmmkv.typing import TEXT
+
+
+def fold_answer(cache: kv_cache.KVCache, answered_B) -> kv_cache.KVCache:
+  """``cache`` (dense; as `jmmkv.generate` returns it) with the K/V of each row's answer in the
+  prefix. ``answered_B`` ``[B]``: row b's answer length (its tokens up to and including EOS).
+
+  Row b keeps the answer tokens ``m < min(answered_B[b], index)`` still in the buffer (with
+  ``decode_window`` only the last M were); its length and RoPE start move on by that many. The
+  prefix capacity grows to the next multiple of 32 that holds every (layer, row, KV head)'s
+  slots. Not for sliding-window models yet: the decode loop runs every row to the last step, so
+  a row that stopped early has lost ring slots to tokens decoded after its EOS.
+  """
+  if not isinstance(cache, kv_cache.KVCache):
+    raise TypeError(
+      f"fold_answer takes a dense KVCache (generate(..., layout='dense')), got "
+      f"{type(cache).__name__}"
+    )
+  if cache.ring_layers:
+    raise ValueError("fold_answer does not support sliding-window layers (rings) yet")
+  b, kh, m_slots = cache.append_k.shape[1:4]
+  answered = np.asarray(answered_B, np.int64).reshape(-1)
+  if answered.shape != (b,) or (answered < 0).any():
+    raise ValueError(f"answered_B must be {b} non-negative answer lengths, got {answered_B!r}")
+  index = int(cache.index)
+  fed_B = np.minimum(answered, index)  # answer tokens whose K/V were computed
+  first = max(0, index - m_slots)  # the oldest token still in the buffer
+  moved_B = np.maximum(fed_B - first, 0)  # tokens m in [first, fed_B) join the prefix
+  lengths_B = np.asarray(cache.lengths).astype(np.int64)
+  kept_LBK = np.asarray(cache.valid).sum(-1)  # slots are stored first
+  need = int((kept_LBK + moved_B[None, :, None]).max())
+  capacity = max(cache.capacity, kv_cache.capacity_for(need))
+
+  m_T = first + np.arange(int(moved_B.max(initial=0)))  # the answer token of each moved slot
+  ok_BKT = np.broadcast_to(
+    (np.arange(len(m_T))[None] < moved_B[:, None])[:, None], (b, kh, len(m_T))
+  )
+  rows_BKT = np.broadcast_to(np.arange(b)[:, None, None], ok_BKT.shape)
+  heads_BKT = np.broadcast_to(np.arange(kh)[None, :, None], ok_BKT.shape)
+  pos_BKT = np.broadcast_to((lengths_B[:, None] + m_T[None])[:, None], ok_BKT.shape)
+  widen = lambda x, fill: jnp.pad(
+    x, [(0, 0), (0, 0), (0, capacity - x.shape[2])] + [(0, 0)] * (x.ndim - 3), constant_values=fill
+  )
+  ks, vs, ps, mods = [], [], [], []
+  for l in range(len(cache.layer_k)):
+    dest_BKT = np.where(ok_BKT, kept_LBK[l][:, :, None] + np.arange(len(m_T)), capacity)
+    at = (rows_BKT, heads_BKT, dest_BKT)  # out of range (capacity): dropped
+    src = lambda x_LBKMH: x_LBKMH[l][:, :, m_T % m_slots]  # [B, K, T, H]
+    ks.append(widen(cache.layer_k[l], 0).at[at].set(src(cache.append_k), mode="drop"))
+    vs.append(widen(cache.layer_v[l], 0).at[at].set(src(cache.append_v), mode="drop"))
+    ps.append(widen(cache.layer_positions[l], -1).at[at].set(pos_BKT, mode="drop"))
+    mods.append(widen(cache.layer_modality[l], 0).at[at].set(TEXT, mode="drop"))
+  return kv_cache.constrain(
+    cache.replace(
+      layer_k=tuple(ks),
+      layer_v=tuple(vs),
+      layer_positions=tuple(ps),
+      layer_modality=tuple(mods),
+      append_k=jnp.zeros_like(cache.append_k),
+      append_v=jnp.zeros_like(cache.append_v),
+      lengths=jnp.asarray(lengths_B + fed_B, jnp.int32),
+      rope_start=cache.rope_start + jnp.asarray(fed_B, jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+    )
+  )
