@@ -131,6 +131,19 @@ def pad_batch(seqs: list[list[int]], side: str, pad_id: int = 0) -> tuple[np.nda
   return ids, mask
 
 
+def answer_window_mask(n: int, t: int, window: int | None) -> torch.Tensor:
+  """``[1, 1, t, t]`` float mask (0 allowed, float32 min masked) for a sequence of an
+  ``n``-token prompt and its answer: causal, with ``window`` set the query at answer token i sees
+  the whole prompt and answer tokens ``max(0, i - window + 1) .. i`` only (jmmkv.generate's
+  ``decode_window`` rule)."""
+  allowed = np.tril(np.ones((t, t), bool))
+  for i in range(t - n if window else 0):
+    allowed[n + i, n : n + max(0, i - window + 1)] = False
+  mask = torch.zeros((1, 1, t, t))
+  mask[0, 0][torch.from_numpy(~allowed)] = torch.finfo(torch.float32).min
+  return mask
+
+
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
   """clip(cumsum(mask) - 1, 0): the positions HF generate uses for padded batches."""
   return np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import jmmkv
-from hf_models import random_ids
+from hf_models import answer_window_mask, random_ids
 
 MAX_NEW = 24
 WINDOW = 6
@@ -23,14 +23,8 @@ def _prompts(seed: int, lengths) -> list[list[int]]:
 def _windowed_hf_logits(torch_model, prompt, answer, window: int) -> np.ndarray:
   """Teacher-forced HF logits ``[len(answer), V]`` of the answer's steps: the query that feeds
   answer token i sees the whole prompt and answer tokens ``max(0, i - window + 1) .. i``."""
-  n = len(prompt)
-  ids = prompt + answer[:-1]
-  t = len(ids)
-  allowed = np.tril(np.ones((t, t), bool))
-  for i in range(len(answer) - 1):
-    allowed[n + i, n : n + max(0, i - window + 1)] = False
-  mask = torch.zeros((1, 1, t, t))
-  mask[0, 0][torch.from_numpy(~allowed)] = torch.finfo(torch.float32).min
+  n, ids = len(prompt), prompt + answer[:-1]
+  mask = answer_window_mask(n, len(ids), window)
   out = torch_model(input_ids=torch.tensor([ids]), attention_mask=mask, use_cache=False)
   return out.logits[0, n - 1 :].float().numpy()
 

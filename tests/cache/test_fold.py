@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import jmmkv
-from hf_models import random_ids
+from hf_models import answer_window_mask, random_ids
 from jmmkv.cache.fold import fold_answer
 from jmmkv.typing import TEXT
 
@@ -20,12 +20,8 @@ def _hf_kv(torch_model, prompt, answer, window):
   """Per layer (keys, values) ``[K, T, H]`` of transformers' forward over prompt + answer (after
   RoPE), answer token i seeing the prompt and answer tokens ``i - window + 1 .. i`` (a 4D mask;
   every token with ``window=None``), as they were decoded."""
-  n, ids = len(prompt), prompt + answer
-  allowed = np.tril(np.ones((len(ids), len(ids)), bool))
-  for i in range(len(answer) if window else 0):
-    allowed[n + i, n : n + max(0, i - window + 1)] = False
-  mask = torch.zeros((1, 1, len(ids), len(ids)))
-  mask[0, 0][torch.from_numpy(~allowed)] = torch.finfo(torch.float32).min
+  ids = prompt + answer
+  mask = answer_window_mask(len(prompt), len(ids), window)
   out = torch_model(input_ids=torch.tensor([ids]), attention_mask=mask, use_cache=True)
   return [(layer.keys[0].numpy(), layer.values[0].numpy()) for layer in out.past_key_values.layers]
 
