@@ -247,9 +247,9 @@ def generate(
   saves more than 10% of the prefix bytes. A model loaded with a ``mesh`` runs everything under
   it, with the cache split over batch and KV heads (dense layout: pages mix heads).
   ``decode_window``: keep the K/V of only the last ``decode_window`` generated tokens (the append
-  buffer becomes a ring), so that a long answer decodes in a fixed cache: the compressed prompt,
-  whose first tokens are the attention sinks, plus a recent window (StreamingLLM's rule on the
-  answer; any policy and layout). None keeps every generated token.
+  buffer becomes a ring), so that a long answer decodes in a fixed cache: the compressed prompt
+  plus a recent window (StreamingLLM's rule on the answer, the prompt's kept tokens in the place
+  of its sinks; any policy and layout). None keeps every generated token.
   """
   sampling, rng, eos_E = decode_settings(
     model, max_new_tokens, temperature, top_k, top_p, rng, eos_token_id
