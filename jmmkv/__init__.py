@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _PUBLIC = {  # name -> module that defines it
   "Batch": "jmmkv.inputs",
   "Budget": "jmmkv.cache.budget",
+  "Conversation": "jmmkv.conversation",
   "GenerateOutput": "jmmkv.generate",
   "KVCache": "jmmkv.cache.kv_cache",
   "Model": "jmmkv.models.model",

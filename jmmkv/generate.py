@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmmkv import inputs, sharding
+from jmmkv import inputs, sharding, turns
 from jmmkv.cache import kv_cache, paged, policies, stats, stream
 from jmmkv.cache.budget import Budget
 from jmmkv.cache.policies.base import Context, HostPrompt
 from jmmkv.cache.stats import Stats, StatsSpec
 from jmmkv.models.configs import DecoderConfig
-from jmmkv.models.llama import Decoder, Embedded
+from jmmkv.models.llama import Decoder, Embedded, last_logits
 from jmmkv.sampling import Sampling
 from jmmkv.typing import Array
 
@@ -72,12 +72,6 @@ def survey_step(
     params, x_BTD, positions, valid_BT, modality_BT, spec, keep_stats, (), method=Decoder.prefill
   )
   return stats.stack(cfg.of_global_layers(sts))  # the others have none
-
-
-def last_logits(dec: Decoder, params, h_BTD: Array, lengths_B: Array) -> Array:
-  """``[B, V]`` float32: the logits of each row's last valid token (rows right-padded)."""
-  h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
-  return dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
 
 
 @functools.partial(
@@ -232,6 +226,7 @@ def generate(
   output_scores: bool = False,
   layout: str = "auto",
   decode_window: int | None = None,
+  cache: kv_cache.KVCache | None = None,
 ) -> GenerateOutput:
   """Generates up to ``max_new_tokens`` per prompt of ``batch`` (see `jmmkv.Model.prepare`).
 
@@ -250,25 +245,67 @@ def generate(
   buffer becomes a ring), so that a long answer decodes in a fixed cache: the compressed prompt
   plus a recent window (StreamingLLM's rule on the answer, the prompt's kept tokens in the place
   of its sinks; any policy and layout). None keeps every generated token.
+  ``cache``: continue a conversation: ``batch`` is the next turn, prefilled against this cache
+  (dense, its answer folded in: `jmmkv.turns`; it is consumed) and kept whole after it; the
+  policy must be Full for now. `jmmkv.Conversation` keeps the turns for you.
   """
   sampling, rng, eos_E = decode_settings(
     model, max_new_tokens, temperature, top_k, top_p, rng, eos_token_id
   )
   fed_back = max(1, max_new_tokens - 1)  # the last sampled token is never fed back
+  append_capacity = append_slots(fed_back, decode_window)
   with sharding.context(model.mesh):
-    padded, logits_BV, cache, prefill_s, layout_s = _prefill_and_compress(
-      model,
-      batch,
-      policy,
-      budget,
-      append_capacity=append_slots(fed_back, decode_window),
-      layout=layout,
-      decode_tokens=fed_back,
-    )
+    if cache is None:
+      padded, logits_BV, cache, prefill_s, layout_s = _prefill_and_compress(
+        model,
+        batch,
+        policy,
+        budget,
+        append_capacity=append_capacity,
+        layout=layout,
+        decode_tokens=fed_back,
+      )
+    else:
+      padded, logits_BV, cache, prefill_s = turn_stage(
+        model, batch, cache, policy, budget, append_capacity, layout
+      )
+      layout_s = 0.0
     out, cache, decode_s = decode_stage(
       model, logits_BV, cache, rng, eos_E, sampling, max_new_tokens, output_scores
     )
   return finish(model, padded, out, cache, (prefill_s, layout_s, decode_s), return_cache)
+
+
+def turn_stage(model, batch, past: kv_cache.KVCache, policy, budget, append_capacity: int, layout):
+  """A conversation's next turn (`jmmkv.turns`): ``batch`` prefilled against ``past`` (donated),
+  every new token kept. Returns ``(padded, logits_BV, cache, seconds)``."""
+  check_batch(batch)
+  check_layout(layout)
+  if layout == "paged":
+    raise ValueError("a next turn keeps the dense layout: use layout='dense' or 'auto'")
+  if policies.as_policy(policy).name != "full" or as_budget(budget) is not None:
+    raise NotImplementedError(
+      "compressing again over a conversation's cache is not supported yet: pass policy=None "
+      "and budget=None for the next turns (the earlier turns stay as compressed)"
+    )
+  turns.check_past(past, len(batch.input_ids))
+  padded = inputs.pad(batch, pad_id=0)
+  t0 = time.perf_counter()
+  prompt = embed_prompt(model, padded, np.asarray(past.rope_start))
+  rope = prompt.rope_start_B
+  with _donation_quiet():
+    logits_BV, cache = turns.turn_step(
+      *prompt.args,
+      sharding.put_batch(padded.lengths_B, model.mesh),
+      sharding.put_batch(rope, model.mesh, axis=rope.ndim - 1),
+      past,
+      cfg=model.text_config,
+      dtype=model.dtype_name,
+      capacity=turns.turn_capacity(past, np.asarray(padded.lengths_B)),
+      append_capacity=append_capacity,
+    )
+  logits_BV = jax.block_until_ready(logits_BV)
+  return padded, logits_BV, cache, time.perf_counter() - t0
 
 
 def append_slots(fed_back: int, decode_window: int | None) -> int:
@@ -381,10 +418,14 @@ def check_batch(batch) -> None:
     raise TypeError(f"batch must be a jmmkv Batch (from model.prepare), got {type(batch).__name__}")
 
 
-def embed_prompt(model, padded: inputs.Padded) -> Prompt:
-  """The prompt's embeddings (vision features spliced in) and positions, on the model's mesh."""
+def embed_prompt(model, padded: inputs.Padded, rope_offset_B: np.ndarray | None = None) -> Prompt:
+  """The prompt's embeddings (vision features spliced in) and positions, on the model's mesh.
+  ``rope_offset_B`` ``[B]`` (M-RoPE ``[3, B]``) is added to every row's positions (a next turn
+  continues from its cache's `KVCache.rope_start`)."""
   x_BTD = model.embed(padded.ids_BT, padded.media)
   positions = model.positions(padded.ids_BT, padded.valid_BT, padded.media)
+  if rope_offset_B is not None:
+    positions = positions + np.asarray(rope_offset_B, positions.dtype)[..., None]
   # New tokens continue from the last prompt token's position + 1, on each M-RoPE axis (as
   # transformers' generate; with M-RoPE this can be below the prompt length).
   lengths = np.asarray(padded.lengths_B)
@@ -591,7 +632,7 @@ def kept_fraction(kept_LBK, prompt_tokens: int) -> float:
 
 def _stats(cache, padded: inputs.Padded, tokens, prefill_s, layout_s, decode_s):
   kept_LBK = cache.kept_LBK()
-  prompt_tokens = int(padded.lengths_B.sum())
+  prompt_tokens = int(np.asarray(cache.lengths).sum())  # every turn's, after a next turn
   new_tokens = sum(len(r) for r in tokens)
   decode_steps = max(0, int(cache.index))
   return {

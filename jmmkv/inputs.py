@@ -114,6 +114,19 @@ def from_token_ids(input_ids, attention_mask=None, vocab_size: int | None = None
   return Batch(tuple(rows), tuple(np.full(r.shape, TEXT, np.int32) for r in rows))
 
 
+def prepend(batch: Batch, rows) -> Batch:
+  """``batch`` with text tokens ``rows[b]`` (possibly none) before row b's tokens."""
+  if len(rows) != len(batch.input_ids):
+    raise ValueError(f"{len(rows)} prefixes for {len(batch.input_ids)} rows")
+  join = lambda x, y: np.concatenate([np.asarray(y, x.dtype).reshape(-1), x])
+  return Batch(
+    tuple(join(x, r) for x, r in zip(batch.input_ids, rows)),
+    tuple(join(x, [TEXT] * len(r)) for x, r in zip(batch.modality, rows)),
+    tuple(join(x, [-1] * len(r)) for x, r in zip(batch.media_index, rows)),
+    batch.media,
+  )
+
+
 def bucket_length(n: int, min_bucket: int = DEFAULT_MIN_BUCKET) -> int:
   """Smallest power of two >= max(n, min_bucket): calls in one bucket share compiled code."""
   return max(min_bucket, 1 << (int(n) - 1).bit_length())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jmmkv.cache import kv_cache
+from jmmkv.cache import extend, kv_cache
 from jmmkv.typing import TEXT
 
 
@@ -49,24 +49,22 @@ def fold_answer(cache: kv_cache.KVCache, answered_B) -> kv_cache.KVCache:
   capacity = max(cache.capacity, kv_cache.capacity_for(need))
 
   m_T = first + np.arange(int(moved_B.max(initial=0)))  # the answer token of each moved slot
-  ok_BKT = np.broadcast_to(
-    (np.arange(len(m_T))[None] < moved_B[:, None])[:, None], (b, kh, len(m_T))
-  )
-  rows_BKT = np.broadcast_to(np.arange(b)[:, None, None], ok_BKT.shape)
-  heads_BKT = np.broadcast_to(np.arange(kh)[None, :, None], ok_BKT.shape)
-  pos_BKT = np.broadcast_to((lengths_B[:, None] + m_T[None])[:, None], ok_BKT.shape)
-  widen = lambda x, fill: jnp.pad(
-    x, [(0, 0), (0, 0), (0, capacity - x.shape[2])] + [(0, 0)] * (x.ndim - 3), constant_values=fill
-  )
-  ks, vs, ps, mods = [], [], [], []
-  for l in range(len(cache.layer_k)):
-    dest_BKT = np.where(ok_BKT, kept_LBK[l][:, :, None] + np.arange(len(m_T)), capacity)
-    at = (rows_BKT, heads_BKT, dest_BKT)  # out of range (capacity): dropped
-    src = lambda x_LBKMH: x_LBKMH[l][:, :, m_T % m_slots]  # [B, K, T, H]
-    ks.append(widen(cache.layer_k[l], 0).at[at].set(src(cache.append_k), mode="drop"))
-    vs.append(widen(cache.layer_v[l], 0).at[at].set(src(cache.append_v), mode="drop"))
-    ps.append(widen(cache.layer_positions[l], -1).at[at].set(pos_BKT, mode="drop"))
-    mods.append(widen(cache.layer_modality[l], 0).at[at].set(TEXT, mode="drop"))
+  pos_BT = jnp.asarray(lengths_B[:, None] + m_T[None], jnp.int32)
+  mod_BT = jnp.full(pos_BT.shape, TEXT, jnp.int32)
+  count_B = jnp.asarray(moved_B, jnp.int32)
+  layers = [
+    extend.append_tokens(
+      (cache.layer_k[l], cache.layer_v[l], cache.layer_positions[l], cache.layer_modality[l]),
+      cache.append_k[l][:, :, m_T % m_slots],
+      cache.append_v[l][:, :, m_T % m_slots],
+      pos_BT,
+      mod_BT,
+      count_B,
+      capacity,
+    )
+    for l in range(len(cache.layer_k))
+  ]
+  ks, vs, ps, mods = zip(*layers)
   return kv_cache.constrain(
     cache.replace(
       layer_k=tuple(ks),

@@ -271,6 +271,45 @@ def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window=None, bidirectional_BT=None)
   return einops.rearrange(o_BKTGH, "B K T G H -> B T (K G) H")[:, :t]
 
 
+class Past(NamedTuple):
+  """One layer's cache before the new tokens (a conversation's earlier turns): every new query
+  sees every valid slot."""
+
+  k: Array  # [B, K, C, H] after RoPE
+  v: Array  # [B, K, C, H]
+  valid: Array  # [B, K, C] bool
+
+
+def _flash_after(q_BTNH, k_BKTH, v_BKTH, valid_BT, past: Past) -> Array:
+  """`_flash` of new tokens after a ``past``: the keys are the past's slots, then the new
+  tokens (causal among themselves; `flash_attention.causal_attention_reference` with an offset;
+  the Pallas kernels have no past yet). ``T`` is a multiple of the query block."""
+  b, t = q_BTNH.shape[:2]
+  kh, c = past.k.shape[1:3]
+  s = c + t
+  key_block = s if s <= FLASH_KEY_BLOCK else FLASH_KEY_BLOCK
+  pad = [(0, 0), (0, 0), (0, -s % key_block)]
+  join = lambda old, new: jnp.pad(
+    jnp.concatenate([old.astype(new.dtype), new], axis=2), pad + [(0, 0)] * (new.ndim - 3)
+  )
+  k_BKSH, v_BKSH = join(past.k, k_BKTH), join(past.v, v_BKTH)
+  valid_BKS = join(past.valid, jnp.broadcast_to(valid_BT[:, None], (b, kh, t)))
+  attend = lambda q, k, v, valid: flash_attention.causal_attention_reference(
+    q, k, v, valid, min(t, FLASH_QUERY_BLOCK), key_block, offset=c
+  )
+  if jax.sharding.get_abstract_mesh().empty:
+    return attend(q_BTNH, k_BKSH, v_BKSH, valid_BKS)
+
+  def local(q_BKTGH, k_BKSH, v_BKSH, valid_BKS):
+    q_BTNH = einops.rearrange(q_BKTGH, "B K T G H -> B T (K G) H")
+    o_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, valid_BKS)
+    return einops.rearrange(o_BTNH, "B T (K G) H -> B K T G H", K=k_BKSH.shape[1])
+
+  q_BKTGH = einops.rearrange(q_BTNH, "B T (K G) H -> B K T G H", K=kh)
+  o_BKTGH = sharding.per_head(local, q_BKTGH, k_BKSH, v_BKSH, valid_BKS, lead=0)
+  return einops.rearrange(o_BKTGH, "B K T G H -> B T (K G) H")
+
+
 def attention(
   q_BTNH: Array,
   k_BKTH: Array,
@@ -282,6 +321,7 @@ def attention(
   key_block: int = 512,
   window: int | None = None,
   bidirectional_BT: Array | None = None,
+  past: Past | None = None,
 ) -> tuple[Array, Stats]:
   """Causal GQA attention of the prompt (keys at slots <= the query's slot, padding masked;
   with a sliding ``window``, only the ``window - 1`` slots before the query and itself). The
@@ -294,11 +334,17 @@ def attention(
   queries read the ``key_block``-key tiles at or before them, flash style with the statistics'
   hooks, and again for the exact probabilities when a statistic reads tiles (`_exact`). The
   masked pairs are never computed.
+  With a ``past`` (`Past`), the queries also see every valid slot of an earlier turn's cache
+  (no statistics, sliding windows or bidirectional runs yet).
   Returns the output ``[B, T, N, H]`` and `Stats` ``{name: array}`` of the requested statistics.
   """
   if key_block % block:
     raise ValueError(f"key_block {key_block} must be a multiple of block {block}")
   statistics = spec(*statistics)
+  if past is not None and (statistics or window is not None or bidirectional_BT is not None):
+    raise NotImplementedError(
+      "attention after a cache has no statistics, sliding windows or bidirectional runs yet"
+    )
   if window is not None and any(isinstance(x, QueryStatistic) for x in statistics):
     raise NotImplementedError(
       "query statistics (observation windows, cross entropies) of a sliding-window layer are "
@@ -322,7 +368,9 @@ def attention(
       pad, q_BTNH, k_BKTH, v_BKTH, valid_BT, *bi_BT
     )
   t = q_BTNH.shape[1]
-  if not wanted:  # no statistic of every query's probabilities: flash attention
+  if past is not None:
+    out_BTNH = _flash_after(q_BTNH, k_BKTH, v_BKTH, valid_BT, past)
+  elif not wanted:  # no statistic of every query's probabilities: flash attention
     out_BTNH = _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window, *bi_BT)
   else:  # exact probabilities: two passes over key tiles (`_exact`)
     key_block = t if t <= key_block else key_block

@@ -43,7 +43,8 @@ def tile_scores(
   or, with a sliding ``window``, where the key is ``window`` or more slots before the query (as
   transformers' ``sliding_window``: a query sees itself and the ``window - 1`` slots before).
   ``groups_BT`` (`runs`): slots of one run also see each other's later slots (Gemma 3's
-  bidirectional image tokens; the window still applies)."""
+  bidirectional image tokens; the window still applies). ``valid_BT`` may be per KV head
+  (``[B, K, T]``: a compressed cache's slots before the new tokens)."""
   tile = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * key_block, key_block, axis)
   s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, tile(k_BKTH, 2), preferred_element_type=jnp.float32)
   cols_S = j * key_block + jnp.arange(key_block)
@@ -53,8 +54,10 @@ def tile_scores(
     seen_BQS = seen_BQS | ((gq_BQ1 == tile(groups_BT, 1)[:, None, :]) & (gq_BQ1 >= 0))
   if window is not None:
     seen_BQS &= (rows_Q[:, None] - cols_S[None, :] < window)[None]
-  mask_BQS = seen_BQS & tile(valid_BT, 1)[:, None, :]
-  return jnp.where(mask_BQS[:, None, None], s, MASK_VALUE)
+  valid_BKS = tile(valid_BT, valid_BT.ndim - 1)
+  valid_BK1S = valid_BKS[:, :, None, :] if valid_BT.ndim == 3 else valid_BKS[:, None, None, :]
+  mask_BKQS = seen_BQS[:, None] & valid_BK1S
+  return jnp.where(mask_BKQS[:, :, None], s, MASK_VALUE)
 
 
 def runs(bidirectional_BT: Array) -> tuple[Array, Array]:
@@ -72,11 +75,12 @@ def runs(bidirectional_BT: Array) -> tuple[Array, Array]:
   return groups_BT.astype(jnp.int32), reach_BT.max(0)
 
 
-def end_tile(i, query_block: int, key_block: int, reach_T: Array | None):
-  """One past the last key tile query block ``i`` reads: the tile of its last query, or of the
-  furthest slot a run lets one of its queries see (``reach_T``, `runs`)."""
+def end_tile(i, query_block: int, key_block: int, reach_T: Array | None, offset: int = 0):
+  """One past the last key tile query block ``i`` reads: the tile of its last query (at slot
+  ``offset + i * query_block + query_block - 1``), or of the furthest slot a run lets one of its
+  queries see (``reach_T``, `runs`)."""
   if reach_T is None:
-    return (i * query_block + query_block + key_block - 1) // key_block
+    return (offset + i * query_block + query_block + key_block - 1) // key_block
   last = jnp.max(jax.lax.dynamic_slice_in_dim(reach_T, i * query_block, query_block))
   return last // key_block + 1
 
@@ -103,6 +107,7 @@ def causal_attention_reference(
   key_block: int = 512,
   window: int | None = None,
   bidirectional_BT: Array | None = None,
+  offset: int = 0,
 ) -> Array:
   """Causal GQA attention of a prompt, flash style: each block of ``query_block`` queries reads
   only the ``key_block``-key tiles at or before its last query, with an online softmax, so the
@@ -110,17 +115,29 @@ def causal_attention_reference(
   blocks, and ``key_block`` of ``query_block``. Padding (``valid_BT`` false) is never a key.
   A sliding ``window`` (`tile_scores`) also skips the tiles wholly before it; each contiguous
   run of ``bidirectional_BT`` slots attends within itself both ways (blocks read on to its end).
-  Returns ``[B, T, N, H]``."""
+
+  With an ``offset``, the T queries sit at key slots ``offset ..``: the keys ``[B, K, S, H]``
+  are ``offset`` earlier slots (a cache: every query sees them) then the queries' own tokens,
+  ``valid_BT`` is ``[B, S]`` or per KV head ``[B, K, S]``, and S must be a multiple of
+  ``key_block`` (T of ``query_block``). Returns ``[B, T, N, H]``."""
   b, t, n, h = q_BTNH.shape
   kh = k_BKTH.shape[1]
-  _check_blocks(t, query_block, key_block)
+  if offset:
+    if window is not None or bidirectional_BT is not None:
+      raise NotImplementedError("an offset with a window or bidirectional runs")
+    if t % query_block or k_BKTH.shape[2] % key_block:
+      raise ValueError(
+        f"T={t} must be a multiple of {query_block}, S={k_BKTH.shape[2]} of {key_block}"
+      )
+  else:
+    _check_blocks(t, query_block, key_block)
   g = n // kh
   groups_BT, reach_T = (None, None) if bidirectional_BT is None else runs(bidirectional_BT)
 
   def query_step(buf_BTNH, i):  # queries not yet reached, outputs of those done
     q_BQNH = jax.lax.dynamic_slice_in_dim(buf_BTNH, i * query_block, query_block, axis=1)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh) * h**-0.5
-    rows_Q = i * query_block + jnp.arange(query_block)
+    rows_Q = offset + i * query_block + jnp.arange(query_block)
 
     def key_step(j, carry):
       o_BKGQH, m_BKGQ, l_BKGQ = carry
@@ -139,7 +156,7 @@ def causal_attention_reference(
       jnp.full((b, kh, g, query_block), MASK_VALUE, jnp.float32),
       jnp.zeros((b, kh, g, query_block), jnp.float32),
     )
-    tiles = end_tile(i, query_block, key_block, reach_T)
+    tiles = end_tile(i, query_block, key_block, reach_T, offset)
     start = first_tile(i, query_block, key_block, window)
     o_BKGQH, _, l_BKGQ = jax.lax.fori_loop(start, tiles, key_step, init)
     o_BKGQH = o_BKGQH / l_BKGQ[..., None]

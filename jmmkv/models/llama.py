@@ -142,7 +142,16 @@ class Block(nn.Module):
     return bufs
 
   def prefill(
-    self, x_BTD, cos_BTH, sin_BTH, valid_BT, modality_BT, spec, window=None, bidirectional_BT=None
+    self,
+    x_BTD,
+    cos_BTH,
+    sin_BTH,
+    valid_BT,
+    modality_BT,
+    spec,
+    window=None,
+    bidirectional_BT=None,
+    past: stats.Past | None = None,
   ):
     q_BTNH, k_BKTH, v_BKTH = self._qkv_in_chunks(x_BTD, cos_BTH, sin_BTH)
     o_BTNH, st = stats.attention(
@@ -154,6 +163,7 @@ class Block(nn.Module):
       spec,
       window=window,
       bidirectional_BT=bidirectional_BT,
+      past=past,
     )
     return self._finish_in_chunks(x_BTD, o_BTNH), k_BKTH, v_BKTH, st
 
@@ -246,9 +256,11 @@ class Decoder(nn.Module):
     spec: stats.StatsSpec = stats.NONE,
     on_layer=None,
     state=None,
+    past: kv_cache.KVCache | None = None,
   ):
     """Prompt forward from embeddings (or an `Embedded`). ``positions``: ``[B, T]``, or
-    ``[3, B, T]`` M-RoPE ids.
+    ``[3, B, T]`` M-RoPE ids. With a ``past`` cache (dense, no rings, empty append buffer), the
+    tokens also attend to its valid slots (a conversation's next turn).
 
     Without ``on_layer``: returns final-normed hidden ``[B, T, D]``, K/V ``[L, B, K, T, H]`` and
     the `stats.Stats` that ``spec`` asks for, stacked over layers (``{name: [L, ...]}``).
@@ -269,6 +281,10 @@ class Decoder(nn.Module):
     for index, block in enumerate(self.layers):
       cos_BTH, sin_BTH = tables[index in self.cfg.local_layers]
       ring = index in self.cfg.window_layers  # no statistics: a policy never scores it
+      earlier = None
+      if past is not None:
+        valid_BKC = past.layer_positions[index] >= 0
+        earlier = stats.Past(past.layer_k[index], past.layer_v[index], valid_BKC)
       x_BTD, k_BKTH, v_BKTH, st = block.prefill(
         x_BTD,
         cos_BTH,
@@ -278,6 +294,7 @@ class Decoder(nn.Module):
         stats.NONE if ring else spec,
         self.cfg.sliding_window if ring else None,
         bidirectional_BT,
+        earlier,
       )
       if added_LBTD is not None and index < added_LBTD.shape[0]:
         x_BTD = x_BTD + added_LBTD[index].astype(x_BTD.dtype)
@@ -304,6 +321,12 @@ class Decoder(nn.Module):
     if isinstance(cache, kv_cache.KVCache):
       cache = kv_cache.constrain(cache)  # stays split over batch and KV heads on a mesh
     return logits_B1V[:, 0], cache.replace(index=cache.index + 1)
+
+
+def last_logits(dec: Decoder, params, h_BTD: Array, lengths_B: Array) -> Array:
+  """``[B, V]`` float32: the logits of each row's last valid token (rows right-padded)."""
+  h_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
+  return dec.apply(params, h_B1D, method=Decoder.unembed)[:, 0]
 
 
 def init_params(cfg: DecoderConfig, rng: Array, dtype: DType = jnp.float32):

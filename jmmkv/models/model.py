@@ -199,6 +199,7 @@ class Model:
     second_per_grid_ts=None,
     fps: float = 2.0,
     batch_num_images=None,
+    add_special_tokens: bool | None = None,
   ) -> inputs.Batch:
     """A `Batch` from text prompts (+ images / videos, through the checkpoint's processor) or from
     token ids (+ the HF processor's arrays).
@@ -207,6 +208,8 @@ class Model:
     ``images[i]`` lists the images of prompt i, ``videos[i]`` its videos (each a list of frames,
     PIL images or ``[H, W, 3]`` uint8 arrays, sampled at ``fps`` frames per second). The chat
     template is applied when the tokenizer has one (``chat_template=False`` turns it off).
+    ``add_special_tokens`` (BOS): by default only without a chat template (False for a
+    conversation's next turn: `jmmkv.Conversation`).
     ``mm_token_type_ids`` is accepted for symmetry with the HF processor output and derived from
     the ids.
     """
@@ -218,7 +221,9 @@ class Model:
         prompts = [prompts]
       if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
-      arrays = prompts_to_arrays(self, list(prompts), images, videos, chat_template, fps)
+      arrays = prompts_to_arrays(
+        self, list(prompts), images, videos, chat_template, fps, add_special_tokens
+      )
       return self.prepare(**arrays)
     media = inputs.Media(
       pixel_values,

@@ -105,9 +105,16 @@ def _check_counts(prompts, media, mark: str, what: str):
 
 
 def prompts_to_arrays(
-  model, prompts: list[str], images, videos, chat_template: bool, fps: float = 2.0
+  model,
+  prompts: list[str],
+  images,
+  videos,
+  chat_template: bool,
+  fps: float = 2.0,
+  add_special_tokens: bool | None = None,
 ) -> dict:
-  """HF-processor arrays for ``model.prepare(input_ids=..., ...)``."""
+  """HF-processor arrays for ``model.prepare(input_ids=..., ...)``; special tokens (BOS) are
+  added by default only when no chat template is applied."""
   tok = model.tokenizer
   if tok is None:
     raise ValueError("this model has no tokenizer (none in its directory): pass input_ids instead")
@@ -134,8 +141,9 @@ def prompts_to_arrays(
   templated = chat_template and bool(getattr(tok, "chat_template", None))
   if templated:
     prompts = [_apply_chat_template(tok, p) for p in prompts]
+  special = not templated if add_special_tokens is None else add_special_tokens
   if not multimodal:
-    rows = [tok(p, add_special_tokens=not templated)["input_ids"] for p in prompts]
+    rows = [tok(p, add_special_tokens=special)["input_ids"] for p in prompts]
     return {"input_ids": rows}
   if flat_images and model.family.images_per_prompt:  # one list per prompt: it tells
     counts = [p.count(IMAGE_MARK) for p in original]  # which prompts hold several
@@ -146,7 +154,7 @@ def prompts_to_arrays(
     videos=flat_videos or None,
     return_tensors="np",
     padding=True,
-    add_special_tokens=not templated,
+    add_special_tokens=special,
   )
   arrays = {k: np.asarray(out[k]) for k in _ARRAYS if k in out and out[k] is not None}
   if video:
@@ -170,6 +178,33 @@ def _apply_chat_template(tok, prompt: str) -> str:
   raise ValueError(
     "the tokenizer's chat template drops the prompt text (with string or typed-part content): "
     "pass chat_template=False and format the prompt yourself"
+  )
+
+
+_ASKED, _ANSWERED = "jmmkv-earlier-question", "jmmkv-earlier-answer"
+
+
+def follow_up_text(tok, prompt: str, ended_with: str | None = None) -> str:
+  """The text of a next user turn (``prompt``) after an assistant answer, as the tokenizer's
+  chat template renders a conversation: what follows the answer in [user, assistant, user]
+  with the generation prompt. ``ended_with``: the token the answer ended with (its EOS, already
+  in the cache), dropped when the rendering goes on with it. Without a chat template: the
+  prompt itself."""
+  if not getattr(tok, "chat_template", None):
+    return prompt
+  for wrap in (lambda x: x, lambda x: [{"type": "text", "text": x}]):
+    turns = [("user", _ASKED), ("assistant", _ANSWERED), ("user", prompt)]
+    rendered = tok.apply_chat_template(
+      [{"role": role, "content": wrap(text)} for role, text in turns],
+      add_generation_prompt=True,
+      tokenize=False,
+    )
+    if prompt.strip() in rendered and _ANSWERED in rendered:
+      rest = rendered[rendered.index(_ANSWERED) + len(_ANSWERED) :]
+      closed = rest.lstrip()
+      return closed[len(ended_with) :] if ended_with and closed.startswith(ended_with) else rest
+  raise ValueError(
+    "the tokenizer's chat template drops a follow-up turn's text: pass input_ids for the turn"
   )
 
 
