@@ -58,6 +58,7 @@ def survey_step(
   positions,
   valid_BT,
   modality_BT,
+  past: kv_cache.KVCache | None = None,
   *,
   cfg: DecoderConfig,
   dtype: str,
@@ -65,11 +66,20 @@ def survey_step(
 ):
   """A prompt forward that keeps no K/V: the statistics ``spec`` asks for, of every layer
   (`Stats` stacked ``[L', ...]`` over `DecoderConfig.global_layers`), for a policy whose
-  ``survey`` needs them before compressing."""
+  ``survey`` needs them before compressing (of a next turn against ``past``: `jmmkv.turns`)."""
   dec = Decoder(cfg, jnp.dtype(dtype))
   keep_stats = lambda index, k, v, st, acc: (acc + (st,), jnp.zeros(()))
   _, sts = dec.apply(
-    params, x_BTD, positions, valid_BT, modality_BT, spec, keep_stats, (), method=Decoder.prefill
+    params,
+    x_BTD,
+    positions,
+    valid_BT,
+    modality_BT,
+    spec,
+    keep_stats,
+    (),
+    past,
+    method=Decoder.prefill,
   )
   return stats.stack(cfg.of_global_layers(sts))  # the others have none
 
@@ -246,8 +256,9 @@ def generate(
   plus a recent window (StreamingLLM's rule on the answer, the prompt's kept tokens in the place
   of its sinks; any policy and layout). None keeps every generated token.
   ``cache``: continue a conversation: ``batch`` is the next turn, prefilled against this cache
-  (dense, its answer folded in: `jmmkv.turns`; it is consumed) and kept whole after it; the
-  policy must be Full for now. `jmmkv.Conversation` keeps the turns for you.
+  (dense, its answer folded in; it is consumed). With a policy, each layer is compressed again
+  as a whole, the budget taken of the whole conversation so far (`jmmkv.turns`); Full keeps
+  every token. `jmmkv.Conversation` keeps the turns for you.
   """
   sampling, rng, eos_E = decode_settings(
     model, max_new_tokens, temperature, top_k, top_p, rng, eos_token_id
@@ -277,33 +288,46 @@ def generate(
 
 
 def turn_stage(model, batch, past: kv_cache.KVCache, policy, budget, append_capacity: int, layout):
-  """A conversation's next turn (`jmmkv.turns`): ``batch`` prefilled against ``past`` (donated),
-  every new token kept. Returns ``(padded, logits_BV, cache, seconds)``."""
+  """A conversation's next turn (`jmmkv.turns`): ``batch`` prefilled against ``past`` (donated);
+  Full keeps every new token, a policy compresses each layer again under the budget of the
+  whole conversation. Returns ``(padded, logits_BV, cache, seconds)``."""
   check_batch(batch)
   check_layout(layout)
   if layout == "paged":
     raise ValueError("a next turn keeps the dense layout: use layout='dense' or 'auto'")
-  if policies.as_policy(policy).name != "full" or as_budget(budget) is not None:
-    raise NotImplementedError(
-      "compressing again over a conversation's cache is not supported yet: pass policy=None "
-      "and budget=None for the next turns (the earlier turns stay as compressed)"
-    )
   turns.check_past(past, len(batch.input_ids))
   padded = inputs.pad(batch, pad_id=0)
+  new_B = np.asarray(padded.lengths_B)
+  total_B = np.asarray(past.lengths) + new_B
+  policy, budget = resolve(policy, budget, total_B)
+  mesh, kw = model.mesh, dict(cfg=model.text_config, dtype=model.dtype_name)
   t0 = time.perf_counter()
   prompt = embed_prompt(model, padded, np.asarray(past.rope_start))
   rope = prompt.rope_start_B
-  with _donation_quiet():
-    logits_BV, cache = turns.turn_step(
-      *prompt.args,
-      sharding.put_batch(padded.lengths_B, model.mesh),
-      sharding.put_batch(rope, model.mesh, axis=rope.ndim - 1),
-      past,
-      cfg=model.text_config,
-      dtype=model.dtype_name,
-      capacity=turns.turn_capacity(past, np.asarray(padded.lengths_B)),
-      append_capacity=append_capacity,
+  args = (
+    *prompt.args,
+    sharding.put_batch(padded.lengths_B, mesh),
+    sharding.put_batch(rope, mesh, axis=rope.ndim - 1),
+    past,
+  )
+  if policy.name == "full":
+    kw.update(capacity=turns.turn_capacity(past, new_B))
+  else:
+    kept_B = kept_counts(policy, budget, total_B)
+    survey = {}
+    if policy.survey:
+      survey = survey_step(*prompt.args, past, spec=prompt.bound(policy.survey), **kw)
+    host = turns.host_prompt(
+      past, new_B, padded.modality_BT, kept_B, survey, len(model.text_config.global_layers)
     )
+    up = stream.CAPACITY_MULTIPLE
+    capacity = min(
+      past.capacity + padded.valid_BT.shape[1], -(-policy.plan(host).capacity // up) * up
+    )
+    args += (sharding.put_batch(kept_B, mesh), survey)
+    kw.update(capacity=capacity, policy=policy, spec=prompt.bound(policy.stats))
+  with _donation_quiet():
+    logits_BV, cache = turns.turn_step(*args, append_capacity=append_capacity, **kw)
   logits_BV = jax.block_until_ready(logits_BV)
   return padded, logits_BV, cache, time.perf_counter() - t0
 
@@ -612,15 +636,23 @@ def _prefill_and_compress(
 
 
 def compress(
-  model, batch: inputs.Batch, policy=None, budget: Budget | float | None = None
+  model,
+  batch: inputs.Batch,
+  policy=None,
+  budget: Budget | float | None = None,
+  *,
+  cache: kv_cache.KVCache | None = None,
 ) -> kv_cache.KVCache:
   """Prefill + compression only: the compressed cache of ``batch`` (empty append buffer).
 
   ``policy`` and ``budget`` as `generate`'s (an object, a name / spec string or a ratio).
   ``cache.positions`` / ``cache.modality`` ``[L, B, K, C]`` say what was kept (-1 / 0 where empty);
-  ``cache.k`` / ``cache.v`` ``[L, B, K, C, H]`` hold it.
+  ``cache.k`` / ``cache.v`` ``[L, B, K, C, H]`` hold it. ``cache``: ``batch`` is a next turn,
+  prefilled against it (consumed) as `generate`'s ``cache`` says.
   """
   with sharding.context(model.mesh):
+    if cache is not None:
+      return turn_stage(model, batch, cache, policy, budget, 0, "dense")[2]
     return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[2]
 
 

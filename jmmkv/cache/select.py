@@ -35,32 +35,53 @@ def recent_rows(valid_BT: Array, n_B: Array) -> Array:
   return valid_BT & (from_end <= n_B[:, None])
 
 
+def recent_slots(valid_1BKT: Array, n_B: Array) -> Array:
+  """`recent_rows` per KV head (`PromptKV.valid_1BKT`): true for the last ``n_B[b]`` valid
+  slots of each (row, head), in the mask's shape."""
+  from_end = jnp.cumsum(valid_1BKT[..., ::-1], axis=-1)[..., ::-1]
+  return valid_1BKT & (from_end <= n_B[None, :, None, None])
+
+
+def per_query_head(mask_1BKT: Array, num_heads: int) -> Array:
+  """A per-KV-head mask ``[1, B, K, T]`` for each query head ``[1, B, N, T]`` (a mask shared by
+  the heads, ``[1, B, 1, T]``, stays as it is)."""
+  kh = mask_1BKT.shape[2]
+  return mask_1BKT if kh == 1 else jnp.repeat(mask_1BKT, num_heads // kh, axis=2)
+
+
 def top_positions(
-  scores_LBKT: Array, level_LBKT: Array, valid_BT: Array, n_LBK: Array, capacity: int
+  scores_LBKT: Array, level_LBKT: Array, valid: Array, n_LBK: Array, capacity: int
 ) -> Array:
   """Kept positions ``[L, B, K, C]``: per (l, b, k) the first ``n`` candidates by (level desc,
-  score desc, position asc), in ascending position order, -1 in unused slots. Padding is never a
-  candidate. Runs `jmmkv.kernels.select.top_positions` (a sort-free kernel on TPU/GPU), shard-local
+  score desc, position asc), in ascending position order, -1 in unused slots. ``valid``: the
+  candidates, ``[B, T]`` or per head ``[1, B, K, T]`` (`PromptKV.valid_1BKT`); padding is never
+  one. Runs `jmmkv.kernels.select.top_positions` (a sort-free kernel on TPU/GPU), shard-local
   under a mesh (a kernel call cannot be split by XLA)."""
   shape = jnp.broadcast_shapes(scores_LBKT.shape, level_LBKT.shape)
   return sharding.per_head(
     lambda *args: kernel_select.top_positions(*args, capacity),
     jnp.broadcast_to(scores_LBKT.astype(jnp.float32), shape),
     jnp.broadcast_to(level_LBKT.astype(jnp.int32), shape),
-    jnp.broadcast_to(valid_BT[None, :, None, :], shape),
+    jnp.broadcast_to(_per_head(valid), shape),
     jnp.broadcast_to(n_LBK, shape[:-1]),
   )
 
 
+def _per_head(valid: Array) -> Array:
+  """``[B, T]`` masks as ``[1, B, 1, T]``; per-head ``[1, B, K, T]`` ones unchanged."""
+  return valid[None, :, None, :] if valid.ndim == 2 else valid
+
+
 def gather(prompt: PromptKV, idx_LBKC: Array) -> Prefix:
   """The prefix holding the prompt K/V, positions and modality at ``idx`` (-1: empty slot). K/V go
-  through `jmmkv.kernels.gather.gather` (a DMA kernel on TPU)."""
+  through `jmmkv.kernels.gather.gather` (a DMA kernel on TPU). With `PromptKV.heads`, each
+  slot's sequence position is taken from them."""
   k, v = sharding.per_head(kernel_gather.gather, prompt.k, prompt.v, idx_LBKC)  # shard-local
   safe = jnp.maximum(idx_LBKC, 0)
-  mod_LBKC = jnp.take_along_axis(
-    jnp.broadcast_to(prompt.modality_BT[None, :, None, :], prompt.k.shape[:4]), safe, axis=3
-  )
-  return Prefix(k, v, idx_LBKC, jnp.where(idx_LBKC < 0, 0, mod_LBKC))
+  take = lambda x_1BKT: jnp.take_along_axis(jnp.broadcast_to(x_1BKT, prompt.k.shape[:4]), safe, 3)
+  mod_LBKC = jnp.where(idx_LBKC < 0, 0, take(prompt.modality_1BKT))
+  pos_LBKC = idx_LBKC if prompt.heads is None else take(prompt.heads.positions[None])
+  return Prefix(k, v, jnp.where(idx_LBKC < 0, -1, pos_LBKC), mod_LBKC)
 
 
 def largest_remainder(real_LB: Array, total_B: Array) -> Array:
@@ -74,15 +95,13 @@ def largest_remainder(real_LB: Array, total_B: Array) -> Array:
   return base + (rank < deficit_B[None, :]).astype(jnp.int32)
 
 
-def own_rank(scores_LBKT: Array, level_LBKT: Array, valid_BT: Array) -> Array:
-  """Rank of every position in its own (layer, row, head) selection order (0 = kept first)."""
+def own_rank(scores_LBKT: Array, level_LBKT: Array, valid: Array) -> Array:
+  """Rank of every position in its own (layer, row, head) selection order (0 = kept first);
+  ``valid`` ``[B, T]`` or per head ``[1, B, K, T]``."""
   shape = jnp.broadcast_shapes(scores_LBKT.shape, level_LBKT.shape)
-  level = jnp.broadcast_to(
-    jnp.where(valid_BT[None, :, None, :], level_LBKT.astype(jnp.int32), -1), shape
-  )
-  score = jnp.broadcast_to(
-    jnp.where(valid_BT[None, :, None, :], scores_LBKT.astype(jnp.float32), -jnp.inf), shape
-  )
+  valid = _per_head(valid)
+  level = jnp.broadcast_to(jnp.where(valid, level_LBKT.astype(jnp.int32), -1), shape)
+  score = jnp.broadcast_to(jnp.where(valid, scores_LBKT.astype(jnp.float32), -jnp.inf), shape)
   pos = jnp.broadcast_to(jnp.arange(shape[-1], dtype=jnp.int32), shape)
   _, _, order = jax.lax.sort((-level, -score, pos), dimension=-1, num_keys=3)
   # The inverse permutation by a scatter, not a second sort (0.22 s against 0.39 s, 64 x 16k).

@@ -20,7 +20,15 @@ import einops
 import jax
 import jax.numpy as jnp
 
-from jmmkv.cache.stats import Online, ProbabilityStatistic, QueryStatistic, Rows, Shape, Tile
+from jmmkv.cache.stats import (
+  Keys,
+  Online,
+  ProbabilityStatistic,
+  QueryStatistic,
+  Rows,
+  Shape,
+  Tile,
+)
 from jmmkv.kernels import order
 from jmmkv.kernels import select as kernel_select
 from jmmkv.typing import IMAGE, MASK_VALUE, TEXT, VIDEO, Array
@@ -35,28 +43,41 @@ def _window_rows(valid_BT: Array, window: int) -> Array:
 WINDOW_KEY_TILE = 2048  # keys scored at a time by `window_sums`
 
 
-def window_sums(q_BTNH: Array, k_BKTH: Array, valid_BT: Array, window: int) -> Array:
+def window_sums(
+  q_BTNH: Array,
+  k_BKTH: Array,
+  valid_BT: Array,
+  window: int,
+  key_valid_BKS: Array | None = None,
+  offset: int = 0,
+) -> Array:
   """``[B, N, T]``: sum over each row's last ``window`` valid queries of their causal attention.
 
   Only those W queries are scored, over `WINDOW_KEY_TILE` keys at a time in two passes (each
   row's max and sum, then the probabilities), so no ``W x T`` score array or copy of the keys is
-  built; this costs little next to the prefill."""
+  built; this costs little next to the prefill. After a cache (`jmmkv.cache.stats.Past`): the
+  keys ``[B, K, S, H]`` are ``offset`` cache slots then the queries' tokens, with per-head
+  validity ``key_valid_BKS``; the result is ``[B, N, S]``."""
   b, t, n, h = q_BTNH.shape
-  kh = k_BKTH.shape[1]
+  kh, n_keys = k_BKTH.shape[1:3]
+  if key_valid_BKS is None:
+    key_valid_BKS = valid_BT[:, None, :]  # the queries' own tokens, in every head
   w = min(window, t)
   rows_BW = kernel_select.positions(_window_rows(valid_BT, w), w)  # [B, W] slots, -1: short row
   q_BWNH = jnp.take_along_axis(q_BTNH, jnp.maximum(rows_BW, 0)[:, :, None, None], axis=1)
   q_BKGWH = einops.rearrange(q_BWNH, "B W (K G) H -> B K G W H", K=kh) * h**-0.5
-  size = min(t, WINDOW_KEY_TILE)
-  full, rest = divmod(t, size)
+  size = min(n_keys, WINDOW_KEY_TILE)
+  full, rest = divmod(n_keys, size)
+  key_slot_BW = rows_BW + offset  # each window query's slot among the keys
 
   def scores(start, width: int):  # [B, K, G, W, S] of keys start .. start + width - 1
     k_BKSH = jax.lax.dynamic_slice_in_dim(k_BKTH, start, width, axis=2)
     s = jnp.einsum("BKGWH,BKSH->BKGWS", q_BKGWH, k_BKSH, preferred_element_type=jnp.float32)
     cols_S = start + jnp.arange(width)
-    valid_BS = jax.lax.dynamic_slice_in_dim(valid_BT, start, width, axis=1)
-    mask_BWS = (rows_BW[:, :, None] >= cols_S[None, None, :]) & valid_BS[:, None, :]
-    return jnp.where(mask_BWS[:, None, None], s, MASK_VALUE)
+    valid_BKS = jax.lax.dynamic_slice_in_dim(key_valid_BKS, start, width, axis=2)
+    seen_BWS = key_slot_BW[:, :, None] >= cols_S[None, None, :]
+    mask_BKWS = seen_BWS[:, None] & valid_BKS[:, :, None, :]
+    return jnp.where(mask_BKWS[:, :, None], s, MASK_VALUE)
 
   def max_sum(start, width, carry):  # pass 1: each row's running max and sum
     m_BKGW, l_BKGW = carry
@@ -81,7 +102,7 @@ def window_sums(q_BTNH: Array, k_BKTH: Array, valid_BT: Array, window: int) -> A
   shape = (b, kh, n // kh, w)
   m_BKGW, l_BKGW = tiles(max_sum, (jnp.full(shape, MASK_VALUE), jnp.zeros(shape)))
   w_BKGW = jnp.where((rows_BW >= 0)[:, None, None, :], 1.0 / l_BKGW, 0.0)  # short rows: none
-  sums_BKGT = order.after(jnp.zeros((b, kh, n // kh, t), jnp.float32), m_BKGW[0, 0, 0, 0])
+  sums_BKGT = order.after(jnp.zeros((b, kh, n // kh, n_keys), jnp.float32), m_BKGW[0, 0, 0, 0])
   sums_BKGT = tiles(add_probs, (sums_BKGT, m_BKGW, w_BKGW))[0]
   return einops.rearrange(sums_BKGT, "B K G S -> B (K G) S")
 
@@ -92,6 +113,7 @@ class WindowSums(QueryStatistic):
 
   window: int
   name = "window"
+  per_key = True
 
   def __post_init__(self):
     if self.window < 1:
@@ -99,6 +121,9 @@ class WindowSums(QueryStatistic):
 
   def compute(self, q_BTNH, k_BKTH, valid_BT, modality_BT) -> Array:
     return window_sums(q_BTNH, k_BKTH, valid_BT, self.window)
+
+  def compute_after(self, q_BTNH, keys: Keys) -> Array:
+    return window_sums(q_BTNH, keys.k, keys.query_valid_BT, self.window, keys.valid, keys.offset)
 
 
 # The most scores one query block of `cross_entropies` holds (each query reads every key of the
@@ -200,6 +225,7 @@ class ColumnSums(ProbabilityStatistic):
   """Per head, each key's attention summed over all valid queries ``[B, N, T]``."""
 
   name = "colsum"
+  per_key = True
 
   def init(self, shape: Shape):
     return jnp.zeros((shape.b, shape.kh * shape.g, shape.t), jnp.float32)
@@ -213,6 +239,9 @@ class ColumnSums(ProbabilityStatistic):
 
   def finish(self, colsum_BNT, valid_BT) -> Array:
     return colsum_BNT[..., : valid_BT.shape[1]]
+
+  def finish_after(self, colsum_BNS, keys: Keys) -> Array:
+    return colsum_BNS[..., : keys.slots]  # the cache's slots, then the new tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,3 +269,6 @@ class RowEntropy(ProbabilityStatistic):
 
   def finish(self, acc, valid_BT) -> Array:
     return acc[0] / jnp.maximum(valid_BT.sum(1), 1)[:, None]
+
+  def finish_after(self, acc, keys: Keys) -> Array:
+    return self.finish(acc, keys.query_valid_BT)  # the mean over the new turn's queries

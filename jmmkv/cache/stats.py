@@ -38,10 +38,22 @@ class Statistic:
   """A prefill statistic: frozen dataclass subclasses (hashable: static under jit)."""
 
   name: ClassVar[str]
+  per_key: ClassVar[bool] = False  # a value per key on the last axis ([B, N, T]), not per row
 
   def for_prompt(self, valid_BT, modality_BT) -> "Statistic":
     """This statistic with static settings from the prompt's host masks (NumPy ``[B, T]``)."""
     return self
+
+
+class Keys(NamedTuple):
+  """What a conversation's next turn attends to (`Past`): the cache's ``offset`` slots, then
+  the new tokens. Statistics of each key are ``[..., slots]`` over that axis."""
+
+  k: Array  # [B, K, S, H] (S >= slots: padded with invalid keys)
+  valid: Array  # [B, K, S] bool, per KV head (a compressed cache keeps other slots per head)
+  query_valid_BT: Array  # [B, T] the new tokens
+  offset: int  # C, static: the first new token's key slot
+  slots: int  # C + T, static: the keys before padding
 
 
 class QueryStatistic(Statistic):
@@ -49,6 +61,10 @@ class QueryStatistic(Statistic):
 
   def compute(self, q_BTNH: Array, k_BKTH: Array, valid_BT: Array, modality_BT: Array) -> Array:
     raise NotImplementedError
+
+  def compute_after(self, q_BTNH: Array, keys: Keys) -> Array:
+    """The statistic of a next turn's queries over a cache and their own tokens (`Keys`)."""
+    raise NotImplementedError(f"the {self.name!r} statistic after a cache is not supported yet")
 
 
 class Shape(NamedTuple):
@@ -115,6 +131,10 @@ class ProbabilityStatistic(Statistic):
   def finish(self, acc, valid_BT: Array) -> Array:
     raise NotImplementedError
 
+  def finish_after(self, acc, keys: Keys) -> Array:
+    """`finish` for a next turn's queries over a cache and their own tokens (`Keys`)."""
+    raise NotImplementedError(f"the {self.name!r} statistic after a cache is not supported yet")
+
 
 def _reads_tiles(statistic: ProbabilityStatistic) -> bool:
   return type(statistic).tile is not ProbabilityStatistic.tile
@@ -144,7 +164,16 @@ def for_prompt(statistics: StatsSpec, valid_BT, modality_BT) -> StatsSpec:
 
 
 def _exact(
-  q_BTNH, k_BKTH, v_BKTH, valid_BT, block, key_block, wanted, window=None, bidirectional_BT=None
+  q_BTNH,
+  k_BKTH,
+  v_BKTH,
+  valid_BT,
+  block,
+  key_block,
+  wanted,
+  window=None,
+  bidirectional_BT=None,
+  keys: Keys | None = None,
 ):
   """Causal attention with exact softmax rows for the ``wanted`` `ProbabilityStatistic`s. Each
   block of ``block`` queries reads only the ``key_block``-key tiles at or before its last query
@@ -157,10 +186,13 @@ def _exact(
      head would cost more memory than the scores cost time;
 
   then the block's rows (`Rows`) go to the statistics. The output overwrites the queries block
-  by block (no output buffer); no key range is sliced or copied. Returns the output ``[B, T, N,
-  H]`` and each statistic's accumulator."""
+  by block (no output buffer); no key range is sliced or copied. With ``keys`` (a next turn),
+  ``k_BKTH`` / ``v_BKTH`` are its keys (a multiple of ``key_block``) and the queries sit at key
+  slots ``keys.offset ..``. Returns the output ``[B, T, N, H]`` and each statistic's
+  accumulator."""
   b, t, n, h = q_BTNH.shape
   kh = k_BKTH.shape[1]
+  offset, key_valid = (0, valid_BT) if keys is None else (keys.offset, keys.valid)
   g = n // kh
   scale = h**-0.5
   v_tile = lambda j: jax.lax.dynamic_slice_in_dim(v_BKTH, j * key_block, key_block, 2)
@@ -174,12 +206,12 @@ def _exact(
     buf_BTNH, accs = state
     q_BQNH = jax.lax.dynamic_slice_in_dim(buf_BTNH, i * block, block, axis=1)
     q_BKGQH = einops.rearrange(q_BQNH, "B Q (K G) H -> B K G Q H", K=kh) * scale
-    rows_Q = i * block + jnp.arange(block)
-    tiles = flash_attention.end_tile(i, block, key_block, reach_T)
+    rows_Q = offset + i * block + jnp.arange(block)
+    tiles = flash_attention.end_tile(i, block, key_block, reach_T, offset)
     start = flash_attention.first_tile(i, block, key_block, window)
     qv_BQ = jax.lax.dynamic_slice_in_dim(valid_BT, i * block, block, axis=1).astype(jnp.float32)
     scores = lambda j: flash_attention.tile_scores(
-      q_BKGQH, k_BKTH, valid_BT, rows_Q, j, key_block, window, groups_BT
+      q_BKGQH, k_BKTH, key_valid, rows_Q, j, key_block, window, groups_BT
     )
 
     def online_tile(j, carry):  # 1
@@ -217,7 +249,7 @@ def _exact(
     )
     return (buf_BTNH, accs), None
 
-  accs = {x.name: x.init(Shape(b, kh, g, block, t)) for x in wanted}
+  accs = {x.name: x.init(Shape(b, kh, g, block, k_BKTH.shape[2])) for x in wanted}
   (out_BTNH, accs), _ = jax.lax.scan(block_step, (q_BTNH, accs), jnp.arange(t // block))
   return out_BTNH, accs
 
@@ -280,20 +312,34 @@ class Past(NamedTuple):
   valid: Array  # [B, K, C] bool
 
 
+def _joined(past: Past, k_BKTH, v_BKTH, valid_BT, key_block: int, slots: int | None = None):
+  """The keys of a next turn (`Keys`) and their values: the ``past``'s slots, then the new
+  tokens, padded to a multiple of ``key_block`` keys (``slots``: the unpadded count, when the
+  new tokens were padded)."""
+  b, kh, t = k_BKTH.shape[:3]
+  c = past.k.shape[2]
+  pad = [(0, 0), (0, 0), (0, -(c + t) % key_block)]
+  join = lambda old, new: jnp.pad(
+    jnp.concatenate([old.astype(new.dtype), new], axis=2), pad + [(0, 0)] * (new.ndim - 3)
+  )
+  valid_BKS = join(past.valid, jnp.broadcast_to(valid_BT[:, None], (b, kh, t)))
+  keys = Keys(join(past.k, k_BKTH), valid_BKS, valid_BT, c, c + t if slots is None else slots)
+  return keys, join(past.v, v_BKTH)
+
+
+def _key_block(s: int, key_block: int) -> int:
+  return s if s <= key_block else key_block
+
+
 def _flash_after(q_BTNH, k_BKTH, v_BKTH, valid_BT, past: Past) -> Array:
   """`_flash` of new tokens after a ``past``: the keys are the past's slots, then the new
   tokens (causal among themselves; `flash_attention.causal_attention_reference` with an offset;
   the Pallas kernels have no past yet). ``T`` is a multiple of the query block."""
-  b, t = q_BTNH.shape[:2]
+  t = q_BTNH.shape[1]
   kh, c = past.k.shape[1:3]
-  s = c + t
-  key_block = s if s <= FLASH_KEY_BLOCK else FLASH_KEY_BLOCK
-  pad = [(0, 0), (0, 0), (0, -s % key_block)]
-  join = lambda old, new: jnp.pad(
-    jnp.concatenate([old.astype(new.dtype), new], axis=2), pad + [(0, 0)] * (new.ndim - 3)
-  )
-  k_BKSH, v_BKSH = join(past.k, k_BKTH), join(past.v, v_BKTH)
-  valid_BKS = join(past.valid, jnp.broadcast_to(valid_BT[:, None], (b, kh, t)))
+  key_block = _key_block(c + t, FLASH_KEY_BLOCK)
+  keys, v_BKSH = _joined(past, k_BKTH, v_BKTH, valid_BT, key_block)
+  k_BKSH, valid_BKS = keys.k, keys.valid
   attend = lambda q, k, v, valid: flash_attention.causal_attention_reference(
     q, k, v, valid, min(t, FLASH_QUERY_BLOCK), key_block, offset=c
   )
@@ -341,17 +387,20 @@ def attention(
   if key_block % block:
     raise ValueError(f"key_block {key_block} must be a multiple of block {block}")
   statistics = spec(*statistics)
-  if past is not None and (statistics or window is not None or bidirectional_BT is not None):
-    raise NotImplementedError(
-      "attention after a cache has no statistics, sliding windows or bidirectional runs yet"
-    )
+  if past is not None and (window is not None or bidirectional_BT is not None):
+    raise NotImplementedError("attention after a cache has no sliding windows or runs yet")
   if window is not None and any(isinstance(x, QueryStatistic) for x in statistics):
     raise NotImplementedError(
       "query statistics (observation windows, cross entropies) of a sliding-window layer are "
       "not supported yet"
     )
+  if past is not None and statistics:
+    keys = _joined(past, k_BKTH, v_BKTH, valid_BT, 1)[0]
+    compute = lambda x: x.compute_after(q_BTNH, keys)
+  else:
+    compute = lambda x: x.compute(q_BTNH, k_BKTH, valid_BT, modality_BT)
   out = {  # statistics that read the queries first: the attention then overwrites them
-    x.name: x.compute(q_BTNH, k_BKTH, valid_BT, modality_BT)
+    x.name: compute(x)
     for x in sorted(statistics, key=lambda x: x.name)
     if isinstance(x, QueryStatistic)
   }
@@ -368,7 +417,19 @@ def attention(
       pad, q_BTNH, k_BKTH, v_BKTH, valid_BT, *bi_BT
     )
   t = q_BTNH.shape[1]
-  if past is not None:
+  if past is not None and wanted:  # the exact pass over the cache's slots and the new tokens
+    s_in = past.k.shape[2] + t_in
+    kb = _key_block(past.k.shape[2] + t, key_block)
+    keys, v_BKSH = _joined(past, k_BKTH, v_BKTH, valid_BT, kb, s_in)
+    out_BTNH, accs = _exact(q_BTNH, keys.k, v_BKSH, valid_BT, min(block, t), kb, wanted, keys=keys)
+    query_valid = valid_BT[:, :t_in]
+    out.update(
+      {
+        x.name: x.finish_after(accs[x.name], keys._replace(query_valid_BT=query_valid))
+        for x in wanted
+      }
+    )
+  elif past is not None:
     out_BTNH = _flash_after(q_BTNH, k_BKTH, v_BKTH, valid_BT, past)
   elif not wanted:  # no statistic of every query's probabilities: flash attention
     out_BTNH = _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window, *bi_BT)

@@ -124,6 +124,12 @@ def _add_synthetic(benchmarks) -> None:
     "--filler", type=int, default=tasks.DEFAULTS.filler, help="mean filler words per gap"
   )
   sy.add_argument("--batch-size", type=int, default=16)
+  sy.add_argument(
+    "--second-turn",
+    action="store_true",
+    help="also ask each question in a second turn, after compressing the context alone (the "
+    "policy never sees the question); rows get turn 1 or 2",
+  )
   sy.add_argument("--out", default="synthetic.json", help="where to write the JSON results")
   sy.add_argument(
     "--plot",

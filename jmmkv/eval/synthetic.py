@@ -18,9 +18,10 @@ from jmmkv.eval import plotting
 BUDGETS = (1.0, 0.5, 0.2, 0.1, 0.05)
 
 
-def evaluate_grid(model, samples, policies, budgets, batch_size=16, progress=True):
-  """Rows ``{policy, budget, accuracy: {task: acc, mean}, kept_fraction, seconds}``: the full
-  cache once (budget 1.0), then every other policy at every budget."""
+def evaluate_grid(model, samples, policies, budgets, batch_size=16, progress=True, turns=(1,)):
+  """Rows ``{policy, budget, turn, accuracy: {task: acc, mean}, kept_fraction, seconds}``: the
+  full cache once (budget 1.0), then every other policy at every budget, each in every turn of
+  ``turns`` (1: the question in the prompt; 2: asked after compressing the context alone)."""
   from tqdm import tqdm
 
   from jmmkv.synthetic import evaluate
@@ -30,14 +31,16 @@ def evaluate_grid(model, samples, policies, budgets, batch_size=16, progress=Tru
     if name == "full":
       continue
     jobs += [(name, b) for b in budgets]
+  jobs = [(name, b, turn) for name, b in jobs for turn in turns]
   rows = []
-  for name, b in tqdm(jobs, desc="policy x budget", file=sys.stderr, disable=not progress):
+  for name, b, turn in tqdm(jobs, desc="policy x budget", file=sys.stderr, disable=not progress):
     t0 = time.perf_counter()
-    answers, kept = evaluate.run(model, samples, name, b, batch_size)
+    answers, kept = evaluate.run(model, samples, name, b, batch_size, second_turn=turn == 2)
     rows.append(
       dict(
         policy=name,
         budget=1.0 if b is None else b,
+        turn=turn,
         accuracy=evaluate.score(samples, answers),
         kept_fraction=kept,
         seconds=round(time.perf_counter() - t0, 2),
@@ -49,25 +52,30 @@ def evaluate_grid(model, samples, policies, budgets, batch_size=16, progress=Tru
 def format_table(rows, task_names) -> str:
   cols = [*task_names, "mean"]
   w = max([10, *(len(r["policy"]) for r in rows)])  # specs with settings can be long
-  lines = [f"{'policy':<{w}} {'budget':>6} {'kept':>5} " + " ".join(f"{c[:12]:>12}" for c in cols)]
+  head = f"{'policy':<{w}} {'budget':>6} {'turn':>4} {'kept':>5} "
+  lines = [head + " ".join(f"{c[:12]:>12}" for c in cols)]
   for r in rows:
     lines.append(
-      f"{r['policy']:<{w}} {r['budget']:>6.2f} {r['kept_fraction']:>5.2f} "
+      f"{r['policy']:<{w}} {r['budget']:>6.2f} {r.get('turn', 1):>4} {r['kept_fraction']:>5.2f} "
       + " ".join(f"{r['accuracy'].get(c, float('nan')):>12.3f}" for c in cols)
     )
   return "\n".join(lines)
 
 
 def plot(rows, task_names, path: Path) -> None:
-  """Accuracy vs budget per task (and the mean); the full cache is a dashed line."""
+  """Accuracy vs budget per task (and the mean); the full cache is a dashed line, second-turn
+  rows dotted lines in their policy's colour."""
   plt = plotting.pyplot()
   panels = [*task_names, "mean"]
   fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True)
   full = next(r for r in rows if r["policy"] == "full")
   for ax, task in zip(axes, panels):
-    for name in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
-      pts = sorted((r["budget"], r["accuracy"][task]) for r in rows if r["policy"] == name)
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+    for i, name in enumerate(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full")):
+      for turn in sorted({r.get("turn", 1) for r in rows}):
+        mine = [r for r in rows if r["policy"] == name and r.get("turn", 1) == turn]
+        pts = sorted((r["budget"], r["accuracy"][task]) for r in mine)
+        label, style = (name, "-") if turn == 1 else (f"{name}, turn 2", ":")
+        ax.plot(*zip(*pts), marker="o", ms=3, ls=style, color=f"C{i}", label=label)
     ax.axhline(full["accuracy"][task], color="k", ls="--", lw=1, label="full")
     ax.set_xscale("log")
     ax.set_title(task)
@@ -102,7 +110,8 @@ def run(args) -> int:
   model = demo.load_bundled(args.model or demo.MODEL_DIR, args.dtype)
   samples = tasks.heldout_all(args.n, settings, task_names)
   t0 = time.perf_counter()
-  rows = evaluate_grid(model, samples, names, budgets, args.batch_size)
+  turns = (1, 2) if args.second_turn else (1,)
+  rows = evaluate_grid(model, samples, names, budgets, args.batch_size, turns=turns)
   meta = dict(
     model=str(args.model or demo.MODEL_DIR),
     dtype=model.dtype_name,

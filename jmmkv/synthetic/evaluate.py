@@ -29,11 +29,15 @@ def run(
   budget=None,
   batch_size: int = 8,
   max_new_tokens: int = 4,
+  second_turn: bool = False,
 ) -> tuple[list[str], float]:
   """(the answer generated for every sample, in the order given; the mean kept fraction).
 
   ``policy``: a name or spec for `jmmkv.policies.from_spec`, or a policy object; ``budget``:
-  None (full cache), a `jmmkv.Budget`, or a float (a ratio of each prompt).
+  None (full cache), a `jmmkv.Budget`, or a float (a ratio of each prompt). ``second_turn``:
+  compress the context alone (`Sample.split`), then ask the question as a next turn against
+  that cache (`jmmkv.turns`): the policy never sees the question. The kept fraction is then
+  over the whole prompt (the question is kept whole).
   """
   import jmmkv
   from jmmkv.generate import as_budget, as_policy
@@ -44,12 +48,23 @@ def run(
   kept = []
   for start in range(0, len(order), batch_size):
     idx = order[start : start + batch_size]
-    batch = model.prepare(
-      prompts=[samples[i].prompt for i in idx],
-      images=[samples[i].images for i in idx],
-      chat_template=False,
-    )
-    gen = jmmkv.generate(model, batch, pol, bud, max_new_tokens=max_new_tokens)
+    if second_turn:
+      parts = [samples[i].split() for i in idx]
+      context = model.prepare(
+        prompts=[c for c, _ in parts], images=[samples[i].images for i in idx], chat_template=False
+      )
+      question = model.prepare(
+        prompts=[q for _, q in parts], chat_template=False, add_special_tokens=False
+      )
+      cache = jmmkv.compress(model, context, pol, bud)
+      gen = jmmkv.generate(model, question, max_new_tokens=max_new_tokens, cache=cache)
+    else:
+      batch = model.prepare(
+        prompts=[samples[i].prompt for i in idx],
+        images=[samples[i].images for i in idx],
+        chat_template=False,
+      )
+      gen = jmmkv.generate(model, batch, pol, bud, max_new_tokens=max_new_tokens)
     kept.append((gen.stats["kept_fraction"], len(idx)))
     for i, text in zip(idx, gen.texts):
       out[i] = reply_answer(text, samples[i].echo)

@@ -76,6 +76,13 @@ class Sample:
   def echo(self) -> str:
     return echo(self.task, self.prompt)
 
+  def split(self) -> tuple[str, str]:
+    """(context, question): the prompt cut before its question (which starts with "what" or
+    "how", words no context holds)."""
+    words = self.prompt.split(" ")
+    start = max(i for i, w in enumerate(words) if w in ("what", "how"))
+    return " ".join(words[:start]), " ".join(words[start:])
+
 
 @dataclasses.dataclass
 class Episode:

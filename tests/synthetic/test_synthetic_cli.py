@@ -74,6 +74,19 @@ def test_eval_synthetic_writes_table_json_and_plot(tmp_path, capsys):
   assert h2o in capsys.readouterr().out
 
 
+def test_eval_synthetic_second_turn_rows(tmp_path, capsys):
+  out = tmp_path / "r.json"
+  argv = ["eval", "synthetic", "--n", "2", "--images", "3", "--policies", "full,snapkv"]
+  argv += ["--budgets", "0.3", "--second-turn", "--out", str(out)]
+  assert cli.main(argv) == 0
+  rows = json.loads(out.read_text())["rows"]
+  got = [(r["policy"], r["budget"], r["turn"]) for r in rows]
+  assert got == [("full", 1.0, 1), ("full", 1.0, 2), ("snapkv", 0.3, 1), ("snapkv", 0.3, 2)]
+  assert rows[0]["accuracy"] == rows[1]["accuracy"]  # the full cache: the same forward
+  assert rows[2]["kept_fraction"] < rows[3]["kept_fraction"]  # the question is kept whole
+  assert " turn " in capsys.readouterr().out
+
+
 def test_eval_synthetic_rejects_bad_arguments(capsys):
   assert cli.main(["eval", "synthetic", "--tasks", "nope"]) == 2
   assert "unknown task 'nope'" in capsys.readouterr().err

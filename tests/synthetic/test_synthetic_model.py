@@ -72,3 +72,18 @@ def test_echo_is_what_the_question_asks_about():
   assert s["text_needle"].prompt.endswith(f"what is the {s['text_needle'].echo} ?")
   assert s["temporal"].prompt.endswith(f"comes after the {s['temporal'].echo} ?")
   assert s["counting"].prompt.endswith(f"how many images are {s['counting'].echo} ?")
+
+
+def test_a_second_turn_question_with_the_full_cache_gets_the_same_replies(model):
+  """The question asked against the cache of the context alone (`jmmkv.turns`) is the same
+  forward as the whole prompt at once: same answers. With SnapKV the context is compressed
+  without the question (kept whole), so more of the prompt is kept."""
+  samples = tasks.heldout_all(3, SHORT)
+  first = evaluate.predictions(model, samples, "full", None, batch_size=len(samples))
+  second = evaluate.predictions(
+    model, samples, "full", None, batch_size=len(samples), second_turn=True
+  )
+  assert second == first and sum(a == s.answer for a, s in zip(first, samples)) >= 10
+  _, kept1 = evaluate.run(model, samples, "snapkv", 0.3, len(samples))
+  _, kept2 = evaluate.run(model, samples, "snapkv", 0.3, len(samples), second_turn=True)
+  assert 0.25 < kept1 < kept2 < 0.45

@@ -107,3 +107,12 @@ def test_digits_are_drawn():
   assert masks[8].sum() > masks[1].sum() > 0  # 8 lights every segment, 1 two
   with pytest.raises(ValueError):
     images.shape_image("hexagon", "red", rng)
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_split_cuts_the_prompt_before_its_question(task):
+  for s in tasks.heldout(task, 5):
+    context, question = s.split()
+    assert f"{context} {question}" == s.prompt
+    assert question.split()[0] in ("what", "how") and question.endswith("?")
+    assert "what" not in context.split() and "how" not in context.split()

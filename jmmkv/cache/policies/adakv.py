@@ -53,12 +53,13 @@ class AdaKV(Wrapper):
     layer_total = int(host.num_layers * host.num_kv_heads * n.sum())
     return Plan(int(min(host.bucket, host.num_kv_heads * n.max(initial=1))), layer_total)
 
-  def head_counts(self, score: Array, level: Array, valid_BT: Array, n_B: Array) -> Array:
-    """Kept tokens per (layer, row, KV head) ``[L, B, K]`` by the joint rule."""
+  def head_counts(self, score: Array, level: Array, valid_1BKT: Array, n_B: Array) -> Array:
+    """Kept tokens per (layer, row, KV head) ``[L, B, K]`` by the joint rule (``valid``: per
+    head, `PromptKV.valid_1BKT`)."""
     l, b, kh, t = score.shape
     safe_B = jnp.maximum(1, jnp.floor(n_B * self.alpha_safeguard)).astype(jnp.int32)
-    secured = select.own_rank(score, level, valid_BT) < safe_B[None, :, None, None]
-    valid = jnp.broadcast_to(valid_BT[None, :, None, :], score.shape)
+    secured = select.own_rank(score, level, valid_1BKT) < safe_B[None, :, None, None]
+    valid = jnp.broadcast_to(valid_1BKT, score.shape)
     flat = lambda x: einops.rearrange(x, "L B K T -> L B (K T)")
     head = jnp.broadcast_to(jnp.arange(kh)[:, None], (kh, t))
     pos = jnp.broadcast_to(jnp.arange(t)[None, :], (kh, t))
@@ -75,5 +76,5 @@ class AdaKV(Wrapper):
 
   def compress_layer(self, layer: PromptKV, index: int, ctx: Context, capacity: int, carry):
     score, level = self.scorer.scores(layer, ctx.kept_B)
-    n_1BK = self.head_counts(score, level, layer.valid_BT, ctx.kept_B)
+    n_1BK = self.head_counts(score, level, layer.valid_1BKT, ctx.kept_B)
     return keep_best(layer, score, level, n_1BK, capacity), carry

@@ -138,7 +138,7 @@ def keep_best(layer: PromptKV, score: Array, level: Array, n: Array, capacity: i
   broadcastable to it) candidates by (level desc, score desc, position asc); padding is never
   kept."""
   n_1BK = jnp.broadcast_to(n, score.shape[:3])
-  return Kept(select.top_positions(score, level, layer.valid_BT, n_1BK, capacity))
+  return Kept(select.top_positions(score, level, layer.valid_1BKT, n_1BK, capacity))
 
 
 _KINDS = {

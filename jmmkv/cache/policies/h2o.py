@@ -38,5 +38,5 @@ class H2O(Scorer):
     """Column sums (GQA-reduced); level 1 on the last ``floor(n * recent_fraction)`` tokens."""
     score = select.reduce_heads(layer.stats[ColumnSums.name], layer.k.shape[2], self.gqa)
     recent_B = jnp.floor(kept_B * self.recent_fraction).astype(jnp.int32)
-    level = select.recent_rows(layer.valid_BT, recent_B)[None, :, None]
+    level = select.recent_slots(layer.valid_1BKT, recent_B)
     return score, jnp.broadcast_to(level, score.shape)

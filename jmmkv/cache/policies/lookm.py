@@ -67,18 +67,18 @@ def text_prior_keep(
   """Keep mask ``[L, B, K, T]``: the last M tokens, every earlier text token (when the row has
   visual tokens and ``text_prior``), then the best-scored tokens up to M + max(N, #text);
   ``keep_all_text=False``: the same order, cut at M + N (text beyond N ranked by score)."""
-  valid = prompt.valid_BT[None, :, None, :]
-  mod = prompt.modality_BT[None, :, None, :]
+  valid = prompt.valid_1BKT
+  mod = prompt.modality_1BKT
   visual = (mod == IMAGE) | (mod == VIDEO)
   has_visual = (visual & valid).any(-1, keepdims=True)
-  recent = jnp.stack([select.recent_rows(prompt.valid_BT, m) for m in recent_LB])[:, :, None, :]
+  recent = jnp.concatenate([select.recent_slots(valid, m) for m in recent_LB])
   prior = valid & ~recent & ~visual & has_visual if text_prior else jnp.zeros_like(recent)
   level = 2 * recent + prior
   n_text = prior.sum(-1)  # [L, B, 1]
   important = important_LB[..., None]
   counts = recent_LB[..., None] + (jnp.maximum(important, n_text) if keep_all_text else important)
   counts = jnp.broadcast_to(counts, score_LBKT.shape[:3])
-  rank = select.own_rank(score_LBKT, jnp.broadcast_to(level, score_LBKT.shape), prompt.valid_BT)
+  rank = select.own_rank(score_LBKT, jnp.broadcast_to(level, score_LBKT.shape), valid)
   return valid & (rank < counts[..., None])
 
 
@@ -133,5 +133,5 @@ def finish(layer: PromptKV, keep_1BKT: Array, rule: str | None, capacity: int) -
   positions = select.positions_from_mask(keep_1BKT, capacity)
   if rule is None:
     return Kept(positions)
-  evict = layer.valid_BT[None, :, None, :] & ~keep_1BKT
+  evict = layer.valid_1BKT & ~keep_1BKT
   return Kept(positions, *merging.merge_kept(layer.k, layer.v, keep_1BKT, evict, rule, positions))

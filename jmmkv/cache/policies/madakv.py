@@ -165,15 +165,16 @@ class MadaKV(Base):
     (reading C), ``[B]``."""
     kh = layer.k.shape[2]
     psi_N = layer.stats[WindowSums.name]  # [L, B, N, T]
-    valid = layer.valid_BT[None, :, None, :]
+    valid = layer.valid_1BKT
     p_B = jnp.minimum(self.proxy_window, layer.lengths_B)
-    proxy = select.recent_rows(layer.valid_BT, p_B)[None, :, None, :]
+    proxy = select.recent_slots(valid, p_B)
     if self.kernel > 1:  # SnapKV's average pooling over the candidates; the window unpooled
-      pooled = pool(psi_N, layer.valid_BT & ~proxy[0, :, 0], self.kernel, "avg")
-      psi_N = jnp.where(proxy, psi_N, pooled)
+      n = psi_N.shape[2]
+      pooled = pool(psi_N, select.per_query_head(valid & ~proxy, n), self.kernel, "avg")
+      psi_N = jnp.where(select.per_query_head(proxy, n), psi_N, pooled)
     psi = select.reduce_heads(psi_N, kh, "mean")  # [L, B, K, T]
     cand = valid & ~proxy
-    mod = layer.modality_BT[None, :, None, :]
+    mod = layer.modality_1BKT
     vis = cand & ((mod == IMAGE) | (mod == VIDEO))
     txt = cand & ~vis
     k_v, k_t = _demand(psi, vis, self.theta), _demand(psi, txt, self.theta)

@@ -23,10 +23,11 @@ from jmmkv.cache.statistics import WindowSums
 from jmmkv.typing import Array
 
 
-def pool(scores_LBNT: Array, prefix_BT: Array, kernel: int, how: str) -> Array:
-  """1-D pooling along T over the prefix tokens only (see the module docstring)."""
+def pool(scores_LBNT: Array, prefix_1BNT: Array, kernel: int, how: str) -> Array:
+  """1-D pooling along T over the prefix tokens only (see the module docstring); ``prefix``
+  ``[1, B, N, T]`` or shared by the heads ``[1, B, 1, T]`` (`select.per_query_head`)."""
   if how == "avg":
-    x = jnp.where(prefix_BT[None, :, None, :], scores_LBNT, 0.0)
+    x = jnp.where(prefix_1BNT, scores_LBNT, 0.0)
     summed = jax.lax.reduce_window(
       x,
       0.0,
@@ -36,7 +37,7 @@ def pool(scores_LBNT: Array, prefix_BT: Array, kernel: int, how: str) -> Array:
       [(0, 0)] * 3 + [(kernel // 2, kernel // 2)],
     )
     return summed / kernel
-  x = jnp.where(prefix_BT[None, :, None, :], scores_LBNT, -jnp.inf)
+  x = jnp.where(prefix_1BNT, scores_LBNT, -jnp.inf)
   return jax.lax.reduce_window(
     x,
     -jnp.inf,
@@ -74,15 +75,12 @@ class SnapKV(Scorer):
   def scores(self, layer: PromptKV, kept_B=None) -> tuple[Array, Array]:
     """(score, level) ``[1, B, K, T]``: pooled window attention; level 1 on the window."""
     w_B = jnp.minimum(self.window, layer.lengths_B)
-    in_window_BT = select.recent_rows(layer.valid_BT, w_B)
-    prefix_BT = layer.valid_BT & ~in_window_BT
-    pooled = pool(layer.stats[WindowSums.name], prefix_BT, self.kernel, self.pooling)
-    score = select.reduce_heads(
-      jnp.where(prefix_BT[None, :, None, :], pooled, 0.0), layer.k.shape[2], self.gqa
-    )
+    in_window = select.recent_slots(layer.valid_1BKT, w_B)  # [1, B, K or 1, T]
+    sums_1BNT = layer.stats[WindowSums.name]
+    prefix_1BNT = select.per_query_head(layer.valid_1BKT & ~in_window, sums_1BNT.shape[2])
+    pooled = pool(sums_1BNT, prefix_1BNT, self.kernel, self.pooling)
+    score = select.reduce_heads(jnp.where(prefix_1BNT, pooled, 0.0), layer.k.shape[2], self.gqa)
     pos_T = jnp.arange(score.shape[-1])
-    score = jnp.where(
-      in_window_BT[None, :, None, :], pos_T, score
-    )  # within the window: latest first
-    level = jnp.broadcast_to(in_window_BT[None, :, None, :], score.shape)
+    score = jnp.where(in_window, pos_T, score)  # within the window: latest first
+    level = jnp.broadcast_to(in_window, score.shape)
     return score, level
