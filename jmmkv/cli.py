@@ -134,32 +134,36 @@ def _generate(args) -> int:
   model = jmmkv.load(args.model, dtype=args.dtype)
   if model.tokenizer is None:
     raise ValueError(f"{args.model} has no tokenizer files: jmmkv generate needs one")
-  prompt = args.prompt
+  prompt, *follow_ups = args.prompt
   missing_images = len(images) - prompt.count("<image>")
   missing_videos = len(videos) - prompt.count("<video>")
   prompt = "<image> " * max(0, missing_images) + "<video> " * max(0, missing_videos) + prompt
-  batch = model.prepare(
-    prompts=[prompt], images=[images] if images else None, videos=[videos] if videos else None
-  )
-  out = jmmkv.generate(
-    model,
-    batch,
-    policy,
-    budget,
-    max_new_tokens=args.max_new_tokens,
-    decode_window=args.decode_window,
-  )
+  media = dict(images=[images] if images else None, videos=[videos] if videos else None)
+  kw = dict(max_new_tokens=args.max_new_tokens, decode_window=args.decode_window)
+  label = f"{args.policy}{'' if budget is None else f' {args.budget:g}'}"
+  if not follow_ups:  # one prompt: the layout generate picks
+    out = jmmkv.generate(model, model.prepare(prompts=[prompt], **media), policy, budget, **kw)
+    _report(out, label)
+    return 0
+  chat = jmmkv.Conversation(model, policy, budget, **kw)
+  for turn, text in enumerate([prompt, *follow_ups], 1):
+    out = chat.ask([text], **(media if turn == 1 else {}))
+    _report(out, f"{label}, turn {turn}")
+  return 0
+
+
+def _report(out, label: str) -> None:
+  """`jmmkv generate`'s answer (stdout) and its one-line summary (stderr)."""
   s = out.stats
   print(out.texts[0])
   print(
-    f"[{args.policy}{'' if budget is None else f' {args.budget:g}'}] prompt {s['prompt_tokens']} "
+    f"[{label}] prompt {s['prompt_tokens']} "
     f"tokens, kept {s['kept_fraction']:.2f}; KV {s['kv_bytes_allocated'] / 2**20:.2f} MiB "
     f"allocated, {s['kv_bytes_used'] / 2**20:.2f} MiB used; prefill with compression "
     f"{s['prefill_s'] * 1e3:.0f} ms, layout {s['layout_s'] * 1e3:.0f} ms, decode "
     f"{s['decode_s'] / max(1, s['decode_steps']) * 1e3:.1f} ms/token (first call: with compilation)",
     file=sys.stderr,
   )
-  return 0
 
 
 def _version() -> str:
@@ -226,7 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     "generate", help="answer one prompt (with images / video) from a model directory"
   )
   gen.add_argument("--model", required=True, help="an HF model directory or a jmmkv checkpoint")
-  gen.add_argument("--prompt", required=True, help='text; "<image>" marks where an image goes')
+  gen.add_argument(
+    "--prompt",
+    required=True,
+    action="append",
+    help='text; "<image>" marks where an image goes. Repeat it for a conversation: each '
+    "later prompt is a next turn, prefilled against the cache the earlier turns kept (images "
+    "and videos go with the first)",
+  )
   gen.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
   gen.add_argument(
     "--video", action="append", default=[], help="a directory of frames or an animated GIF"

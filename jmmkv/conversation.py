@@ -23,9 +23,9 @@ class Conversation:
     out = chat.ask(["What colour is the car?"])  # prefilled after the kept cache
 
   The first turn is prefilled and compressed by ``policy`` to ``budget``; each answer's K/V
-  then join the cache (`jmmkv.cache.fold.fold_answer`) and a next turn's tokens are prefilled
-  against it and kept whole (compressing again over the whole cache is not supported yet).
-  Prompts of later turns are rendered as follow-up user turns of the tokenizer's chat template
+  then join the cache (`jmmkv.cache.fold.fold_answer`), and a next turn's tokens are prefilled
+  against it, every layer compressed again as a whole under the budget of the whole
+  conversation (`jmmkv.turns`; Full keeps everything). Prompts of later turns are rendered as follow-up user turns of the tokenizer's chat template
   (no BOS); the last sampled token of an answer, which was never fed back, starts the next
   turn. ``generate_kwargs`` go to every `jmmkv.generate` call (``max_new_tokens``,
   ``decode_window``, ``eos_token_id``, sampling; an ``rng`` is folded with the turn number).
@@ -40,6 +40,12 @@ class Conversation:
     self.turns = 0
     self._cache = None
     self._answers: list[list[int]] = []
+
+  @property
+  def cache(self):
+    """The cache after the last turn (its answer still in the append buffer), or None. The
+    next `ask` consumes it."""
+    return self._cache
 
   @property
   def context_tokens(self) -> list[int]:
@@ -84,7 +90,14 @@ class Conversation:
       cache = fold_answer(self._cache, [len(a) for a in self._answers])
       self._cache = None  # consumed by the next call (donated)
       out = generate(
-        model, inputs.prepend(batch, carry), return_cache=True, layout="dense", cache=cache, **kw
+        model,
+        inputs.prepend(batch, carry),
+        self.policy,
+        self.budget,
+        return_cache=True,
+        layout="dense",
+        cache=cache,
+        **kw,
       )
     self._cache, self._answers = out.cache, out.tokens
     self.turns += 1

@@ -51,6 +51,19 @@ def test_generate_answers_a_two_image_prompt(llava_dir, capsys):
   assert code == 0 and out2.strip()
 
 
+def test_repeated_prompts_are_turns_of_one_conversation(llava_dir, capsys):
+  a = str(llava_dir / "a.png")
+  args = ["generate", "--model", str(llava_dir), "--image", a, "--prompt", "w3 <image> w17"]
+  args += ["--prompt", "w9 w4", "--policy", "snapkv", "--budget", "0.5", "--max-new-tokens", "3"]
+  code, out, err = _run(args, capsys)
+  assert code == 0
+  chat = jmmkv.Conversation(jmmkv.load(llava_dir), "snapkv", 0.5, max_new_tokens=3)
+  first = chat.ask(["w3 <image> w17"], images=[[Image.open(a).convert("RGB")]])
+  second = chat.ask(["w9 w4"])
+  assert out == f"{first.texts[0]}\n{second.texts[0]}\n"
+  assert "[snapkv 0.5, turn 1]" in err and "[snapkv 0.5, turn 2]" in err
+
+
 @pytest.mark.parametrize(
   "extra, message",
   [

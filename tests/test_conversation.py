@@ -3,6 +3,7 @@ follow-up prompts rendered by the chat template; bad caches are one-line errors.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -76,10 +77,11 @@ def test_bad_caches_and_settings_are_one_line_errors(jmmkv_model):
   cases = [
     (dict(cache=run(layout="dense")), ValueError, "fold it in first"),
     (
-      dict(cache=jmmkv.compress(model, batch, "snapkv", 0.5), policy="snapkv", budget=0.5),
+      dict(cache=jmmkv.compress(model, batch, "snapkv", 0.5), policy="meda", budget=0.5),
       NotImplementedError,
-      "not supported yet",
+      "meda:variant=code",
     ),
+    (dict(cache=jmmkv.compress(model, batch), policy="snapkv"), ValueError, "needs a budget"),
     (dict(cache=run(policy="adakv", budget=0.3, layout="paged")), TypeError, "dense KVCache"),
   ]
   for kw, error, message in cases:
@@ -90,3 +92,36 @@ def test_bad_caches_and_settings_are_one_line_errors(jmmkv_model):
     jmmkv.generate(model, one, cache=jmmkv.compress(model, batch))
   with pytest.raises(TypeError, match="sets cache, layout itself"):
     jmmkv.Conversation(model, layout="paged", cache=None)
+
+
+def test_ten_turns_stay_within_the_budget_and_compile_nothing_after_the_second(jmmkv_model):
+  """SnapKV with a fixed budget of 40 tokens per (layer, KV head): after every turn each
+  (layer, row, head) holds at most 40 prompt slots plus its answer, in a 64-slot prefix; from
+  the third turn on (same buckets) nothing is compiled, eager operations included."""
+  model = jmmkv_model("llama_gqa", 0)
+  rng = np.random.default_rng(11)
+  chat = jmmkv.Conversation(
+    model, "snapkv:window=8", jmmkv.Budget(tokens=40), max_new_tokens=4, eos_token_id=[]
+  )
+  compiled = []
+  counting = [False]
+
+  def count(name, secs, **kw):
+    if counting[0] and name == "/jax/core/compile/backend_compile_duration":
+      compiled.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  context = chat.ask(input_ids=[[1] + random_ids(rng, 60), [1] + random_ids(rng, 45)]).stats
+  assert context["prompt_tokens"] == 107
+  try:
+    for turn in range(2, 11):
+      counting[0] = turn > 2
+      out = chat.ask(input_ids=[random_ids(rng, 12), random_ids(rng, 9)])
+      cache = chat.cache
+      kept = np.stack([(np.asarray(p) >= 0).sum(-1) for p in cache.layer_positions])
+      np.testing.assert_array_equal(kept, 40)  # the budget, exactly (SnapKV)
+      assert cache.capacity == 64 and int(cache.index) == 3  # 3 answer tokens fed back
+      assert out.stats["prompt_tokens"] == 107 + (turn - 1) * (21 + 2 * 4)
+  finally:
+    counting[0] = False
+  assert compiled == [], f"{len(compiled)} compilations in turns 3-10"

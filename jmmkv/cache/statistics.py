@@ -219,6 +219,12 @@ class CrossEntropy(QueryStatistic):
     both = (is_text.any(1) & is_vis.any(1))[:, None]
     return jnp.where(both, sums_B2 / jnp.maximum(counts_B2, 1), 0.0)
 
+  def compute_after(self, q_BTNH, keys) -> Array:
+    raise NotImplementedError(
+      "MEDA's paper entropy (text <-> visual) over a conversation's cache is not supported yet: "
+      "use meda:variant=code for a next turn"
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class ColumnSums(ProbabilityStatistic):
