@@ -76,11 +76,6 @@ def test_bad_caches_and_settings_are_one_line_errors(jmmkv_model):
   run = lambda **kw: jmmkv.generate(model, batch, max_new_tokens=3, return_cache=True, **kw).cache
   cases = [
     (dict(cache=run(layout="dense")), ValueError, "fold it in first"),
-    (
-      dict(cache=jmmkv.compress(model, batch, "snapkv", 0.5), policy="meda", budget=0.5),
-      NotImplementedError,
-      "meda:variant=code",
-    ),
     (dict(cache=jmmkv.compress(model, batch), policy="snapkv"), ValueError, "needs a budget"),
     (dict(cache=run(policy="adakv", budget=0.3, layout="paged")), TypeError, "dense KVCache"),
   ]

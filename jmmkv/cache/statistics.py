@@ -162,6 +162,58 @@ def _entropy_sum(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BS, block: int) -> Array:
   return total_B
 
 
+def _token_ids(token_BKS: Array, valid_BKS: Array) -> Array:
+  """``[B, K*S]``: for each (KV head, slot) of a row, the index of its token among the row's
+  distinct valid tokens (``token_BKS``: which token a slot holds; heads may hold it at other
+  slots); invalid slots get one past the last."""
+  b = token_BKS.shape[0]
+  tok_BU = jnp.where(valid_BKS, token_BKS, jnp.iinfo(jnp.int32).max).reshape(b, -1)
+  order_BU = jnp.argsort(tok_BU, axis=1, stable=True)
+  sorted_BU = jnp.take_along_axis(tok_BU, order_BU, axis=1)
+  first_BU = jnp.concatenate(
+    [jnp.ones((b, 1), bool), sorted_BU[:, 1:] != sorted_BU[:, :-1]], axis=1
+  )
+  ids_sorted_BU = jnp.cumsum(first_BU, axis=1) - 1
+  rows = jnp.arange(b)[:, None]
+  return jnp.zeros_like(tok_BU).at[rows, order_BU].set(ids_sorted_BU.astype(tok_BU.dtype))
+
+
+def _entropy_sum_by_token(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BKS, token_BKS, block: int) -> Array:
+  """`_entropy_sum` when each KV head has its own key slots (a conversation's cache): each
+  head's softmax is over its own valid keys, and the head average is taken per token
+  (``token_BKS``: the token each slot holds), so a token two heads kept counts once."""
+  b, nq, n, h = q_BQNH.shape
+  kh, n_keys = k_BKSH.shape[1:3]
+  block = min(block, nq, max(8, SCORE_ELEMENTS // (b * n * n_keys)))
+  pad = -nq % block
+  q_BQNH = jnp.pad(q_BQNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qvalid_BQ = jnp.pad(qvalid_BQ, ((0, 0), (0, pad)))
+  ids_BU = _token_ids(token_BKS, kvalid_BKS)  # U = K * S (head, slot) pairs
+  has_keys_BK = kvalid_BKS.any(axis=2)
+
+  def step(total_B, i):
+    q = jax.lax.dynamic_slice_in_dim(q_BQNH, i * block, block, axis=1)
+    qv_BQ = jax.lax.dynamic_slice_in_dim(qvalid_BQ, i * block, block, axis=1)
+    q_BKGQH = einops.rearrange(q, "B Q (K G) H -> B K G Q H", K=kh)
+    s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
+    s = jnp.where(kvalid_BKS[:, :, None, None, :], s * h**-0.5, MASK_VALUE)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.where(kvalid_BKS[:, :, None, None, :], e, 0.0)  # a head without keys: all 0
+    z_BKGQ = e.sum(-1)
+    w_BKGQ = jnp.where(has_keys_BK[:, :, None, None], 1.0 / jnp.where(z_BKGQ > 0, z_BKGQ, 1), 0.0)
+    p_BQU = einops.rearrange(jnp.einsum("BKGQS,BKGQ->BKQS", e, w_BKGQ / n), "B K Q S -> B Q (K S)")
+    rows, queries = jnp.arange(b)[:, None, None], jnp.arange(block)[None, :, None]
+    pbar_BQU = jnp.zeros_like(p_BQU).at[rows, queries, ids_BU[:, None, :]].add(p_BQU, mode="drop")
+    plogp = pbar_BQU * jnp.log(jnp.where(pbar_BQU > 0, pbar_BQU, 1.0))  # 0 log 0 = 0
+    ent_BQ = -plogp.sum(-1)
+    return total_B + jnp.einsum("BQ,BQ->B", ent_BQ, qv_BQ.astype(jnp.float32)), None
+
+  total_B, _ = jax.lax.scan(
+    step, jnp.zeros((b,), jnp.float32), jnp.arange(q_BQNH.shape[1] // block)
+  )
+  return total_B
+
+
 def cross_entropies(
   q_BTNH, k_BKTH, is_text_BT, is_vis_BT, n_text: int, n_vis: int, block: int = 128
 ) -> Array:
@@ -219,11 +271,23 @@ class CrossEntropy(QueryStatistic):
     both = (is_text.any(1) & is_vis.any(1))[:, None]
     return jnp.where(both, sums_B2 / jnp.maximum(counts_B2, 1), 0.0)
 
-  def compute_after(self, q_BTNH, keys) -> Array:
-    raise NotImplementedError(
-      "MEDA's paper entropy (text <-> visual) over a conversation's cache is not supported yet: "
-      "use meda:variant=code for a next turn"
-    )
+  def compute_after(self, q_BTNH, keys: Keys) -> Array:
+    """The new turn's text queries over the visual keys (of the cache and the turn), and its
+    visual queries over the text keys; a direction without queries or keys is 0."""
+    t = q_BTNH.shape[1]
+    q_text, q_vis = _modalities(keys.query_valid_BT, keys.query_modality_BT)
+    k_text, k_vis = _modalities(keys.valid, keys.modality)
+    out = []
+    for rows_BT, keys_BKS in ((q_text, k_vis), (q_vis, k_text)):
+      idx_BX = kernel_select.positions(rows_BT, t)
+      q_BXNH = jnp.take_along_axis(q_BTNH, jnp.maximum(idx_BX, 0)[:, :, None, None], axis=1)
+      total_B = _entropy_sum_by_token(
+        q_BXNH, idx_BX >= 0, keys.k, keys_BKS, keys.positions, self.block
+      )
+      count_B = rows_BT.sum(1)
+      has_B = rows_BT.any(1) & keys_BKS.any((1, 2))
+      out.append(jnp.where(has_B, total_B / jnp.maximum(count_B, 1), 0.0))
+    return jnp.stack(out, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,9 @@ class Keys(NamedTuple):
   query_valid_BT: Array  # [B, T] the new tokens
   offset: int  # C, static: the first new token's key slot
   slots: int  # C + T, static: the keys before padding
+  modality: Array  # [B, K, S] int32 modality of each key
+  positions: Array  # [B, K, S] int32 sequence position of each key (which token it is)
+  query_modality_BT: Array  # [B, T] int32
 
 
 class QueryStatistic(Statistic):
@@ -310,9 +313,14 @@ class Past(NamedTuple):
   k: Array  # [B, K, C, H] after RoPE
   v: Array  # [B, K, C, H]
   valid: Array  # [B, K, C] bool
+  modality: Array  # [B, K, C] int32
+  positions: Array  # [B, K, C] int32 sequence position of each slot (-1 where invalid)
+  lengths_B: Array  # [B] int32 tokens before the new ones: the first new token's position
 
 
-def _joined(past: Past, k_BKTH, v_BKTH, valid_BT, key_block: int, slots: int | None = None):
+def _joined(
+  past: Past, k_BKTH, v_BKTH, valid_BT, modality_BT, key_block: int, slots: int | None = None
+):
   """The keys of a next turn (`Keys`) and their values: the ``past``'s slots, then the new
   tokens, padded to a multiple of ``key_block`` keys (``slots``: the unpadded count, when the
   new tokens were padded)."""
@@ -322,8 +330,18 @@ def _joined(past: Past, k_BKTH, v_BKTH, valid_BT, key_block: int, slots: int | N
   join = lambda old, new: jnp.pad(
     jnp.concatenate([old.astype(new.dtype), new], axis=2), pad + [(0, 0)] * (new.ndim - 3)
   )
-  valid_BKS = join(past.valid, jnp.broadcast_to(valid_BT[:, None], (b, kh, t)))
-  keys = Keys(join(past.k, k_BKTH), valid_BKS, valid_BT, c, c + t if slots is None else slots)
+  heads = lambda x_BT: jnp.broadcast_to(x_BT[:, None], (b, kh, t))
+  seq_BT = jnp.where(valid_BT, past.lengths_B[:, None] + jnp.arange(t), -1)
+  keys = Keys(
+    join(past.k, k_BKTH),
+    join(past.valid, heads(valid_BT)),
+    valid_BT,
+    c,
+    c + t if slots is None else slots,
+    join(past.modality, heads(modality_BT.astype(past.modality.dtype))),
+    join(past.positions, heads(seq_BT.astype(past.positions.dtype))),
+    modality_BT,
+  )
   return keys, join(past.v, v_BKTH)
 
 
@@ -338,7 +356,7 @@ def _flash_after(q_BTNH, k_BKTH, v_BKTH, valid_BT, past: Past) -> Array:
   t = q_BTNH.shape[1]
   kh, c = past.k.shape[1:3]
   key_block = _key_block(c + t, FLASH_KEY_BLOCK)
-  keys, v_BKSH = _joined(past, k_BKTH, v_BKTH, valid_BT, key_block)
+  keys, v_BKSH = _joined(past, k_BKTH, v_BKTH, valid_BT, valid_BT.astype(jnp.int32), key_block)
   k_BKSH, valid_BKS = keys.k, keys.valid
   attend = lambda q, k, v, valid: flash_attention.causal_attention_reference(
     q, k, v, valid, min(t, FLASH_QUERY_BLOCK), key_block, offset=c
@@ -395,7 +413,7 @@ def attention(
       "not supported yet"
     )
   if past is not None and statistics:
-    keys = _joined(past, k_BKTH, v_BKTH, valid_BT, 1)[0]
+    keys = _joined(past, k_BKTH, v_BKTH, valid_BT, modality_BT, 1)[0]
     compute = lambda x: x.compute_after(q_BTNH, keys)
   else:
     compute = lambda x: x.compute(q_BTNH, k_BKTH, valid_BT, modality_BT)
@@ -420,7 +438,8 @@ def attention(
   if past is not None and wanted:  # the exact pass over the cache's slots and the new tokens
     s_in = past.k.shape[2] + t_in
     kb = _key_block(past.k.shape[2] + t, key_block)
-    keys, v_BKSH = _joined(past, k_BKTH, v_BKTH, valid_BT, kb, s_in)
+    mod_BT = jnp.pad(modality_BT, ((0, 0), (0, t - t_in)))  # padding: invalid
+    keys, v_BKSH = _joined(past, k_BKTH, v_BKTH, valid_BT, mod_BT, kb, s_in)
     out_BTNH, accs = _exact(q_BTNH, keys.k, v_BKSH, valid_BT, min(block, t), kb, wanted, keys=keys)
     query_valid = valid_BT[:, :t_in]
     out.update(

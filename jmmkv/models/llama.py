@@ -283,8 +283,15 @@ class Decoder(nn.Module):
       ring = index in self.cfg.window_layers  # no statistics: a policy never scores it
       earlier = None
       if past is not None:
-        valid_BKC = past.layer_positions[index] >= 0
-        earlier = stats.Past(past.layer_k[index], past.layer_v[index], valid_BKC)
+        pos_BKC = past.layer_positions[index]
+        earlier = stats.Past(
+          past.layer_k[index],
+          past.layer_v[index],
+          pos_BKC >= 0,
+          past.layer_modality[index],
+          pos_BKC,
+          past.lengths,
+        )
       x_BTD, k_BKTH, v_BKTH, st = block.prefill(
         x_BTD,
         cos_BTH,

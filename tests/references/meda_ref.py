@@ -74,14 +74,18 @@ def _softmax(x, axis=-1):
   return e / e.sum(axis, keepdims=True)
 
 
-def cross_modal_entropy(q_NTH, k_KTH, scaling: float, modality) -> tuple[float, float]:
-  """(H_TV, H_VT): mean row entropies of head-averaged, non-causal restricted softmaxes."""
+def cross_modal_entropy(
+  q_NTH, k_KTH, scaling: float, modality, first_query: int = 0
+) -> tuple[float, float]:
+  """(H_TV, H_VT): mean row entropies of head-averaged, non-causal restricted softmaxes; the
+  rows are the queries from ``first_query`` on (a conversation's next turn), the keys all."""
   is_text, is_vis = lookm_ref.modality_masks(modality)
   q_NTH, k_KTH = np.asarray(q_NTH, np.float64), np.asarray(k_KTH, np.float64)
   G = q_NTH.shape[0] // k_KTH.shape[0]
   s_NTT = np.einsum("nqh,nkh->nqk", q_NTH, np.repeat(k_KTH, G, axis=0)) * scaling
   out = []
-  for rows, cols in ((is_text, is_vis), (is_vis, is_text)):
+  asked = np.arange(len(is_text)) >= first_query
+  for rows, cols in ((is_text & asked, is_vis), (is_vis & asked, is_text)):
     if not rows.any() or not cols.any():
       out.append(0.0)
       continue
@@ -155,8 +159,10 @@ def meda(
   renormalise: bool = False,
   merge: bool = True,
   keep_all_text: bool = True,
+  first_query: int = 0,
 ) -> dict:
-  """MEDA layer budgets, kept positions and merged K/V (module docstring)."""
+  """MEDA layer budgets, kept positions and merged K/V (module docstring); the paper entropy's
+  rows are the queries from ``first_query`` on (``attn`` holds the rows that score)."""
   if variant not in ("paper", "code"):
     raise ValueError(f"variant must be 'paper' or 'code', got {variant!r}")
   L, T = len(attn), attn[0].shape[-1]
@@ -169,7 +175,10 @@ def meda(
     if queries is None or scaling is None:
       raise ValueError("the paper entropy needs queries and scaling")
     E_L = np.array(
-      [sum(cross_modal_entropy(q, k, scaling, modality)) for q, k in zip(queries, keys)]
+      [
+        sum(cross_modal_entropy(q, k, scaling, modality, first_query))
+        for q, k in zip(queries, keys)
+      ]
     )
   else:
     E_L = np.array([row_entropy(a) for a in attn])
