@@ -38,13 +38,7 @@ from jmmkv.typing import PAD, TEXT, Array
 
 def check_past(cache, batch_size: int) -> None:
   """A one-line error unless ``cache`` can take a next turn of ``batch_size`` rows."""
-  if not isinstance(cache, kv_cache.KVCache):
-    raise TypeError(
-      f"cache must be a dense KVCache (generate(..., layout='dense', return_cache=True) or "
-      f"jmmkv.compress), got {type(cache).__name__}"
-    )
-  if cache.ring_layers:
-    raise ValueError("a next turn over sliding-window layers (rings) is not supported yet")
+  kv_cache.require_dense(cache, "a next turn")
   if int(cache.index) != 0:
     raise ValueError(
       "the cache still holds an answer in its append buffer: fold it in first "

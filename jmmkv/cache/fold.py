@@ -28,13 +28,7 @@ def fold_answer(cache: kv_cache.KVCache, answered_B) -> kv_cache.KVCache:
   slots. Not for sliding-window models yet: the decode loop runs every row to the last step, so
   a row that stopped early has lost ring slots to tokens decoded after its EOS.
   """
-  if not isinstance(cache, kv_cache.KVCache):
-    raise TypeError(
-      f"fold_answer takes a dense KVCache (generate(..., layout='dense')), got "
-      f"{type(cache).__name__}"
-    )
-  if cache.ring_layers:
-    raise ValueError("fold_answer does not support sliding-window layers (rings) yet")
+  kv_cache.require_dense(cache, "fold_answer")
   b, kh, m_slots = cache.append_k.shape[1:4]
   answered = np.asarray(answered_B, np.int64).reshape(-1)
   if answered.shape != (b,) or (answered < 0).any():

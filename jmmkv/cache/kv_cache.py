@@ -95,6 +95,18 @@ class KVCache:
     return used_bytes(self)
 
 
+def require_dense(cache, what: str) -> None:
+  """A one-line error unless ``cache`` is a dense `KVCache` without sliding-window rings
+  (``what`` needs one: "fold_answer", "a next turn")."""
+  if not isinstance(cache, KVCache):
+    raise TypeError(
+      f"{what} takes a dense KVCache (generate(..., layout='dense', return_cache=True) or "
+      f"jmmkv.compress), got {type(cache).__name__}"
+    )
+  if cache.ring_layers:
+    raise ValueError(f"{what} does not support sliding-window layers (rings) yet")
+
+
 def ordinal(layer: int, ring_layers: tuple[int, ...]) -> int:
   """``layer``'s index among the layers that are not rings: its append row, and the layer
   index a policy sees."""

@@ -131,23 +131,37 @@ class WindowSums(QueryStatistic):
 SCORE_ELEMENTS = 1 << 22
 
 
-def _entropy_sum(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BS, block: int) -> Array:
-  """``[B]``: summed over the valid queries, the entropy of the head-averaged softmax of each
-  query's (non-causal) scores over the valid keys; 0 for a row without valid keys."""
+def _query_blocks(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BK1S, block: int):
+  """The query blocks of an entropy sum: ``(blocks, scores)``, ``scores(i) -> (s, qv_BQ)`` with
+  ``s`` ``[B, K, G, Q, S]`` the scaled scores of block i (`MASK_VALUE` at invalid keys) and
+  ``qv_BQ`` its query validity. Blocks shrink (to 8 queries at least) to hold at most
+  `SCORE_ELEMENTS` scores; few keys: the whole block."""
   b, nq, n, h = q_BQNH.shape
   kh, n_keys = k_BKSH.shape[1:3]
-  block = min(block, nq, max(8, SCORE_ELEMENTS // (b * n * n_keys)))  # few keys: the whole block
+  block = min(block, nq, max(8, SCORE_ELEMENTS // (b * n * n_keys)))
   pad = -nq % block
   q_BQNH = jnp.pad(q_BQNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
   qvalid_BQ = jnp.pad(qvalid_BQ, ((0, 0), (0, pad)))
-  has_keys_B = kvalid_BS.any(axis=1)
 
-  def step(total_B, i):
+  def scores(i):
     q = jax.lax.dynamic_slice_in_dim(q_BQNH, i * block, block, axis=1)
     qv_BQ = jax.lax.dynamic_slice_in_dim(qvalid_BQ, i * block, block, axis=1)
     q_BKGQH = einops.rearrange(q, "B Q (K G) H -> B K G Q H", K=kh)
     s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
-    s = jnp.where(kvalid_BS[:, None, None, None, :], s * h**-0.5, MASK_VALUE)
+    return jnp.where(kvalid_BK1S[:, :, None, None, :], s * h**-0.5, MASK_VALUE), qv_BQ
+
+  return q_BQNH.shape[1] // block, scores
+
+
+def _entropy_sum(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BS, block: int) -> Array:
+  """``[B]``: summed over the valid queries, the entropy of the head-averaged softmax of each
+  query's (non-causal) scores over the valid keys; 0 for a row without valid keys."""
+  b, n = q_BQNH.shape[0], q_BQNH.shape[2]
+  blocks, scores = _query_blocks(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BS[:, None], block)
+  has_keys_B = kvalid_BS.any(axis=1)
+
+  def step(total_B, i):
+    s, qv_BQ = scores(i)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # exactly 0 at invalid keys
     z_BKGQ = jnp.einsum("BKGQS,BS->BKGQ", e, kvalid_BS.astype(jnp.float32))
     w_BKGQ = jnp.where(has_keys_B[:, None, None, None], 1.0 / z_BKGQ, 0.0) / n
@@ -156,9 +170,7 @@ def _entropy_sum(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BS, block: int) -> Array:
     ent_BQ = -jnp.einsum("BQS,BS->BQ", plogp, kvalid_BS.astype(jnp.float32))
     return total_B + jnp.einsum("BQ,BQ->B", ent_BQ, qv_BQ.astype(jnp.float32)), None
 
-  total_B, _ = jax.lax.scan(
-    step, jnp.zeros((b,), jnp.float32), jnp.arange(q_BQNH.shape[1] // block)
-  )
+  total_B, _ = jax.lax.scan(step, jnp.zeros((b,), jnp.float32), jnp.arange(blocks))
   return total_B
 
 
@@ -182,35 +194,25 @@ def _entropy_sum_by_token(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BKS, token_BKS, bloc
   """`_entropy_sum` when each KV head has its own key slots (a conversation's cache): each
   head's softmax is over its own valid keys, and the head average is taken per token
   (``token_BKS``: the token each slot holds), so a token two heads kept counts once."""
-  b, nq, n, h = q_BQNH.shape
-  kh, n_keys = k_BKSH.shape[1:3]
-  block = min(block, nq, max(8, SCORE_ELEMENTS // (b * n * n_keys)))
-  pad = -nq % block
-  q_BQNH = jnp.pad(q_BQNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  qvalid_BQ = jnp.pad(qvalid_BQ, ((0, 0), (0, pad)))
+  b, n = q_BQNH.shape[0], q_BQNH.shape[2]
+  blocks, scores = _query_blocks(q_BQNH, qvalid_BQ, k_BKSH, kvalid_BKS, block)
   ids_BU = _token_ids(token_BKS, kvalid_BKS)  # U = K * S (head, slot) pairs
   has_keys_BK = kvalid_BKS.any(axis=2)
 
   def step(total_B, i):
-    q = jax.lax.dynamic_slice_in_dim(q_BQNH, i * block, block, axis=1)
-    qv_BQ = jax.lax.dynamic_slice_in_dim(qvalid_BQ, i * block, block, axis=1)
-    q_BKGQH = einops.rearrange(q, "B Q (K G) H -> B K G Q H", K=kh)
-    s = jnp.einsum("BKGQH,BKSH->BKGQS", q_BKGQH, k_BKSH, preferred_element_type=jnp.float32)
-    s = jnp.where(kvalid_BKS[:, :, None, None, :], s * h**-0.5, MASK_VALUE)
+    s, qv_BQ = scores(i)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     e = jnp.where(kvalid_BKS[:, :, None, None, :], e, 0.0)  # a head without keys: all 0
     z_BKGQ = e.sum(-1)
     w_BKGQ = jnp.where(has_keys_BK[:, :, None, None], 1.0 / jnp.where(z_BKGQ > 0, z_BKGQ, 1), 0.0)
     p_BQU = einops.rearrange(jnp.einsum("BKGQS,BKGQ->BKQS", e, w_BKGQ / n), "B K Q S -> B Q (K S)")
-    rows, queries = jnp.arange(b)[:, None, None], jnp.arange(block)[None, :, None]
+    rows, queries = jnp.arange(b)[:, None, None], jnp.arange(s.shape[3])[None, :, None]
     pbar_BQU = jnp.zeros_like(p_BQU).at[rows, queries, ids_BU[:, None, :]].add(p_BQU, mode="drop")
     plogp = pbar_BQU * jnp.log(jnp.where(pbar_BQU > 0, pbar_BQU, 1.0))  # 0 log 0 = 0
     ent_BQ = -plogp.sum(-1)
     return total_B + jnp.einsum("BQ,BQ->B", ent_BQ, qv_BQ.astype(jnp.float32)), None
 
-  total_B, _ = jax.lax.scan(
-    step, jnp.zeros((b,), jnp.float32), jnp.arange(q_BQNH.shape[1] // block)
-  )
+  total_B, _ = jax.lax.scan(step, jnp.zeros((b,), jnp.float32), jnp.arange(blocks))
   return total_B
 
 
