@@ -326,10 +326,17 @@ def turn_stage(model, batch, past: kv_cache.KVCache, policy, budget, append_capa
     )
     args += (sharding.put_batch(kept_B, mesh), survey)
     kw.update(capacity=capacity, policy=policy, spec=prompt.bound(policy.stats))
+  held = past.capacity  # before the call consumes it
   with _donation_quiet():
     logits_BV, cache = turns.turn_step(*args, append_capacity=append_capacity, **kw)
+    if policy.name != "full":
+      # Per-head or per-layer allocations bound a head by far more than any keeps: cut the
+      # prefix to its longest (layer, row, head), but not below what the cache held, so that
+      # turns settle on one capacity (it grows when a head needs more: a new compilation).
+      fit = max(held, kv_cache.compact_capacity(cache))
+      cache = kv_cache.shrink(cache, min(cache.capacity, fit))
   logits_BV = jax.block_until_ready(logits_BV)
-  return padded, logits_BV, cache, time.perf_counter() - t0
+  return padded, logits_BV, jax.block_until_ready(cache), time.perf_counter() - t0
 
 
 def append_slots(fed_back: int, decode_window: int | None) -> int:
