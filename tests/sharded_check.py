@@ -129,8 +129,30 @@ def main() -> None:
     }
     if family == "llava":
       res["snapkv_interpret"] = top_positions_check(single, sharded, case)
+      res["next_turn"] = turn_check(single, sharded, case, policy, budget)
     out[family] = res
   print("RESULT " + json.dumps(out))
+
+
+def turn_check(single, sharded, case, policy, budget) -> dict:
+  """A conversation's second turn (the policy compressing the whole cache again) on one device
+  and on the mesh: its tokens, logits and the cache's sharding."""
+  rng = np.random.default_rng(9)
+  follow = [[int(x) for x in rng.integers(3, 990, n)] for n in (9, 4, 12, 6)]
+  out = {}
+  for name, model in (("single", single), ("sharded", sharded)):
+    chat = jmmkv.Conversation(
+      model, policy, budget, max_new_tokens=4, eos_token_id=[], output_scores=True
+    )
+    chat.ask(input_ids=[list(x) for x in case.rows], **case.arrays)
+    out[name] = (chat.ask(input_ids=follow), chat.cache)
+  (one, _), (many, cache) = out["single"], out["sharded"]
+  return {
+    "tokens_single": one.tokens,
+    "tokens_sharded": many.tokens,
+    "scores_max_diff": float(np.abs(one.scores - many.scores).max()),
+    "cache_layer_k": spec(cache.layer_k[0]),
+  }
 
 
 def top_positions_check(single, sharded, case) -> dict:

@@ -69,6 +69,14 @@ def test_generate_equals_single_device_and_cache_stays_split(result, family, pol
   assert r["kv_all_gathers"] == []  # compression never gathers K/V to every device
 
 
+def test_a_next_turn_equals_single_device(result):
+  """A conversation's second turn with MEDA compressing the whole cache again (`jmmkv.turns`)."""
+  r = result["llava"]["next_turn"]
+  assert r["tokens_sharded"] == r["tokens_single"]
+  assert r["scores_max_diff"] <= 1e-4
+  assert r["cache_layer_k"] == ["data", "model"]  # still split over batch and KV heads
+
+
 def test_param_specs_only_split_what_divides():
   mesh = jax.make_mesh((1,), ("model",))
   fake = type("FakeMesh", (), {"shape": {"data": 2, "model": 4}})()
