@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import functools
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import einops
 
 from jmmkv.cache import extend, kv_cache, select, stats
 from jmmkv.cache.policies.base import Context, HostPrompt
