@@ -178,7 +178,7 @@ def iter_each(
           model, logits_BV, cache, rng, eos_E, sampling, max_new_tokens, False
         )
         seconds = (forward_s + compress_s, layout_s, decode_s)
-        done = finish(model, padded, out, cache, seconds, return_cache)
+        done = finish(model, out, cache, seconds, return_cache)
         done.stats["compress_s"] = compress_s
         yield i, done
       del k, v, st  # this group's full K/V

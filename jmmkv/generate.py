@@ -267,7 +267,7 @@ def generate(
   append_capacity = append_slots(fed_back, decode_window)
   with sharding.context(model.mesh):
     if cache is None:
-      padded, logits_BV, cache, prefill_s, layout_s = _prefill_and_compress(
+      logits_BV, cache, prefill_s, layout_s = _prefill_and_compress(
         model,
         batch,
         policy,
@@ -277,20 +277,20 @@ def generate(
         decode_tokens=fed_back,
       )
     else:
-      padded, logits_BV, cache, prefill_s = turn_stage(
+      logits_BV, cache, prefill_s = turn_stage(
         model, batch, cache, policy, budget, append_capacity, layout
       )
       layout_s = 0.0
     out, cache, decode_s = decode_stage(
       model, logits_BV, cache, rng, eos_E, sampling, max_new_tokens, output_scores
     )
-  return finish(model, padded, out, cache, (prefill_s, layout_s, decode_s), return_cache)
+  return finish(model, out, cache, (prefill_s, layout_s, decode_s), return_cache)
 
 
 def turn_stage(model, batch, past: kv_cache.KVCache, policy, budget, append_capacity: int, layout):
   """A conversation's next turn (`jmmkv.turns`): ``batch`` prefilled against ``past`` (donated);
   Full keeps every new token, a policy compresses each layer again under the budget of the
-  whole conversation. Returns ``(padded, logits_BV, cache, seconds)``."""
+  whole conversation. Returns ``(logits_BV, cache, seconds)``."""
   check_batch(batch)
   check_layout(layout)
   if layout == "paged":
@@ -311,7 +311,7 @@ def turn_stage(model, batch, past: kv_cache.KVCache, policy, budget, append_capa
     past,
   )
   if policy.name == "full":
-    kw.update(capacity=turns.turn_capacity(past, new_B))
+    kw.update(capacity=kv_cache.capacity_with(past, new_B))
   else:
     kept_B = kept_counts(policy, budget, total_B)
     survey = {}
@@ -336,7 +336,7 @@ def turn_stage(model, batch, past: kv_cache.KVCache, policy, budget, append_capa
       fit = max(held, kv_cache.compact_capacity(cache))
       cache = kv_cache.shrink(cache, min(cache.capacity, fit))
   logits_BV = jax.block_until_ready(logits_BV)
-  return padded, logits_BV, jax.block_until_ready(cache), time.perf_counter() - t0
+  return logits_BV, jax.block_until_ready(cache), time.perf_counter() - t0
 
 
 def append_slots(fed_back: int, decode_window: int | None) -> int:
@@ -385,7 +385,7 @@ def decode_stage(model, logits_BV, cache, rng, eos_E, sampling, max_new_tokens, 
   return (tokens_BM, scores), cache, decode_s
 
 
-def finish(model, padded: inputs.Padded, out, cache, seconds, return_cache: bool):
+def finish(model, out, cache, seconds, return_cache: bool):
   """The `GenerateOutput` of `decode_stage`'s ``out`` and ``cache``; ``seconds``: (prefill,
   layout, decode)."""
   tokens_BM, scores = out
@@ -394,7 +394,7 @@ def finish(model, padded: inputs.Padded, out, cache, seconds, return_cache: bool
   return GenerateOutput(
     tokens,
     texts,
-    _stats(cache, padded, tokens, *seconds),
+    _stats(cache, tokens, *seconds),
     cache if return_cache else None,
     None if scores is None else np.asarray(scores),
   )
@@ -635,11 +635,11 @@ def _prefill_and_compress(
   check_layout(layout)  # before any work
   check_batch(batch)
   policy, budget = resolve(policy, budget, batch.lengths)
-  padded, logits_BV, stored, storage, prefill_s = prefill_stage(
+  _, logits_BV, stored, storage, prefill_s = prefill_stage(
     model, batch, policy, budget, append_capacity, decode_tokens=decode_tokens
   )
   cache, layout_s = layout_stage(stored, storage, layout)
-  return padded, logits_BV, cache, prefill_s, layout_s
+  return logits_BV, cache, prefill_s, layout_s
 
 
 def compress(
@@ -659,8 +659,8 @@ def compress(
   """
   with sharding.context(model.mesh):
     if cache is not None:
-      return turn_stage(model, batch, cache, policy, budget, 0, "dense")[2]
-    return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[2]
+      return turn_stage(model, batch, cache, policy, budget, 0, "dense")[1]
+    return _prefill_and_compress(model, batch, policy, budget, append_capacity=0)[1]
 
 
 def kept_fraction(kept_LBK, prompt_tokens: int) -> float:
@@ -669,7 +669,7 @@ def kept_fraction(kept_LBK, prompt_tokens: int) -> float:
   return float(kept_LBK.sum() / (prompt_tokens * kept_LBK.shape[0] * kept_LBK.shape[2]))
 
 
-def _stats(cache, padded: inputs.Padded, tokens, prefill_s, layout_s, decode_s):
+def _stats(cache, tokens, prefill_s, layout_s, decode_s):
   kept_LBK = cache.kept_LBK()
   prompt_tokens = int(np.asarray(cache.lengths).sum())  # every turn's, after a next turn
   new_tokens = sum(len(r) for r in tokens)

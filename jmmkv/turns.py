@@ -48,14 +48,6 @@ def check_past(cache, batch_size: int) -> None:
     raise ValueError(f"the cache has {rows} rows, the new turn {batch_size}")
 
 
-def turn_capacity(cache: kv_cache.KVCache, lengths_B: np.ndarray) -> int:
-  """C: prefix slots (a multiple of 32) that hold every (layer, row, KV head)'s kept slots and
-  its row's ``lengths_B`` new tokens."""
-  kept_LBK = np.stack([np.asarray(p >= 0).sum(-1) for p in cache.layer_positions])
-  need = int((kept_LBK + np.asarray(lengths_B)[None, :, None]).max())
-  return max(cache.capacity, kv_cache.capacity_for(need))
-
-
 def host_prompt(cache: kv_cache.KVCache, lengths_B, modality_BT, kept_B, survey, num_layers: int):
   """The `HostPrompt` a policy plans a next turn from (NumPy): every token of the conversation
   so far in sequence order, with the modality each kept slot or new token has; a token no

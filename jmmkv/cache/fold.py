@@ -38,9 +38,7 @@ def fold_answer(cache: kv_cache.KVCache, answered_B) -> kv_cache.KVCache:
   first = max(0, index - m_slots)  # the oldest token still in the buffer
   moved_B = np.maximum(fed_B - first, 0)  # tokens m in [first, fed_B) join the prefix
   lengths_B = np.asarray(cache.lengths).astype(np.int64)
-  kept_LBK = np.asarray(cache.valid).sum(-1)  # slots are stored first
-  need = int((kept_LBK + moved_B[None, :, None]).max())
-  capacity = max(cache.capacity, kv_cache.capacity_for(need))
+  capacity = kv_cache.capacity_with(cache, moved_B)
 
   m_T = first + np.arange(int(moved_B.max(initial=0)))  # the answer token of each moved slot
   pos_BT = jnp.asarray(lengths_B[:, None] + m_T[None], jnp.int32)

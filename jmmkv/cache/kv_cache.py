@@ -278,6 +278,15 @@ def compact_capacity(cache: KVCache, multiple: int = 32) -> int:
   return min(cache.capacity, capacity_for(int(kept_LBK.max(initial=0)), multiple))
 
 
+def capacity_with(cache: KVCache, added_B) -> int:
+  """The prefix capacity (a multiple of 32, never below the current one) that holds every
+  (layer, row, KV head)'s kept slots plus row b's ``added_B[b]`` more (an answer folded in, a
+  next turn's tokens)."""
+  kept_LBK = np.stack([np.asarray(p >= 0).sum(-1) for p in cache.layer_positions])
+  need = int((kept_LBK + np.asarray(added_B)[None, :, None]).max())
+  return max(cache.capacity, capacity_for(need))
+
+
 def capacity_for(used: int, multiple: int = 32) -> int:
   """The smallest multiple of ``multiple`` (at least one) that holds ``used`` slots: decode
   compiles once per capacity, so capacities are rounded."""

@@ -29,15 +29,9 @@ def reduce_heads(scores_LBNT: Array, num_kv_heads: int, how: str = "mean") -> Ar
   raise ValueError(f"GQA reduction must be 'mean' or 'max', got {how!r}")
 
 
-def recent_rows(valid_BT: Array, n_B: Array) -> Array:
-  """``[B, T]`` true for the last ``n_B[b]`` valid tokens of row b."""
-  from_end = jnp.cumsum(valid_BT[:, ::-1], axis=1)[:, ::-1]
-  return valid_BT & (from_end <= n_B[:, None])
-
-
 def recent_slots(valid_1BKT: Array, n_B: Array) -> Array:
-  """`recent_rows` per KV head (`PromptKV.valid_1BKT`): true for the last ``n_B[b]`` valid
-  slots of each (row, head), in the mask's shape."""
+  """True for the last ``n_B[b]`` valid slots of each (row, KV head) of a per-head mask
+  (`PromptKV.valid_1BKT`), in the mask's shape."""
   from_end = jnp.cumsum(valid_1BKT[..., ::-1], axis=-1)[..., ::-1]
   return valid_1BKT & (from_end <= n_B[None, :, None, None])
 

@@ -398,8 +398,10 @@ def attention(
   queries read the ``key_block``-key tiles at or before them, flash style with the statistics'
   hooks, and again for the exact probabilities when a statistic reads tiles (`_exact`). The
   masked pairs are never computed.
-  With a ``past`` (`Past`), the queries also see every valid slot of an earlier turn's cache
-  (no statistics, sliding windows or bidirectional runs yet).
+  With a ``past`` (`Past`), the queries also see every valid slot of an earlier turn's cache,
+  and the statistics are those of these queries over the cache's slots and the new tokens
+  (`QueryStatistic.compute_after`, `ProbabilityStatistic.finish_after`; no sliding windows or
+  bidirectional runs yet).
   Returns the output ``[B, T, N, H]`` and `Stats` ``{name: array}`` of the requested statistics.
   """
   if key_block % block:
