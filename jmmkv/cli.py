@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--dtype", choices=DTYPES, default="float32")
   convert.set_defaults(func=_convert)
   gen = sub.add_parser(
-    "generate", help="answer one prompt (with images / video) from a model directory"
+    "generate",
+    help="answer a prompt (with images / video), or several as turns of one conversation, "
+    "from a model directory",
   )
   gen.add_argument("--model", required=True, help="an HF model directory or a jmmkv checkpoint")
   gen.add_argument(
