@@ -9,6 +9,14 @@ import jmmkv
 from jmmkv.typing import TEXT
 from mm_models import modality_of
 
+# The policies each model family runs through `generate`. Every policy runs on LLaVA, Qwen2-VL and
+# text models (tests/test_policies_generate.py, the reference tests); per family, the ones whose
+# work depends on the family's prompt: Full (every modality kept), SnapKV (a query statistic),
+# LOOK-M (column sums, text prior, merging), MEDA (survey pass, cross-modal entropy, merging) and
+# MadaKV (per-head modality preference, the page pool). StreamingLLM, H2O, PyramidKV and AdaKV
+# read no modality and share those paths.
+FAMILY_POLICIES = ("full", "snapkv", "lookm", "meda", "madakv")
+
 SMALL = {  # observation windows that fit the tiny prompts
   "snapkv": dict(window=8),
   "pyramidkv": dict(window=8),

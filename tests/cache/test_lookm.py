@@ -50,8 +50,13 @@ def other_seed(request, tmp_path_factory):
   return mm_setup(tmp_path_factory.mktemp("llava"), request.param, "llava")
 
 
-@pytest.mark.parametrize("kw", VARIANTS, ids=str)
-@pytest.mark.parametrize("budget", [dict(ratio=0.2), dict(ratio=0.6)], ids=str)
+# Every variant at 20%; at 60% the ones whose split of the budget changes with its size.
+CASES = [(kw, dict(ratio=0.2)) for kw in VARIANTS] + [
+  (kw, dict(ratio=0.6)) for kw in (VARIANTS[0], VARIANTS[5], VARIANTS[7])
+]
+
+
+@pytest.mark.parametrize("kw, budget", CASES, ids=str)
 def test_llava_with_images(llava, kw, budget):
   _check(llava, kw, budget)
 

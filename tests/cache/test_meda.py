@@ -58,8 +58,13 @@ def other_seed(tmp_path_factory):
   return mm_setup(tmp_path_factory.mktemp("meda"), 1, "llava")
 
 
-@pytest.mark.parametrize("kw", VARIANTS, ids=str)
-@pytest.mark.parametrize("ratio", [0.2, 0.5])
+# Every variant at 20%; at 50% the two scoring variants and the two readings of the budget.
+CASES = [(kw, 0.2) for kw in VARIANTS] + [
+  (kw, 0.5) for kw in (VARIANTS[0], VARIANTS[2], VARIANTS[3], VARIANTS[6])
+]
+
+
+@pytest.mark.parametrize("kw, ratio", CASES, ids=str)
 def test_multimodal(setup, kw, ratio):
   _check(setup, kw, ratio)
 

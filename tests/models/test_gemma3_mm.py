@@ -37,7 +37,7 @@ from mm_models import (
   respell,
   word_tokenizer,
 )
-from policy_run import generate_and_check_windowed
+from policy_run import FAMILY_POLICIES, generate_and_check_windowed
 
 SEEDS = (0, 1, 2)
 FEATURES_ATOL, LOGITS_ATOL = 1e-5, 1e-4
@@ -128,7 +128,7 @@ def test_other_key_spellings_load(spelling, gemma, tmp_path):
   np.testing.assert_array_equal(a, other.logits(case.ids, attention_mask=case.mask, **case.arrays))
 
 
-@pytest.mark.parametrize("name", jmmkv.policies.NAMES)
+@pytest.mark.parametrize("name", FAMILY_POLICIES)
 def test_every_policy_in_generate(name, gemma):
   """Batch 2: the policies compress the global layer, the local layers keep their window."""
   _, model, _ = gemma(0)

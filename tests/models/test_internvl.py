@@ -17,7 +17,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 
 import jmmkv
 from hf_models import pad_batch
-from policy_run import generate_and_check
+from policy_run import FAMILY_POLICIES, generate_and_check
 from mm_models import (
   copy_model_dir,
   random_pil,
@@ -86,7 +86,7 @@ def test_greedy_matches_hf(seed, mm_model):
   assert [[int(t) for t in r] for r in out.tokens] == want
 
 
-@pytest.mark.parametrize("name", jmmkv.policies.NAMES)
+@pytest.mark.parametrize("name", FAMILY_POLICIES)
 def test_every_policy_in_generate(name, mm_model):
   hf, model, _ = mm_model("internvl_plain", 0)
   rows = [[12, "image", 5, "image", 9], [4, "image", 20]]

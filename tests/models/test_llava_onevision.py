@@ -20,7 +20,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 import jmmkv
 from hf_models import positions_from_mask
-from policy_run import generate_and_check
+from policy_run import FAMILY_POLICIES, generate_and_check
 from mm_models import (
   copy_model_dir,
   random_pil,
@@ -142,7 +142,7 @@ def test_greedy_matches_hf(seed, models):
   assert [[int(t) for t in r] for r in out.tokens] == want
 
 
-@pytest.mark.parametrize("name", jmmkv.policies.NAMES)
+@pytest.mark.parametrize("name", FAMILY_POLICIES)
 def test_every_policy_in_generate(name, models):
   """Batch 2 with images and a video; each kept slot's modality is its token's (from the ids)."""
   hf, model, _ = models(0)

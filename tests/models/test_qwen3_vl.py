@@ -30,7 +30,7 @@ from mm_models import (
   modality_of,
   respell,
 )
-from policy_run import generate_and_check
+from policy_run import FAMILY_POLICIES, generate_and_check
 from test_mm_prepare import QWEN_SPECIAL, _tokenizer
 
 FAMILY = "qwen3_vl"
@@ -118,7 +118,7 @@ def test_greedy_matches_hf(seed, mm_model):
   assert [[int(t) for t in r] for r in out.tokens] == want
 
 
-@pytest.mark.parametrize("name", jmmkv.policies.NAMES)
+@pytest.mark.parametrize("name", FAMILY_POLICIES)
 def test_every_policy_in_generate(name, mm_model):
   hf, model, _ = mm_model(FAMILY, 0)
   case = _case(hf, 0, "image_video")
