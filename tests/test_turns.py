@@ -3,6 +3,7 @@ step's logits equal transformers' forward over all the turns at once (M-RoPE inc
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import jmmkv
 from hf_models import random_ids
 from jmmkv.cache.fold import fold_answer
+from jmmkv.kernels import flash_attention
 from mm_models import (
   LLAVA_TOKENS,
   build_row,
@@ -94,6 +96,36 @@ def _media(family, rng):
 
 def _joined(*arrays):
   return {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+
+
+def test_llama_second_turn_through_the_kernels(tiny_model, jmmkv_model, monkeypatch):
+  """The kernels TPU/GPU run (interpret mode): the second turn's attention after the cache goes
+  through the flash kernel with an offset, and the logits still equal transformers'."""
+  model = jmmkv_model("llama_gqa", 0)
+  torch_model = tiny_model("llama_gqa", 0).torch_model
+  offsets = []
+  kernel = flash_attention.causal_attention_pallas
+
+  def counted(*args, **kwargs):
+    offsets.append(kwargs.get("offset", 0))
+    return kernel(*args, **kwargs)
+
+  monkeypatch.setattr(flash_attention, "causal_attention_pallas", counted)
+  monkeypatch.setenv("JMMKV_KERNELS", "interpret")
+  jax.clear_caches()  # jitted steps traced in reference mode would be reused otherwise
+  try:
+    rng = np.random.default_rng(72)
+    turn1 = [[1] + random_ids(rng, n - 1) for n in (13, 6)]
+    turn2 = [random_ids(rng, n) for n in (7, 11)]
+    answers, out2 = _two_turns(model, turn1, {}, turn2, {})
+  finally:
+    jax.clear_caches()  # nor may later tests reuse these
+  assert 0 in offsets and any(o > 0 for o in offsets), offsets
+  for b in range(2):
+    before = turn1[b] + answers[b] + turn2[b]
+    with torch.no_grad():
+      want = torch_model(input_ids=torch.tensor([before + out2.tokens[b][:-1]])).logits[0]
+    _check_logits(out2.scores[b], want.numpy(), len(before) - 1, f"row {b}")
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

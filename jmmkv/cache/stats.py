@@ -351,14 +351,14 @@ def _key_block(s: int, key_block: int) -> int:
 
 def _flash_after(q_BTNH, k_BKTH, v_BKTH, valid_BT, past: Past) -> Array:
   """`_flash` of new tokens after a ``past``: the keys are the past's slots, then the new
-  tokens (causal among themselves; `flash_attention.causal_attention_reference` with an offset;
-  the Pallas kernels have no past yet). ``T`` is a multiple of the query block."""
+  tokens (causal among themselves; `flash_attention.causal_attention` with an offset and
+  per-KV-head key validity). ``T`` is a multiple of the query block."""
   t = q_BTNH.shape[1]
   kh, c = past.k.shape[1:3]
   key_block = _key_block(c + t, FLASH_KEY_BLOCK)
   keys, v_BKSH = _joined(past, k_BKTH, v_BKTH, valid_BT, valid_BT.astype(jnp.int32), key_block)
   k_BKSH, valid_BKS = keys.k, keys.valid
-  attend = lambda q, k, v, valid: flash_attention.causal_attention_reference(
+  attend = lambda q, k, v, valid: flash_attention.causal_attention(
     q, k, v, valid, min(t, FLASH_QUERY_BLOCK), key_block, offset=c
   )
   if jax.sharding.get_abstract_mesh().empty:

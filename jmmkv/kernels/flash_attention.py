@@ -8,7 +8,9 @@ Both give, per query row and head, softmax over the keys at or before the row's 
 ``valid_BT`` true of ``q . k * H**-0.5`` (float32 scores, online softmax over key tiles), times v.
 A row without any such key (a left-padding slot: a valid row sees itself) is finite in both but not
 the same: the kernel gives 0, the reference the mean of v over the tiles it read (their scores all
-tie at `MASK_VALUE`). Callers ignore padding rows.
+tie at `MASK_VALUE`). Callers ignore padding rows. With an ``offset`` (a conversation's next turn)
+the T queries sit at key slots ``offset ..`` after a cache's slots, and key validity may be per KV
+head (``[B, K, S]``: each head kept its own slots).
 """
 
 from __future__ import annotations
@@ -98,6 +100,11 @@ def _check_blocks(t: int, query_block: int, key_block: int):
     raise ValueError(f"T={t} must be a multiple of {key_block}, a multiple of {query_block}")
 
 
+def _check_blocks_after(t: int, s: int, query_block: int, key_block: int):
+  if t % query_block or s % key_block:
+    raise ValueError(f"T={t} must be a multiple of {query_block}, S={s} of {key_block}")
+
+
 def causal_attention_reference(
   q_BTNH: Array,
   k_BKTH: Array,
@@ -125,10 +132,7 @@ def causal_attention_reference(
   if offset:
     if window is not None or bidirectional_BT is not None:
       raise NotImplementedError("an offset with a window or bidirectional runs")
-    if t % query_block or k_BKTH.shape[2] % key_block:
-      raise ValueError(
-        f"T={t} must be a multiple of {query_block}, S={k_BKTH.shape[2]} of {key_block}"
-      )
+    _check_blocks_after(t, k_BKTH.shape[2], query_block, key_block)
   else:
     _check_blocks(t, query_block, key_block)
   g = n // kh
@@ -205,16 +209,18 @@ def kernel_tiles(
   return qb, sb, _round_up(t, math.lcm(qb, sb))
 
 
-def _last_tile(i, query_block: int, key_block: int):
-  """Index of the last key tile that query block ``i`` reads (the one holding its last row)."""
-  return _div((i + 1) * query_block - 1, key_block)
+def _last_tile(i, query_block: int, key_block: int, offset: int = 0, tiles: int | None = None):
+  """Index of the last key tile that query block ``i`` reads (the one holding its last row, at
+  key slot ``offset + (i + 1) * query_block - 1``), at most ``tiles - 1``."""
+  last = _div(offset + (i + 1) * query_block - 1, key_block)
+  return last if tiles is None else jnp.minimum(last, tiles - 1)
 
 
-def _kv_tile(i, j, query_block: int, key_block: int):
+def _kv_tile(i, j, query_block: int, key_block: int, offset: int = 0, tiles: int | None = None):
   """The key tile (grid step) ``j`` of query block ``i`` fetches on TPU: ``j`` up to the last tile
   it reads, then 0, the next query block's first tile, so that the skipped steps fetch nothing new
   and that fetch overlaps the diagonal tile's work."""
-  return jnp.where(j <= _last_tile(i, query_block, key_block), j, 0)
+  return jnp.where(j <= _last_tile(i, query_block, key_block, offset, tiles), j, 0)
 
 
 def _div(x, d: int):
@@ -246,15 +252,15 @@ def _normalised(acc_QH, m_Q1, l_Q1):
   return acc_QH * jnp.where(m_Q1 > MASK_VALUE, 1.0 / l_Q1, 0.0)
 
 
-def _tpu_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, acc_ref, m_ref, l_ref):
+def _tpu_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, acc_ref, m_ref, l_ref, *, offset: int):
   """Grid step (batch, KV head, query block i, key tile j). Refs: q/o ``[G, Q, H]``, k/v
   ``[S, H]``, valid ``[1, S]`` int32; scratch acc ``[G, Q, H]``, m/l ``[G, Q, LANES]`` (f32, all
-  lanes equal), carried over j. Steps past the diagonal (``j > last``) score nothing; the last
-  step writes the output."""
+  lanes equal), carried over j. The queries sit at key slots ``offset + i * Q ..``. Steps past
+  the diagonal (``j > last``) score nothing; the last step writes the output."""
   heads, qb, _ = q_ref.shape
   sb = k_ref.shape[0]
   i, j = pl.program_id(2), pl.program_id(3)
-  last = _last_tile(i, qb, sb)
+  last = _last_tile(i, qb, sb, offset)
 
   @pl.when(j == 0)
   def _start():
@@ -264,7 +270,7 @@ def _tpu_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, acc_ref, m_ref, l_ref):
 
   @pl.when(j <= last)
   def _tile():
-    rows_QS = i * qb + lax.broadcasted_iota(jnp.int32, (qb, sb), 0)
+    rows_QS = offset + i * qb + lax.broadcasted_iota(jnp.int32, (qb, sb), 0)
     cols_QS = j * sb + lax.broadcasted_iota(jnp.int32, (qb, sb), 1)
     keep_QS = (rows_QS >= cols_QS) & (jnp.broadcast_to(valid_ref[...], (qb, sb)) != 0)
     k_SH, v_SH = k_ref[...], v_ref[...]
@@ -282,13 +288,14 @@ def _tpu_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, acc_ref, m_ref, l_ref):
       o_ref[g] = out_QH.astype(o_ref.dtype)
 
 
-def _gpu_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, key_block: int):
-  """Program (query block, query head, batch). Refs: q/o ``[Q, H]``, k/v ``[T, H]`` (the KV
-  head's whole prompt), valid ``[T]`` int32. The key-tile loop stops at the diagonal tile."""
+def _gpu_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, key_block: int, offset: int):
+  """Program (query block, query head, batch). Refs: q/o ``[Q, H]``, k/v ``[S, H]`` (the KV
+  head's whole prompt), valid ``[S]`` int32. The queries sit at key slots ``offset + i * Q ..``;
+  the key-tile loop stops at the diagonal tile."""
   qb, sb = q_ref.shape[0], key_block
   i = pl.num_programs(0) - 1 - pl.program_id(0)  # the longest query blocks are launched first
   q_QH = q_ref[...]
-  rows_Q1 = (i * qb + jnp.arange(qb))[:, None]
+  rows_Q1 = (offset + i * qb + jnp.arange(qb))[:, None]
 
   def key_tile(j, carry):
     slots = pl.ds(j * sb, sb)
@@ -297,13 +304,15 @@ def _gpu_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, key_block: int):
     return _tile_step(q_QH, k_ref[slots, :], v_ref[slots, :], keep_QS, *carry)
 
   init = (jnp.full((qb, 1), MASK_VALUE, f32), jnp.zeros((qb, 1), f32), jnp.zeros(q_ref.shape, f32))
-  m_Q1, l_Q1, acc_QH = lax.fori_loop(0, _last_tile(i, qb, sb) + 1, key_tile, init)
+  tiles = k_ref.shape[0] // sb
+  m_Q1, l_Q1, acc_QH = lax.fori_loop(0, _last_tile(i, qb, sb, offset, tiles) + 1, key_tile, init)
   o_ref[...] = _normalised(acc_QH, m_Q1, l_Q1).astype(o_ref.dtype)
 
 
-def _cost(b: int, n: int, h: int, qb: int, sb: int, tp: int, *arrays) -> pl.CostEstimate:
+def _cost(b, n, h, qb, sb, tq, ts, offset, *arrays) -> pl.CostEstimate:
   """Scores and products of the tiles read, one exp a score; q, k, v and o read/written once."""
-  pairs = sum(min(((i + 1) * qb - 1) // sb + 1, tp // sb) * sb * qb for i in range(tp // qb))
+  last = lambda i: min((offset + (i + 1) * qb - 1) // sb + 1, ts // sb)
+  pairs = sum(last(i) * sb * qb for i in range(tq // qb))
   return pl.CostEstimate(
     flops=4 * b * n * h * pairs,
     transcendentals=b * n * pairs,
@@ -311,28 +320,30 @@ def _cost(b: int, n: int, h: int, qb: int, sb: int, tp: int, *arrays) -> pl.Cost
   )
 
 
-def _tpu_call(q_BTNH, k_BKTH, v_BKTH, valid_BT, qb: int, sb: int, interpret: bool) -> Array:
-  """Grid (B, K, T/Q, T/S) over head-major copies ``[B, N, T, H]`` of q and o (a block holds the
-  G query heads of a KV head). Steps past the diagonal are skipped by `pl.when` and fetch no
-  tile (`_kv_tile`)."""
+def _tpu_call(q_BTNH, k_BKSH, v_BKSH, valid_BKS, qb, sb, tq, offset, interpret) -> Array:
+  """Grid (B, K, T/Q, S/S') over head-major copies ``[B, N, T, H]`` of q and o (a block holds
+  the G query heads of a KV head), q padded to ``tq`` rows. Steps past the diagonal are skipped
+  by `pl.when` and fetch no tile (`_kv_tile`)."""
   from jax.experimental.pallas import tpu as pltpu
 
   b, t, n, h = q_BTNH.shape
-  kh, tp = k_BKTH.shape[1], valid_BT.shape[1]
-  g = n // kh
-  widths = lambda x, axis: [(0, tp - t) if a == axis else (0, 0) for a in range(x.ndim)]
-  q_BNTH = jnp.pad(einops.rearrange(q_BTNH, "B T N H -> B N T H"), widths(q_BTNH, 2))
-  k_BKTH, v_BKTH = (jnp.pad(x, widths(x, 2)) for x in (k_BKTH, v_BKTH))
+  kh, ts = k_BKSH.shape[1], valid_BKS.shape[2]
+  g, tiles = n // kh, ts // sb
+  widths = lambda x, axis, to: [
+    (0, to - x.shape[a]) if a == axis else (0, 0) for a in range(x.ndim)
+  ]
+  q_BNTH = einops.rearrange(q_BTNH, "B T N H -> B N T H")
+  q_BNTH = jnp.pad(q_BNTH, widths(q_BNTH, 2, tq))
+  k_BKSH, v_BKSH = (jnp.pad(x, widths(x, 2, ts)) for x in (k_BKSH, v_BKSH))
+  fetch = lambda i, j: _kv_tile(i, j, qb, sb, offset, tiles)
 
   q_spec = pl.BlockSpec((None, g, qb, h), lambda b_, k_, i, j: (b_, k_, i, 0))
-  kv_spec = pl.BlockSpec(
-    (None, None, sb, h), lambda b_, k_, i, j: (b_, k_, _kv_tile(i, j, qb, sb), 0)
-  )
-  valid_spec = pl.BlockSpec((None, 1, sb), lambda b_, k_, i, j: (b_, 0, _kv_tile(i, j, qb, sb)))
+  kv_spec = pl.BlockSpec((None, None, sb, h), lambda b_, k_, i, j: (b_, k_, fetch(i, j), 0))
+  valid_spec = pl.BlockSpec((None, None, 1, sb), lambda b_, k_, i, j: (b_, k_, 0, fetch(i, j)))
   params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3 + ("arbitrary",))
   o_BNTH = pl.pallas_call(
-    _tpu_kernel,
-    grid=(b, kh, tp // qb, tp // sb),
+    functools.partial(_tpu_kernel, offset=offset),
+    grid=(b, kh, tq // qb, tiles),
     in_specs=[q_spec, kv_spec, kv_spec, valid_spec],
     out_specs=q_spec,
     out_shape=jax.ShapeDtypeStruct(q_BNTH.shape, q_BNTH.dtype),
@@ -345,68 +356,80 @@ def _tpu_call(q_BTNH, k_BKTH, v_BKTH, valid_BT, qb: int, sb: int, interpret: boo
     interpret=interpret,
     name="jmmkv_causal_attention",
     compiler_params=None if interpret else params,
-    cost_estimate=_cost(b, n, h, qb, sb, tp, q_BNTH, k_BKTH, v_BKTH),
-  )(q_BNTH, k_BKTH, v_BKTH, valid_BT[:, None, :])
+    cost_estimate=_cost(b, n, h, qb, sb, tq, ts, offset, q_BNTH, k_BKSH, v_BKSH),
+  )(q_BNTH, k_BKSH, v_BKSH, valid_BKS[:, :, None, :])
   return einops.rearrange(o_BNTH[:, :, :t], "B N T H -> B T N H")
 
 
-def _gpu_call(q_BTNH, k_BKTH, v_BKTH, valid_BT, qb: int, sb: int, interpret: bool) -> Array:
+def _gpu_call(q_BTNH, k_BKSH, v_BKSH, valid_BKS, qb, sb, tq, offset, interpret) -> Array:
   """Grid (T/Q, N, B), a program per query block and head, reading q and o in place
-  (``[B, T, N, H]``) and its KV head's k/v. H is zero-padded to a power of two >= 16 (exact: the
-  padded columns add 0 to q.k and are cut from o)."""
+  (``[B, T, N, H]``, padded to ``tq`` rows) and its KV head's k/v. H is zero-padded to a power
+  of two >= 16 (exact: the padded columns add 0 to q.k and are cut from o)."""
   from jax.experimental.pallas import triton as pltriton
 
   b, t, n, h = q_BTNH.shape
-  kh, tp = k_BKTH.shape[1], valid_BT.shape[1]
-  g, hp, nq = n // kh, max(16, pl.next_power_of_2(h)), tp // qb
-  q_BTNH = jnp.pad(q_BTNH, [(0, 0), (0, tp - t), (0, 0), (0, hp - h)])
-  k_BKTH, v_BKTH = (
-    jnp.pad(x, [(0, 0), (0, 0), (0, tp - t), (0, hp - h)]) for x in (k_BKTH, v_BKTH)
+  kh, ts = k_BKSH.shape[1], valid_BKS.shape[2]
+  g, hp, nq = n // kh, max(16, pl.next_power_of_2(h)), tq // qb
+  q_BTNH = jnp.pad(q_BTNH, [(0, 0), (0, tq - t), (0, 0), (0, hp - h)])
+  k_BKSH, v_BKSH = (
+    jnp.pad(x, [(0, 0), (0, 0), (0, ts - x.shape[2]), (0, hp - h)]) for x in (k_BKSH, v_BKSH)
   )
   q_spec = pl.BlockSpec((None, qb, None, hp), lambda i, n_, b_: (b_, nq - 1 - i, n_, 0))
-  kv_spec = pl.BlockSpec((None, None, tp, hp), lambda i, n_, b_: (b_, _div(n_, g), 0, 0))
+  kv_spec = pl.BlockSpec((None, None, ts, hp), lambda i, n_, b_: (b_, _div(n_, g), 0, 0))
+  valid_spec = pl.BlockSpec((None, None, ts), lambda i, n_, b_: (b_, _div(n_, g), 0))
   params = pltriton.CompilerParams(num_warps=4 if hp <= 64 else 8, num_stages=2)
   o_BTNH = pl.pallas_call(
-    functools.partial(_gpu_kernel, key_block=sb),
+    functools.partial(_gpu_kernel, key_block=sb, offset=offset),
     grid=(nq, n, b),
-    in_specs=[q_spec, kv_spec, kv_spec, pl.BlockSpec((None, tp), lambda i, n_, b_: (b_, 0))],
+    in_specs=[q_spec, kv_spec, kv_spec, valid_spec],
     out_specs=q_spec,
     out_shape=jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
     input_output_aliases={0: 0},  # a program reads its queries before it writes its output
     interpret=interpret,
     name="jmmkv_causal_attention",
     compiler_params=None if interpret else params,
-    cost_estimate=_cost(b, n, hp, qb, sb, tp, q_BTNH, k_BKTH, v_BKTH),
-  )(q_BTNH, k_BKTH, v_BKTH, valid_BT)
+    cost_estimate=_cost(b, n, hp, qb, sb, tq, ts, offset, q_BTNH, k_BKSH, v_BKSH),
+  )(q_BTNH, k_BKSH, v_BKSH, valid_BKS)
   return o_BTNH[:, :t, :, :h]
 
 
-@functools.partial(jax.jit, static_argnames=("query_block", "key_block", "interpret", "platform"))
+@functools.partial(
+  jax.jit, static_argnames=("query_block", "key_block", "offset", "interpret", "platform")
+)
 def causal_attention_pallas(
   q_BTNH: Array,
-  k_BKTH: Array,
-  v_BKTH: Array,
-  valid_BT: Array,
+  k_BKSH: Array,
+  v_BKSH: Array,
+  valid: Array,
   query_block: int | None = None,
   key_block: int | None = None,
   *,
+  offset: int = 0,
   interpret: bool = False,
   platform: str | None = None,
 ) -> Array:
   """`causal_attention_reference` as a Pallas kernel, in tiles of ``query_block`` queries and
-  ``key_block`` keys (default and constraints: `kernel_tiles`; T is padded to whole tiles with
-  invalid slots, so any T works). A block of queries reads only the key tiles up to the one
-  holding its last row. Rows without a valid key give 0 (see the module docstring).
-  ``platform`` (``"tpu"``/``"gpu"``, default: the default backend; in interpret mode, the TPU
-  kernel unless ``"gpu"``) picks the kernel and its lowering. Returns ``[B, T, N, H]`` in q's
-  dtype."""
+  ``key_block`` keys (default and constraints: `kernel_tiles`; q and the keys are padded to
+  whole tiles with invalid slots, so any length works). A block of queries reads only the key
+  tiles up to the one holding its last row. Rows without a valid key give 0 (see the module
+  docstring). With an ``offset`` (a conversation's next turn) the T queries sit at key slots
+  ``offset ..`` of the S >= offset + T keys, as in the reference; ``valid`` is ``[B, S]`` or per
+  KV head ``[B, K, S]``. ``platform`` (``"tpu"``/``"gpu"``, default: the default backend; in
+  interpret mode, the TPU kernel unless ``"gpu"``) picks the kernel and its lowering. Returns
+  ``[B, T, N, H]`` in q's dtype."""
   t, h = q_BTNH.shape[1], q_BTNH.shape[3]
+  b, kh, s = k_BKSH.shape[:3]
+  if offset + t > s:
+    raise ValueError(f"{t} queries at key slot {offset} need {offset + t} keys, got {s}")
   backend = platform or (None if interpret else jax.default_backend())
-  qb, sb, tp = kernel_tiles(t, h, q_BTNH.dtype, query_block, key_block, backend)
+  qb, sb, ts = kernel_tiles(s, h, q_BTNH.dtype, query_block, key_block, backend)
+  tq = ts if not offset else _round_up(t, qb)  # without an offset q and k share their padding
   q_BTNH = q_BTNH * h**-0.5  # as the reference scales (in q's dtype)
-  valid_BT = jnp.pad(valid_BT.astype(jnp.int32), [(0, 0), (0, tp - t)])
+  valid_BKS = valid.astype(jnp.int32)
+  valid_BKS = jnp.broadcast_to(valid_BKS[:, None] if valid.ndim == 2 else valid_BKS, (b, kh, s))
+  valid_BKS = jnp.pad(valid_BKS, [(0, 0), (0, 0), (0, ts - s)])
   call = _gpu_call if backend == "gpu" else _tpu_call
-  return call(q_BTNH, k_BKTH, v_BKTH, valid_BT, qb, sb, interpret)
+  return call(q_BTNH, k_BKSH, v_BKSH, valid_BKS, qb, sb, tq, offset, interpret)
 
 
 def causal_attention(
@@ -418,18 +441,25 @@ def causal_attention(
   key_block: int = 512,
   window: int | None = None,
   bidirectional_BT: Array | None = None,
+  offset: int = 0,
 ) -> Array:
   """`causal_attention_reference` (same arguments and checks) as `kernels.mode()` says: on TPU/GPU
   `causal_attention_pallas` in its own tiles (the blocks are the reference's), on CPU the
   reference. A sliding ``window`` or bidirectional runs run the reference everywhere (the
-  kernels have neither yet). Returns ``[B, T, N, H]``.
+  kernels have neither yet). With an ``offset`` (a next turn after a cache) ``valid_BT`` is
+  ``[B, S]`` or ``[B, K, S]``. Returns ``[B, T, N, H]``.
 
   A kernel call cannot be split by XLA: under a mesh the caller runs this shard-locally
   (`jmmkv.sharding.per_head`), else q, k and v are gathered for it."""
   impl = kernels.mode()
   if impl == "reference" or window is not None or bidirectional_BT is not None:
     return causal_attention_reference(
-      q_BTNH, k_BKTH, v_BKTH, valid_BT, query_block, key_block, window, bidirectional_BT
+      q_BTNH, k_BKTH, v_BKTH, valid_BT, query_block, key_block, window, bidirectional_BT, offset
     )
-  _check_blocks(q_BTNH.shape[1], query_block, key_block)
-  return causal_attention_pallas(q_BTNH, k_BKTH, v_BKTH, valid_BT, interpret=impl == "interpret")
+  if offset:
+    _check_blocks_after(q_BTNH.shape[1], k_BKTH.shape[2], query_block, key_block)
+  else:
+    _check_blocks(q_BTNH.shape[1], query_block, key_block)
+  return causal_attention_pallas(
+    q_BTNH, k_BKTH, v_BKTH, valid_BT, offset=offset, interpret=impl == "interpret"
+  )

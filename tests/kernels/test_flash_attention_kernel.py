@@ -161,3 +161,111 @@ def test_dispatch_runs_the_reference_on_cpu(monkeypatch):
   _check(fa.causal_attention(*args), want, valid, rtol=1e-5)
   with pytest.raises(ValueError, match="multiple"):  # the reference's contract on every backend
     fa.causal_attention(*args[:4], 16, 48)
+
+
+def _after_cache(seed, c, t, n, kh, h, dtype):
+  """A next turn: random q ``[2, T, N, H]`` and keys ``[2, K, C + T, H]`` (a cache's C slots,
+  then the T new tokens), with per-KV-head validity ``[2, K, C + T]``: each head keeps its own
+  cache slots (at least one); the new tokens are valid in every head but row 1's last 5."""
+  rng = np.random.default_rng(seed)
+  s = c + t
+  q = rng.standard_normal((2, t, n, h)) + 0.1
+  k, v = (rng.standard_normal((2, kh, s, h)) + 0.1 for _ in range(2))
+  valid = np.zeros((2, kh, s), bool)
+  valid[:, :, :c] = rng.random((2, kh, c)) < 0.6
+  valid[:, :, 0] = True
+  valid[:, :, c:] = True
+  valid[1, :, s - 5 :] = False
+  return *(jnp.asarray(x, dtype) for x in (q, k, v)), valid
+
+
+def _dense_after(q, k, v, valid, c):
+  """From the definition, in float64: query r (key slot c + r) of head n attends to the keys
+  j <= c + r valid in its KV head ``n // G``."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, n, h = q.shape
+  g = n // k.shape[1]
+  out = np.zeros(q.shape)
+  for bi in range(b):
+    for head in range(n):
+      kv = head // g
+      for r in range(t):
+        keys = np.flatnonzero(valid[bi, kv, : c + r + 1])
+        s = k[bi, kv, keys] @ q[bi, r, head] / np.sqrt(h)
+        e = np.exp(s - s.max())
+        out[bi, r, head] = e @ v[bi, kv, keys] / e.sum()
+  return out
+
+
+AFTER_CASES = [  # platform, C, T, N, K, H, dtype, seed, kernel tiles
+  (None, 100, 60, 4, 2, 32, F32, 10, (32, 128)),  # key tile 0 all cache; T padded to 64
+  (None, 300, 32, 2, 2, 16, F32, 11, (None, None)),  # default tiles (shrunk); one query block
+  (None, 70, 90, 4, 1, 32, BF16, 12, (16, 128)),  # G=4
+  ("gpu", 37, 24, 4, 2, 24, F32, 13, (16, 32)),  # H 24 -> 32; keys padded 61 -> 64
+  ("gpu", 5, 70, 3, 1, 40, F32, 14, (32, 16)),  # a short cache, key tiles < query's
+]
+
+
+@pytest.mark.parametrize("platform,c,t,n,kh,h,dtype,seed,tiles", AFTER_CASES)
+def test_kernel_after_a_cache_matches_reference_and_dense(
+  platform, c, t, n, kh, h, dtype, seed, tiles
+):
+  """Queries at key slots C.. over a cache whose KV heads kept different slots: the kernel
+  equals the reference (with the same offset) and a dense float64 softmax."""
+  q, k, v, valid = _after_cache(seed, c, t, n, kh, h, dtype)
+  got = fa.causal_attention_pallas(
+    q, k, v, valid, *tiles, offset=c, interpret=True, platform=platform
+  )
+  assert got.shape == q.shape and got.dtype == dtype
+  rtol = 1e-5 if dtype == F32 else 1e-2
+  want = fa.causal_attention_reference(q, k, v, jnp.asarray(valid), t, c + t, offset=c)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+  dense = _dense_after(q, k, v, valid, c)
+  np.testing.assert_allclose(got, dense, rtol=rtol, atol=rtol * np.abs(dense).max())
+
+
+def test_the_cache_slots_a_head_did_not_keep_are_never_keys():
+  """NaN K/V at the cache slots KV head 1 did not keep: its outputs stay exact, and marking
+  one of them valid makes every query of that head NaN."""
+  q, k, v, valid = _after_cache(15, 64, 32, 4, 2, 16, F32)
+  dropped = ~valid[:, 1, :64]
+  assert dropped.any()
+  k = k.at[:, 1, :64].set(jnp.where(jnp.asarray(dropped)[..., None], jnp.nan, k[:, 1, :64]))
+  for platform, tiles in ((None, (32, 128)), ("gpu", (16, 32))):
+    call = lambda m: np.asarray(
+      fa.causal_attention_pallas(q, k, v, m, *tiles, offset=64, interpret=True, platform=platform)
+    )
+    got = call(valid)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, _dense_after(q, k, v, valid, 64), rtol=1e-5, atol=1e-5)
+    row, slot = np.argwhere(dropped)[0]
+    leaked = valid.copy()
+    leaked[row, 1, slot] = True
+    assert np.isnan(call(leaked)[row, :, 2:]).all()  # heads 2, 3 read KV head 1
+
+
+@pytest.mark.parametrize("platform,target", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_kernel_after_a_cache_lowers(platform, target):
+  q, k, v, valid = _after_cache(16, 200, 56, 8, 2, 64, F32)
+  fn = jax.jit(functools.partial(fa.causal_attention_pallas, offset=200, platform=platform))
+  assert kernel_calls(lowered(fn, q, k, v, valid, target=target), target) == 1
+
+
+def test_a_next_turn_runs_the_kernel_where_kernels_run(monkeypatch):
+  """`causal_attention` with an offset: the reference on CPU, the kernel in interpret mode (what
+  TPU/GPU run), with equal outputs."""
+  q, k, v, valid = _after_cache(17, 96, 32, 4, 2, 16, F32)
+  args = (q, k, v, jnp.asarray(valid), 32, 128)
+  jaxpr = lambda: str(
+    jax.make_jaxpr(lambda *a: fa.causal_attention(*a, 32, 128, offset=96))(*args[:4])
+  )
+  monkeypatch.delenv("JMMKV_KERNELS", raising=False)
+  assert "pallas_call" not in jaxpr()
+  want = np.asarray(fa.causal_attention(*args, offset=96))
+  monkeypatch.setenv("JMMKV_KERNELS", "interpret")
+  assert "pallas_call" in jaxpr()
+  got = np.asarray(fa.causal_attention(*args, offset=96))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  with pytest.raises(ValueError, match="multiple"):
+    fa.causal_attention(*args[:4], 32, 96, offset=96)
