@@ -49,6 +49,16 @@ def spec(x) -> list:
   return [None if d is None else str(d) for d in x.sharding.spec]
 
 
+def _big_all_gathers(hlo: str, per_layer: int) -> list:
+  """The result shapes of the all-gathers in compiled ``hlo`` larger than ``per_layer``
+  elements (one device's share of a layer's K)."""
+  big = []
+  for shape in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo):
+    if int(np.prod([int(n) for n in shape.split(",") if n])) > per_layer:
+      big.append(shape)
+  return big
+
+
 def kv_all_gathers(model, run):
   """``run()`` (a `jmmkv.generate` or `jmmkv.compress` call on the sharded ``model``) and the
   result shapes of the all-gathers in the compiled prefill it ran (with its layer-by-layer
@@ -70,12 +80,30 @@ def kv_all_gathers(model, run):
     hlo = real.lower(*captured["args"], **captured["kw"]).compile().as_text()
   cfg = captured["kw"]["cfg"]
   b, t = captured["args"][1].shape[:2]
-  per_layer = b * cfg.num_kv_heads * t * cfg.head_dim // 8  # one device's share of a layer's K
-  big = []
-  for shape in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo):
-    if int(np.prod([int(n) for n in shape.split(",") if n])) > per_layer:
-      big.append(shape)
-  return out, big
+  return out, _big_all_gathers(hlo, b * cfg.num_kv_heads * t * cfg.head_dim // 8)
+
+
+def turn_all_gathers(model, run):
+  """`kv_all_gathers` of a next turn: the compiled `jmmkv.turns.turn_step` that ``run()`` ran,
+  lowered before the call (it donates the cache); a layer's K is the cache's slots and the
+  turn's tokens."""
+  turns = importlib.import_module("jmmkv.turns")
+  captured = {}
+  real = turns.turn_step
+
+  def spy(*args, **kw):
+    with jax.set_mesh(model.mesh):
+      captured["hlo"] = real.lower(*args, **kw).compile().as_text()
+    b, kh, c, h = args[7].layer_k[0].shape  # past: [B, K, C, H]
+    captured["per_layer"] = b * kh * (c + args[1].shape[1]) * h // 8
+    return real(*args, **kw)
+
+  turns.turn_step = spy
+  try:
+    out = run()
+  finally:
+    turns.turn_step = real
+  return out, _big_all_gathers(captured["hlo"], captured["per_layer"])
 
 
 def main() -> None:
@@ -145,13 +173,16 @@ def turn_check(single, sharded, case, policy, budget) -> dict:
       model, policy, budget, max_new_tokens=4, eos_token_id=[], output_scores=True
     )
     chat.ask(input_ids=[list(x) for x in case.rows], **case.arrays)
-    out[name] = (chat.ask(input_ids=follow), chat.cache)
-  (one, _), (many, cache) = out["single"], out["sharded"]
+    ask = lambda: chat.ask(input_ids=follow)
+    answer, gathers = turn_all_gathers(model, ask) if name == "sharded" else (ask(), None)
+    out[name] = (answer, chat.cache, gathers)
+  (one, _, _), (many, cache, gathers) = out["single"], out["sharded"]
   return {
     "tokens_single": one.tokens,
     "tokens_sharded": many.tokens,
     "scores_max_diff": float(np.abs(one.scores - many.scores).max()),
     "cache_layer_k": spec(cache.layer_k[0]),
+    "kv_all_gathers": gathers,
   }
 
 

@@ -75,6 +75,7 @@ def test_a_next_turn_equals_single_device(result):
   assert r["tokens_sharded"] == r["tokens_single"]
   assert r["scores_max_diff"] <= 1e-4
   assert r["cache_layer_k"] == ["data", "model"]  # still split over batch and KV heads
+  assert r["kv_all_gathers"] == []  # nor does the turn's compression gather K/V
 
 
 def test_param_specs_only_split_what_divides():

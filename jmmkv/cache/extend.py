@@ -3,6 +3,7 @@ conversation's next turn (`jmmkv.turns`), an answer folded in (`jmmkv.cache.fold
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jmmkv.typing import Array
@@ -30,18 +31,19 @@ def append_tokens(
   dest_BKT = jnp.where(
     (new_T[None] < count_B[:, None])[:, None], kept_BK[..., None] + new_T, capacity
   )
-  rows_BKT = jnp.broadcast_to(jnp.arange(b)[:, None, None], dest_BKT.shape)
-  heads_BKT = jnp.broadcast_to(jnp.arange(kh)[None, :, None], dest_BKT.shape)
-  at = (rows_BKT, heads_BKT, dest_BKT)
   per_head = lambda x_BT: jnp.broadcast_to(x_BT[:, None], (b, kh, t))
 
-  def widen(x, fill):
+  def put(x, fill, new):
+    """``new`` written at ``dest`` of each (row, KV head): a scatter whose row and head are
+    batch dimensions (vmapped), so that under a mesh each device writes its own rows and heads
+    (explicit row and head indices made XLA gather the new tokens to every device)."""
     widths = [(0, 0), (0, 0), (0, capacity - c)] + [(0, 0)] * (x.ndim - 3)
-    return jnp.pad(x, widths, constant_values=fill)
+    one = lambda x_C, dest_T, new_T: x_C.at[dest_T].set(new_T, mode="drop")
+    return jax.vmap(jax.vmap(one))(jnp.pad(x, widths, constant_values=fill), dest_BKT, new)
 
   return (
-    widen(k_BKCH, 0).at[at].set(k_BKTH.astype(k_BKCH.dtype), mode="drop"),
-    widen(v_BKCH, 0).at[at].set(v_BKTH.astype(v_BKCH.dtype), mode="drop"),
-    widen(pos_BKC, -1).at[at].set(per_head(positions_BT).astype(pos_BKC.dtype), mode="drop"),
-    widen(mod_BKC, 0).at[at].set(per_head(modality_BT).astype(mod_BKC.dtype), mode="drop"),
+    put(k_BKCH, 0, k_BKTH.astype(k_BKCH.dtype)),
+    put(v_BKCH, 0, v_BKTH.astype(v_BKCH.dtype)),
+    put(pos_BKC, -1, per_head(positions_BT).astype(pos_BKC.dtype)),
+    put(mod_BKC, 0, per_head(modality_BT).astype(mod_BKC.dtype)),
   )
