@@ -13,6 +13,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import contextlib
 import importlib
 import json
 import re
@@ -59,23 +60,31 @@ def _big_all_gathers(hlo: str, per_layer: int) -> list:
   return big
 
 
+@contextlib.contextmanager
+def _spying(module, name: str, seen):
+  """``module.name`` (a jitted stage the library calls through its module) wrapped, inside the
+  block, so that ``seen(real, args, kwargs)`` runs before each call."""
+  real = getattr(module, name)
+
+  def spy(*args, **kw):
+    seen(real, args, kw)
+    return real(*args, **kw)
+
+  setattr(module, name, spy)
+  try:
+    yield real
+  finally:
+    setattr(module, name, real)
+
+
 def kv_all_gathers(model, run):
   """``run()`` (a `jmmkv.generate` or `jmmkv.compress` call on the sharded ``model``) and the
   result shapes of the all-gathers in the compiled prefill it ran (with its layer-by-layer
   compression) that are larger than one device's share of a layer's K. The call's own prefill:
   lowered again with the arguments it was called with, it is the executable already compiled."""
   captured = {}
-  real = G.prefill_step
-
-  def spy(*args, **kw):  # prefill_stage calls the module's prefill_step: catch its arguments
-    captured.update(args=args, kw=kw)
-    return real(*args, **kw)
-
-  G.prefill_step = spy
-  try:
+  with _spying(G, "prefill_step", lambda _, a, kw: captured.update(args=a, kw=kw)) as real:
     out = run()
-  finally:
-    G.prefill_step = real
   with jax.set_mesh(model.mesh):
     hlo = real.lower(*captured["args"], **captured["kw"]).compile().as_text()
   cfg = captured["kw"]["cfg"]
@@ -87,22 +96,16 @@ def turn_all_gathers(model, run):
   """`kv_all_gathers` of a next turn: the compiled `jmmkv.turns.turn_step` that ``run()`` ran,
   lowered before the call (it donates the cache); a layer's K is the cache's slots and the
   turn's tokens."""
-  turns = importlib.import_module("jmmkv.turns")
   captured = {}
-  real = turns.turn_step
 
-  def spy(*args, **kw):
+  def seen(real, args, kw):
     with jax.set_mesh(model.mesh):
       captured["hlo"] = real.lower(*args, **kw).compile().as_text()
     b, kh, c, h = args[7].layer_k[0].shape  # past: [B, K, C, H]
     captured["per_layer"] = b * kh * (c + args[1].shape[1]) * h // 8
-    return real(*args, **kw)
 
-  turns.turn_step = spy
-  try:
+  with _spying(importlib.import_module("jmmkv.turns"), "turn_step", seen):
     out = run()
-  finally:
-    turns.turn_step = real
   return out, _big_all_gathers(captured["hlo"], captured["per_layer"])
 
 
