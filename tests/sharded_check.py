@@ -61,16 +61,11 @@ def _big_all_gathers(hlo: str, per_layer: int) -> list:
 
 
 @contextlib.contextmanager
-def _spying(module, name: str, seen):
-  """``module.name`` (a jitted stage the library calls through its module) wrapped, inside the
-  block, so that ``seen(real, args, kwargs)`` runs before each call."""
+def _spying(module, name: str, call):
+  """``module.name`` (a jitted stage the library calls through its module) replaced, inside the
+  block, by ``call(real, args, kwargs)``, which must return what the stage returns."""
   real = getattr(module, name)
-
-  def spy(*args, **kw):
-    seen(real, args, kw)
-    return real(*args, **kw)
-
-  setattr(module, name, spy)
+  setattr(module, name, lambda *args, **kw: call(real, args, kw))
   try:
     yield real
   finally:
@@ -83,7 +78,12 @@ def kv_all_gathers(model, run):
   compression) that are larger than one device's share of a layer's K. The call's own prefill:
   lowered again with the arguments it was called with, it is the executable already compiled."""
   captured = {}
-  with _spying(G, "prefill_step", lambda _, a, kw: captured.update(args=a, kw=kw)) as real:
+
+  def call(real, args, kw):
+    captured.update(args=args, kw=kw)
+    return real(*args, **kw)
+
+  with _spying(G, "prefill_step", call) as real:
     out = run()
   with jax.set_mesh(model.mesh):
     hlo = real.lower(*captured["args"], **captured["kw"]).compile().as_text()
@@ -93,18 +93,19 @@ def kv_all_gathers(model, run):
 
 
 def turn_all_gathers(model, run):
-  """`kv_all_gathers` of a next turn: the compiled `jmmkv.turns.turn_step` that ``run()`` ran,
-  lowered before the call (it donates the cache); a layer's K is the cache's slots and the
-  turn's tokens."""
+  """`kv_all_gathers` of a next turn: `jmmkv.turns.turn_step`, which ``run()`` calls, compiled
+  from that call's arguments and run as compiled (it donates the cache, so it cannot be lowered
+  again afterwards); a layer's K is the cache's slots and the turn's tokens."""
   captured = {}
 
-  def seen(real, args, kw):
+  def call(real, args, kw):  # every keyword is static: the executable takes the positional ones
     with jax.set_mesh(model.mesh):
-      captured["hlo"] = real.lower(*args, **kw).compile().as_text()
+      compiled = real.lower(*args, **kw).compile()
     b, kh, c, h = args[7].layer_k[0].shape  # past: [B, K, C, H]
-    captured["per_layer"] = b * kh * (c + args[1].shape[1]) * h // 8
+    captured.update(hlo=compiled.as_text(), per_layer=b * kh * (c + args[1].shape[1]) * h // 8)
+    return compiled(*args)
 
-  with _spying(importlib.import_module("jmmkv.turns"), "turn_step", seen):
+  with _spying(importlib.import_module("jmmkv.turns"), "turn_step", call):
     out = run()
   return out, _big_all_gathers(captured["hlo"], captured["per_layer"])
 
