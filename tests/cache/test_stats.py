@@ -35,7 +35,7 @@ def _ours(model, ids, mask, media=Media(), modality=None, spec=SPEC):
   return jax.tree.map(np.asarray, out[3])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("lengths", [(21, 9), (300, 170)])  # one block; several blocks + padding
 def test_text_stats_equal_dense(seed, lengths, tmp_path):
   hf = build_model("llama_gqa", seed)
@@ -68,7 +68,7 @@ def test_text_stats_equal_dense(seed, lengths, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_multimodal_stats_equal_dense(family, seed, tmp_path):
   hf = build_mm_model(family, seed)
   hf.save_pretrained(tmp_path)
