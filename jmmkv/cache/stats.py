@@ -273,9 +273,8 @@ def _pad_tokens(pad: int, q_BTNH, k_BKTH, v_BKTH, *x_BT):
 
 def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window=None, bidirectional_BT=None) -> Array:
   """`flash_attention.causal_attention` of any T: one tile up to `FLASH_KEY_BLOCK` keys, else padded
-  to whole key tiles (padding is never a key; its rows are cut off). Under a mesh it runs
-  shard-locally per (row, KV head) (`sharding.per_head`): a kernel call cannot be split by XLA,
-  which would otherwise gather every device's q/K/V."""
+  to whole key tiles (padding is never a key; its rows are cut off); shard-local under a mesh
+  (`_shard_local`)."""
   b, t = q_BTNH.shape[:2]
   kh = k_BKTH.shape[1]
   # The query blocks `_exact` uses (at most 256 rows): both paths then do the same arithmetic and
@@ -294,16 +293,25 @@ def _flash(q_BTNH, k_BKTH, v_BKTH, valid_BT, window=None, bidirectional_BT=None)
   )
   if jax.sharding.get_abstract_mesh().empty:
     return attend(q_BTNH, k_BKTH, v_BKTH, *masks_BT)[:, :t]
+  per_head = lambda x_BT: jnp.broadcast_to(x_BT[:, None], (b, kh, x_BT.shape[1]))
+  rows = lambda q, k, v, *masks_BKT: attend(q, k, v, *(x[:, 0] for x in masks_BKT))
+  return _shard_local(rows, q_BTNH, k_BKTH, v_BKTH, *map(per_head, masks_BT))[:, :t]
 
-  def local(q_BKTGH, k_BKTH, v_BKTH, *masks_BKT):
+
+def _shard_local(attend, q_BTNH, k_BKSH, v_BKSH, *masks_BKX) -> Array:
+  """``attend(q, k, v, *masks)`` (a flash attention call; masks per KV head ``[B, K, ...]``)
+  under a mesh: shard-locally per (row, KV head) (`sharding.per_head`), since XLA cannot split
+  a kernel call and would otherwise gather every device's q/K/V. Returns ``[B, T, N, H]``."""
+  kh = k_BKSH.shape[1]
+
+  def local(q_BKTGH, k_BKSH, v_BKSH, *masks_BKX):
     q_BTNH = einops.rearrange(q_BKTGH, "B K T G H -> B T (K G) H")
-    o_BTNH = attend(q_BTNH, k_BKTH, v_BKTH, *(x[:, 0] for x in masks_BKT))
-    return einops.rearrange(o_BTNH, "B T (K G) H -> B K T G H", K=k_BKTH.shape[1])
+    o_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, *masks_BKX)
+    return einops.rearrange(o_BTNH, "B T (K G) H -> B K T G H", K=k_BKSH.shape[1])
 
   q_BKTGH = einops.rearrange(q_BTNH, "B T (K G) H -> B K T G H", K=kh)
-  per_head = lambda x_BT: jnp.broadcast_to(x_BT[:, None], (b, kh, x_BT.shape[1]))
-  o_BKTGH = sharding.per_head(local, q_BKTGH, k_BKTH, v_BKTH, *map(per_head, masks_BT), lead=0)
-  return einops.rearrange(o_BKTGH, "B K T G H -> B T (K G) H")[:, :t]
+  o_BKTGH = sharding.per_head(local, q_BKTGH, k_BKSH, v_BKSH, *masks_BKX, lead=0)
+  return einops.rearrange(o_BKTGH, "B K T G H -> B T (K G) H")
 
 
 class Past(NamedTuple):
@@ -353,8 +361,7 @@ def _flash_after(q_BTNH, k_BKTH, v_BKTH, valid_BT, past: Past) -> Array:
   """`_flash` of new tokens after a ``past``: the keys are the past's slots, then the new
   tokens (causal among themselves; `flash_attention.causal_attention` with an offset and
   per-KV-head key validity). ``T`` is a multiple of the query block."""
-  t = q_BTNH.shape[1]
-  kh, c = past.k.shape[1:3]
+  t, c = q_BTNH.shape[1], past.k.shape[2]
   key_block = _key_block(c + t, FLASH_KEY_BLOCK)
   keys, v_BKSH = _joined(past, k_BKTH, v_BKTH, valid_BT, valid_BT.astype(jnp.int32), key_block)
   k_BKSH, valid_BKS = keys.k, keys.valid
@@ -363,15 +370,7 @@ def _flash_after(q_BTNH, k_BKTH, v_BKTH, valid_BT, past: Past) -> Array:
   )
   if jax.sharding.get_abstract_mesh().empty:
     return attend(q_BTNH, k_BKSH, v_BKSH, valid_BKS)
-
-  def local(q_BKTGH, k_BKSH, v_BKSH, valid_BKS):
-    q_BTNH = einops.rearrange(q_BKTGH, "B K T G H -> B T (K G) H")
-    o_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, valid_BKS)
-    return einops.rearrange(o_BTNH, "B T (K G) H -> B K T G H", K=k_BKSH.shape[1])
-
-  q_BKTGH = einops.rearrange(q_BTNH, "B T (K G) H -> B K T G H", K=kh)
-  o_BKTGH = sharding.per_head(local, q_BKTGH, k_BKSH, v_BKSH, valid_BKS, lead=0)
-  return einops.rearrange(o_BKTGH, "B K T G H -> B T (K G) H")
+  return _shard_local(attend, q_BTNH, k_BKSH, v_BKSH, valid_BKS)
 
 
 def attention(
