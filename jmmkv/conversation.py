@@ -25,10 +25,11 @@ class Conversation:
   The first turn is prefilled and compressed by ``policy`` to ``budget``; each answer's K/V
   then join the cache (`jmmkv.cache.fold.fold_answer`), and a next turn's tokens are prefilled
   against it, every layer compressed again as a whole under the budget of the whole
-  conversation (`jmmkv.turns`; Full keeps everything). Prompts of later turns are rendered as follow-up user turns of the tokenizer's chat template
-  (no BOS); the last sampled token of an answer, which was never fed back, starts the next
-  turn. ``generate_kwargs`` go to every `jmmkv.generate` call (``max_new_tokens``,
-  ``decode_window``, ``eos_token_id``, sampling; an ``rng`` is folded with the turn number).
+  conversation (`jmmkv.turns`; Full keeps everything). Prompts of later turns are rendered as
+  follow-up user turns of the tokenizer's chat template (no BOS); the last sampled token of an
+  answer, which was never fed back, starts the next turn. ``generate_kwargs`` go to every
+  `jmmkv.generate` call (``max_new_tokens``, ``decode_window``, ``eos_token_id``, sampling; an
+  ``rng`` is folded with the turn number).
   """
 
   def __init__(self, model, policy=None, budget=None, **generate_kwargs: Any):
@@ -49,7 +50,7 @@ class Conversation:
 
   @property
   def context_tokens(self) -> list[int]:
-    """Tokens of each row so far (every turn and answer), 0 before the first turn."""
+    """Tokens of each row so far (every turn and answer); empty before the first turn."""
     if self._cache is None:
       return []
     index = int(self._cache.index)
